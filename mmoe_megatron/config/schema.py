@@ -1,0 +1,364 @@
+"""The experiment config tree: one YAML file per experiment maps onto `ExperimentConfig`.
+
+Each section is a dataclass with a docstring under every field. Types and numeric bounds are
+checked by the loader (`config.base`); relations between fields are checked by the section's
+`check(path)` and, across sections, by `ExperimentConfig.check()`. A violation raises
+`ConfigError` naming the dotted field and what would be accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from mmoe_megatron.config.base import ConfigError, field
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = field(ge=1)
+    """Transformer layers (dense and MoE together)."""
+    hidden_size: int = field(ge=1)
+    num_attention_heads: int = field(ge=1)
+    num_query_groups: Optional[int] = field(None, ge=1)
+    """Key/value heads for grouped-query attention; null means one per attention head."""
+    ffn_hidden_size: Optional[int] = field(None, ge=1)
+    """Hidden width of the dense MLP in non-MoE layers; null means 4 * hidden_size."""
+    kv_channels: Optional[int] = field(None, ge=1)
+    """Per-head dimension; null means hidden_size / num_attention_heads."""
+    vocab_size: Optional[int] = field(None, ge=1)
+    """Vocabulary size before padding. null: read from the tokenizer named in data.tokenizer."""
+    make_vocab_size_divisible_by: int = field(128, ge=1)
+    """The embedding table is padded to a multiple of this times the tensor-parallel size."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = field(1e-6, gt=0)
+    qk_layernorm: bool = True
+    """Per-head RMSNorm on queries and keys (as in Qwen3-MoE)."""
+    rotary_base: int = field(10000, ge=1)
+    init_method_std: float = field(0.02, gt=0)
+    tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
+    attention_dropout: float = field(0.0, ge=0, lt=1)
+    hidden_dropout: float = field(0.0, ge=0, lt=1)
+    backend: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementations: megatron-core's local modules, or Transformer Engine's (GPU).
+    auto picks Transformer Engine when it is installed and CUDA is present."""
+
+    def check(self, path: str) -> None:
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ConfigError(
+                f"{path}.hidden_size",
+                f"{self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; change one, or set kv_channels explicitly",
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(
+                f"{path}.num_query_groups",
+                f"{groups} does not divide num_attention_heads={self.num_attention_heads}",
+            )
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = field(ge=2)
+    expert_ffn_hidden_size: int = field(ge=1)
+    """Hidden width of each routed expert (SwiGLU)."""
+    layer_freq: Union[int, list[int]] = 1
+    """1 = every layer is MoE; N = every N-th layer; or a 0/1 list with one entry per layer."""
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """Token dispatcher; both are dropless unless capacity_factor is set."""
+    aux_loss_coeff: float = field(1e-2, ge=0)
+    """Switch load-balancing loss weight (0 disables it)."""
+    z_loss_coeff: Optional[float] = field(None, ge=0)
+    capacity_factor: Optional[float] = field(None, gt=0)
+    """null = dropless. Otherwise each expert takes at most ceil(T * mean_k * cf / E) tokens."""
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    router_dtype: Literal["fp32", "fp64", "model"] = "fp32"
+    """Precision of the router logits; fp32 keeps top-k choices stable under bf16."""
+    grouped_gemm: bool = False
+    """Run local experts as one grouped GEMM (GPU with Transformer Engine)."""
+    permute_fusion: bool = False
+    """Fused token permutation (GPU with Transformer Engine)."""
+
+    def check(self, path: str, num_layers: int) -> None:
+        if isinstance(self.layer_freq, list):
+            if len(self.layer_freq) != num_layers or set(self.layer_freq) - {0, 1}:
+                raise ConfigError(
+                    f"{path}.layer_freq",
+                    f"a list must hold one 0 or 1 per layer ({num_layers} entries); "
+                    f"got {self.layer_freq}",
+                )
+            if 1 not in self.layer_freq:
+                raise ConfigError(f"{path}.layer_freq", "no layer is an MoE layer")
+        elif not 1 <= self.layer_freq <= num_layers:
+            raise ConfigError(
+                f"{path}.layer_freq", f"got {self.layer_freq}; must be in 1..{num_layers}"
+            )
+
+    def moe_layer_pattern(self, num_layers: int) -> list[int]:
+        if isinstance(self.layer_freq, list):
+            return list(self.layer_freq)
+        return [1 if i % self.layer_freq == 0 else 0 for i in range(num_layers)]
+
+
+@dataclass
+class MatryoshkaConfig:
+    strategy: Literal["fixed", "global", "microbatch", "layerwise", "token"] = "layerwise"
+    """How often k is drawn: fixed (specialist baseline), one k per global batch, per micro-batch,
+    per MoE layer per global batch (M-MoE's best, the default), or per token per layer."""
+    ks: list[int] = field([1, 2, 3, 4], ge=1)
+    """The allowed ks (training range). Its maximum is k_max, the router's build-time top-k.
+    With strategy fixed it must hold exactly one k."""
+    distribution: Literal["uniform", "capacity", "explicit"] = "uniform"
+    """uniform over ks; capacity: P(k) proportional to k**(1/tau); explicit: `probs`."""
+    tau: float = field(2.0, gt=0)
+    probs: Optional[list[float]] = field(None, ge=0)
+    """With distribution explicit: one probability per entry of ks, summing to 1."""
+    seed: Optional[int] = field(None, ge=0)
+    """Seed of the k draws; null means train.seed."""
+    normalization: Literal["topk_softmax", "softmax_topk"] = "topk_softmax"
+    """topk_softmax: softmax over the k selected logits (weights sum to 1, as in Qwen3-MoE with
+    norm_topk_prob). softmax_topk: softmax over all experts, keep the top k (sum < 1)."""
+    k1_router_grad: Literal["straight_through", "none"] = "straight_through"
+    """With topk_softmax, a token routed to one expert has weight 1 and its router gets no LM-loss
+    gradient. straight_through keeps the weight at 1 but passes the gradient of the expert's
+    softmax probability (weight 1 + (p - stop_grad(p))); none leaves only the aux losses."""
+    sync_check_interval: int = field(0, ge=0)
+    """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
+    eval_ks: list[int] = field([], ge=1)
+    """ks at which validation loss is reported during training; empty means min, mid and max."""
+
+    def check(self, path: str) -> None:
+        if not self.ks:
+            raise ConfigError(f"{path}.ks", "must list at least one k")
+        if sorted(set(self.ks)) != self.ks:
+            raise ConfigError(f"{path}.ks", f"must be strictly increasing, got {self.ks}")
+        if self.strategy == "fixed" and len(self.ks) != 1:
+            raise ConfigError(
+                f"{path}.ks", f"strategy fixed trains at one k; give exactly one, got {self.ks}"
+            )
+        if self.distribution == "explicit":
+            if self.probs is None or len(self.probs) != len(self.ks):
+                raise ConfigError(
+                    f"{path}.probs", f"distribution explicit needs one probability per k in {self.ks}"
+                )
+            if abs(sum(self.probs) - 1.0) > 1e-6:
+                raise ConfigError(f"{path}.probs", f"must sum to 1, got {sum(self.probs)}")
+        elif self.probs is not None:
+            raise ConfigError(f"{path}.probs", "only used with distribution: explicit; remove it")
+        if self.k_max == 1 and self.normalization == "topk_softmax":
+            # megatron-core refuses this at build time (transformer_config.py:1633-1641).
+            raise ConfigError(
+                f"{path}.normalization",
+                "with k_max = 1, top-k-then-softmax gives every token weight 1; "
+                "use softmax_topk for a k = 1 model",
+            )
+
+    @property
+    def k_max(self) -> int:
+        return max(self.ks)
+
+    def resolved_eval_ks(self) -> list[int]:
+        if self.eval_ks:
+            return list(self.eval_ks)
+        mid = self.ks[len(self.ks) // 2] if len(self.ks) > 2 else None
+        return sorted({self.ks[0], self.ks[-1]} | ({mid} if mid else set()))
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = field(1, ge=1)
+    """Tensor parallel size (GPU with Transformer Engine; MoE then needs sequence parallel)."""
+    pipeline: int = field(1, ge=1)
+    """Pipeline parallel size. Only 1 is supported under the DeepSpeed engine."""
+    expert: int = field(1, ge=1)
+    """Expert parallel size; experts are split evenly over this many ranks."""
+    distributed_timeout_minutes: int = field(10, ge=1)
+    """Collectives that wait longer than this fail the job instead of hanging."""
+
+    def check(self, path: str) -> None:
+        if self.pipeline != 1:
+            raise ConfigError(
+                f"{path}.pipeline",
+                "pipeline parallelism is not supported: the DeepSpeed engine drives one model "
+                "chunk per rank; use data and expert parallelism (and tensor on GPU)",
+            )
+
+
+@dataclass
+class BlendEntry:
+    prefix: str
+    """Path prefix of a megatron-core indexed dataset (`<prefix>.bin` and `<prefix>.idx`)."""
+    weight: float = field(1.0, gt=0)
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = field(ge=2)
+    """Tokens per training sample."""
+    tokenizer: Optional[str] = None
+    """SentencePiece model file. Required unless data.mock is true."""
+    blend: list[BlendEntry] = field([])
+    """Training datasets and their sampling weights."""
+    split: str = "98,2,0"
+    """train,validation,test ratios applied to every dataset in the blend (by document)."""
+    valid_blend: Optional[list[BlendEntry]] = None
+    """Separate validation datasets; when given, `split` is ignored for validation."""
+    mock: bool = False
+    """Use megatron-core's synthetic dataset (smoke tests only)."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core caches sample indices; null means <run dir>/data_cache."""
+    eod_mask_loss: bool = False
+
+    def check(self, path: str) -> None:
+        if not self.mock:
+            if self.tokenizer is None:
+                raise ConfigError(f"{path}.tokenizer", "required unless data.mock is true")
+            if not self.blend:
+                raise ConfigError(f"{path}.blend", "list at least one dataset (prefix, weight)")
+        parts = self.split.split(",")
+        try:
+            ratios = [float(p) for p in parts]
+        except ValueError:
+            ratios = []
+        if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
+            raise ConfigError(
+                f"{path}.split", f"got {self.split!r}; expected three non-negative numbers 'a,b,c'"
+            )
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = field(ge=1)
+    """Samples per rank per forward pass."""
+    global_batch_size: int = field(ge=1)
+    """Samples per optimizer step over all data-parallel ranks (micro-batches accumulate)."""
+    train_iters: int = field(ge=1)
+    seed: int = field(1234, ge=0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: selective recomputes the MoE layer; full recomputes whole layers."""
+    eval_interval: int = field(0, ge=0)
+    """Validate every N steps at matryoshka.eval_ks (0 = only at the end)."""
+    eval_iters: int = field(10, ge=1)
+    log_interval: int = field(1, ge=1)
+    nonfinite_policy: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss or gradient norm: stop (after max_nonfinite_steps) or skip steps."""
+    max_nonfinite_steps: int = field(1, ge=1)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = field(3e-4, gt=0)
+    min_lr: float = field(3e-5, ge=0)
+    weight_decay: float = field(0.1, ge=0)
+    beta1: float = field(0.9, ge=0, lt=1)
+    beta2: float = field(0.95, ge=0, lt=1)
+    eps: float = field(1e-8, gt=0)
+    clip_grad: float = field(1.0, ge=0)
+    """Global gradient-norm clipping (0 disables). Always set explicitly: DeepSpeed defaults to 1."""
+    warmup_iters: int = field(0, ge=0)
+    decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    wsd_decay_fraction: float = field(0.2, gt=0, le=1)
+    """With decay_style wsd: the final fraction of training spent decaying to min_lr."""
+    zero_stage: Literal[1, 2] = 1
+    """DeepSpeed ZeRO stage sharding optimizer states (1) and gradients (2)."""
+
+    def check(self, path: str) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{path}.min_lr", f"{self.min_lr} exceeds lr={self.lr}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Where checkpoints go; null means <logging.dir>/checkpoints."""
+    save_interval: int = field(0, ge=0)
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = field(2, ge=1)
+    load: Optional[str] = "auto"
+    """auto: resume from the latest complete checkpoint in `dir` if there is one;
+    a path: start from that checkpoint; null: always start fresh."""
+
+
+@dataclass
+class LoggingConfig:
+    dir: Optional[str] = None
+    """Run directory (resolved config, TensorBoard, metrics); null means runs/<name>."""
+    tensorboard: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    model: ModelConfig
+    moe: MoEConfig
+    data: DataConfig
+    train: TrainConfig
+    matryoshka: MatryoshkaConfig = field(MatryoshkaConfig())
+    parallel: ParallelConfig = field(ParallelConfig())
+    optimizer: OptimizerConfig = field(OptimizerConfig())
+    checkpoint: CheckpointConfig = field(CheckpointConfig())
+    logging: LoggingConfig = field(LoggingConfig())
+
+    def check(self) -> "ExperimentConfig":
+        """Cross-field validation; returns self so loading can chain it."""
+        self.model.check("model")
+        self.moe.check("moe", self.model.num_layers)
+        self.matryoshka.check("matryoshka")
+        self.parallel.check("parallel")
+        self.data.check("data")
+        self.optimizer.check("optimizer")
+        experts = self.moe.num_experts
+        if self.matryoshka.k_max > experts:
+            raise ConfigError(
+                "matryoshka.ks", f"k_max={self.matryoshka.k_max} exceeds moe.num_experts={experts}"
+            )
+        bad_eval = [k for k in self.matryoshka.eval_ks if k > experts]
+        if bad_eval:
+            raise ConfigError("matryoshka.eval_ks", f"{bad_eval} exceed moe.num_experts={experts}")
+        if experts % self.parallel.expert:
+            raise ConfigError(
+                "parallel.expert",
+                f"{self.parallel.expert} does not divide moe.num_experts={experts}",
+            )
+        if self.moe.permute_fusion or self.moe.grouped_gemm:
+            if self.model.backend == "local":
+                raise ConfigError(
+                    "moe.permute_fusion" if self.moe.permute_fusion else "moe.grouped_gemm",
+                    "needs Transformer Engine; set model.backend to auto or transformer_engine",
+                )
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size={self.train.micro_batch_size}",
+            )
+        if self.optimizer.warmup_iters > self.train.train_iters:
+            raise ConfigError(
+                "optimizer.warmup_iters",
+                f"{self.optimizer.warmup_iters} exceeds train.train_iters={self.train.train_iters}",
+            )
+        return self
+
+    # --- derived quantities -----------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> str:
+        return self.logging.dir or f"runs/{self.name}"
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir}/checkpoints"
+
+    @property
+    def k_seed(self) -> int:
+        return self.train.seed if self.matryoshka.seed is None else self.matryoshka.seed
+
+    def moe_layer_pattern(self) -> list[int]:
+        return self.moe.moe_layer_pattern(self.model.num_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layer_pattern())

@@ -1,0 +1,162 @@
+"""Drive the model's elastic routers from the k schedule, and check the ks across ranks.
+
+The trainer calls `set_microbatch(step, microbatch, sample_offset)` before each micro-batch's
+forward. For every strategy except `microbatch` and `token` the ks only change with the step,
+so all micro-batches of a step, and any activation recompute in their backward, see the same
+ks. Per-token ks are indexed by each token's place in the global batch:
+
+    sample_in_global_batch = microbatch * (dp_size * micro_batch_size) + dp_rank * micro_batch_size + b
+
+which is the order megatron's pretraining sampler hands out samples, so the per-token ks do not
+depend on how the global batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mmoe_megatron.model import elastic_routers, moe_layer_numbers
+from mmoe_megatron.schedule import KSchedule, global_token_ids
+
+
+class KDesyncError(RuntimeError):
+    """Ranks that must route with the same ks did not."""
+
+
+class ElasticK:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: KSchedule,
+        moe_layer_numbers: list[int],
+        seq_length: int,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
+        self.schedule = schedule
+        self.routers = elastic_routers(model)
+        index = {number: i for i, number in enumerate(moe_layer_numbers)}
+        missing = [r.layer_number for r in self.routers if r.layer_number not in index]
+        if missing:
+            raise ValueError(f"routers at layers {missing} are not MoE layers of the config")
+        self.layer_of = [index[r.layer_number] for r in self.routers]
+        self.num_moe_layers = len(moe_layer_numbers)
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.step: Optional[int] = None
+        self.microbatch: Optional[int] = None
+        self.layer_ks: list[int] = []  # scalar ks set for the current micro-batch (per router)
+        self._token_ids: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_config(cls, model, cfg, dp_rank: int = 0, dp_size: int = 1) -> "ElasticK":
+        return cls(
+            model,
+            KSchedule.from_config(cfg.matryoshka, cfg.k_seed),
+            moe_layer_numbers(cfg),
+            cfg.data.seq_length,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            dp_size,
+        )
+
+    def sample_offset(self, microbatch: int) -> int:
+        return (microbatch * self.dp_size + self.dp_rank) * self.micro_batch_size
+
+    def set_microbatch(self, step: int, microbatch: int = 0) -> None:
+        """Set the ks of (step, microbatch) on every router of this rank."""
+        self.step, self.microbatch = step, microbatch
+        if self.schedule.per_token:
+            device = self.routers[0].weight.device if self.routers else None
+            ids_SB = global_token_ids(
+                self.sample_offset(microbatch), self.micro_batch_size, self.seq_length, device
+            )
+            self._token_ids = ids_SB
+            for router, layer in zip(self.routers, self.layer_of):
+                ks_SB = self.schedule.token_ks(step, layer, ids_SB)
+                router.set_token_ks(ks_SB, width=self.schedule.k_max)
+            self.layer_ks = []
+            return
+        self.layer_ks = [self.schedule.k(step, microbatch, layer) for layer in self.layer_of]
+        for router, k in zip(self.routers, self.layer_ks):
+            router.set_k(k)
+
+    def ks_by_layer(self) -> dict[int, float]:
+        """MoE layer index -> k set for the current micro-batch (the mean k for per-token ks)."""
+        if self.schedule.per_token:
+            return {
+                layer: float(r._token_ks_SB.float().mean())
+                for r, layer in zip(self.routers, self.layer_of)
+            }
+        return {layer: float(k) for layer, k in zip(self.layer_of, self.layer_ks)}
+
+    # --- synchronisation check --------------------------------------------------------------
+
+    def _local_record(self) -> torch.Tensor:
+        """[3 + num_moe_layers] int64: step, micro-batch, schedule fingerprint, then per layer the
+        k the router last used (-1 if this rank has no such layer). For per-token ks, a layer's
+        entry is the number of tokens whose used k differs from the schedule's (0 when in sync)."""
+        record = torch.full((3 + self.num_moe_layers,), -1, dtype=torch.int64)
+        record[0] = -1 if self.step is None else self.step
+        record[1] = -1 if self.microbatch is None else self.microbatch
+        record[2] = self.schedule.fingerprint()
+        for router, layer in zip(self.routers, self.layer_of):
+            used = router.last_k
+            if used is None:
+                continue
+            if isinstance(used, int):
+                record[3 + layer] = used if not self.schedule.per_token else -2
+            else:
+                expected = self.schedule.token_ks(self.step, layer, self._token_ids).reshape(-1)
+                record[3 + layer] = int((used.cpu() != expected.cpu()).sum())
+        return record
+
+    def check_sync(self, group=None) -> None:
+        """Collective: gather every rank's record and raise KDesyncError naming the ranks and
+        layers that disagree. Cheap (one all-gather of a few ints); run every N steps."""
+        local = self._local_record()
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        if world > 1:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            gathered = torch.empty(world * local.numel(), dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(gathered, local.to(device), group=group)
+            table = gathered.view(world, -1).cpu()
+        else:
+            table = local.view(1, -1)
+        problems = describe_desync(table, per_token=self.schedule.per_token)
+        if problems:
+            raise KDesyncError(
+                "ks are out of sync across ranks; training would silently diverge:\n  "
+                + "\n  ".join(problems)
+                + "\nCheck that every rank runs the same config (matryoshka.*, train.seed) and "
+                "resumed from the same checkpoint step."
+            )
+
+
+def describe_desync(table: torch.Tensor, per_token: bool) -> list[str]:
+    """Human-readable disagreements in a [ranks, 3 + layers] table of `_local_record`s."""
+    problems = []
+    for column, what in ((0, "step"), (1, "micro-batch"), (2, "k-schedule fingerprint")):
+        values = table[:, column].tolist()
+        if len(set(values)) > 1:
+            problems.append(f"{what} differs: " + ", ".join(f"rank {r}={v}" for r, v in enumerate(values)))
+    for layer in range(table.shape[1] - 3):
+        column = table[:, 3 + layer].tolist()
+        present = {r: v for r, v in enumerate(column) if v != -1}
+        if per_token:
+            bad = {r: v for r, v in present.items() if v != 0}
+            if bad:
+                problems.append(
+                    f"MoE layer {layer}: per-token ks differ from the schedule on "
+                    + ", ".join(f"rank {r} ({v} tokens)" if v >= 0 else f"rank {r} (scalar k)" for r, v in bad.items())
+                )
+        elif len(set(present.values())) > 1:
+            problems.append(
+                f"MoE layer {layer}: " + ", ".join(f"rank {r} used k={v}" for r, v in present.items())
+            )
+    return problems

@@ -1,0 +1,192 @@
+"""Build the megatron-core GPT model with Matryoshka MoE layers, and choose its k.
+
+The elastic router enters through megatron-core's layer spec: every MoE layer spec gets
+`MatryoshkaMoELayer` as its module and `MatryoshkaRouter` as `MoESubmodules.router`. Nothing
+in megatron-core is patched.
+
+Inference API:
+    set_topk(model, 2)             every MoE layer routes to its top-2
+    set_topk(model, [1, 2, 4, 8])  one k per MoE layer, in layer order
+k may exceed the training range, up to the number of experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+from typing import Iterable, Sequence, Union
+
+import torch
+
+from mmoe_megatron import compat
+from mmoe_megatron.config import ExperimentConfig
+from mmoe_megatron.config.derive import padded_vocab_size, transformer_config, use_transformer_engine
+from mmoe_megatron.layout import global_name, is_expert_param
+from mmoe_megatron.router import MatryoshkaMoELayer, MatryoshkaRouter
+
+
+class _SubclassedMoELayerFilter(logging.Filter):
+    """transformer_layer.py:351-368 hands `pg_collection` only to MLP classes it knows by
+    identity and logs a warning for any other class. MatryoshkaMoELayer then falls back to
+    megatron's default process groups, the ones this model is built with: the warning is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SubclassedMoELayerFilter())
+
+
+def router_class(cfg: ExperimentConfig):
+    """The router a config asks for (the Matryoshka router, or a baseline from `baselines`)."""
+    return MatryoshkaRouter
+
+
+def layer_specs(cfg: ExperimentConfig, tconfig) -> list:
+    """One ModuleSpec per transformer layer, MoE layers using the elastic router."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    specs = get_gpt_decoder_layer_specs(
+        tconfig, use_transformer_engine=use_transformer_engine(cfg),
+        normalization=cfg.model.normalization,
+    )
+    router = functools.partial(router_class(cfg), k1_router_grad=cfg.matryoshka.k1_router_grad)
+    out = []
+    for spec in specs:
+        mlp = spec.submodules.mlp
+        if getattr(mlp, "module", None) is MoELayer:
+            mlp = dataclasses.replace(
+                mlp,
+                module=MatryoshkaMoELayer,
+                submodules=dataclasses.replace(mlp.submodules, router=router),
+            )
+            spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+        out.append(spec)
+    return out
+
+
+def build_model(cfg: ExperimentConfig, vocab_size: int, seed: int | None = None):
+    """The GPT model for this rank. Needs torch.distributed and parallel_state initialised.
+
+    Weights are drawn by `init_weights` from (seed, global parameter name), so every parallel
+    layout of the same config starts from the same model.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.models.backends import LocalSpecProvider
+
+    compat.apply_all()
+    tconfig = transformer_config(cfg)
+    tconfig = dataclasses.replace(tconfig, perform_initialization=False)
+    specs = layer_specs(cfg, tconfig)
+    if use_transformer_engine(cfg):
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = LocalSpecProvider().layer_norm(rms_norm=cfg.model.normalization == "RMSNorm")
+    block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(cfg, vocab_size),
+        max_sequence_length=cfg.data.seq_length,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        parallel_output=True,
+    )
+    init_weights(model, cfg, cfg.train.seed if seed is None else seed)
+    return model
+
+
+def _param_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _shard(full: torch.Tensor, param: torch.nn.Parameter, rank: int, world: int) -> torch.Tensor:
+    # Mirror tensor_parallel/layers.py:_initialize_affine_weight_cpu: split the full tensor into
+    # per_partition/stride chunks along partition_dim and keep chunks rank, rank+world, ...
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = torch.split(full, param.shape[dim] // stride, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim)
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> None:
+    """Initialise every parameter from (seed, its global name), independent of the layout.
+
+    Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
+    the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
+    weights, zeros for biases.
+    """
+    from megatron.core import parallel_state as ps
+
+    std = cfg.model.init_method_std
+    out_std = std / (2.0 * cfg.model.num_layers) ** 0.5
+    ep_rank = ps.get_expert_model_parallel_rank()
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(0.0 if name.endswith("bias") else 1.0)
+            continue
+        if is_expert_param(name):
+            num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()
+            name = global_name(name, ep_rank, num_local)
+            tp_rank, tp_world = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
+        else:
+            tp_rank, tp_world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        sharded = getattr(param, "tensor_model_parallel", False) and tp_world > 1
+        shape = list(param.shape)
+        if sharded:
+            shape[param.partition_dim] *= tp_world
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        scale = out_std if (".linear_proj." in name or ".linear_fc2." in name) else std
+        full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
+        param.copy_(_shard(full, param, tp_rank, tp_world) if sharded else full)
+
+
+# --- choosing k ------------------------------------------------------------------------------
+
+
+def elastic_routers(model: torch.nn.Module) -> list[MatryoshkaRouter]:
+    """The model's elastic routers in layer order (this pipeline stage's MoE layers)."""
+    routers = [m for m in model.modules() if isinstance(m, MatryoshkaRouter)]
+    return sorted(routers, key=lambda r: r.layer_number)
+
+
+def moe_layer_numbers(cfg: ExperimentConfig) -> list[int]:
+    """megatron's 1-based layer numbers of the MoE layers; position i is MoE layer i."""
+    return [i + 1 for i, is_moe in enumerate(cfg.moe_layer_pattern()) if is_moe]
+
+
+def set_topk(model: torch.nn.Module, k: Union[int, Sequence[int]]) -> None:
+    """Route at one k in every MoE layer, or at `k[i]` in MoE layer i."""
+    routers = elastic_routers(model)
+    if isinstance(k, int):
+        for router in routers:
+            router.set_k(k)
+        return
+    ks = list(k)
+    if len(ks) != len(routers):
+        raise ValueError(
+            f"a per-layer k vector needs one k per MoE layer ({len(routers)}), got {len(ks)}: {ks}"
+        )
+    for router, layer_k in zip(routers, ks):
+        router.set_k(int(layer_k))
+
+
+def current_topk(model: torch.nn.Module) -> list:
+    """The k each MoE layer will use next (None for a layer holding per-token ks)."""
+    return [r.k for r in elastic_routers(model)]
+
+
+def named_global_parameters(model: torch.nn.Module, cfg: ExperimentConfig) -> Iterable:
+    """(global name, parameter) pairs of this rank's parameters."""
+    from megatron.core import parallel_state as ps
+
+    ep_rank = ps.get_expert_model_parallel_rank()
+    num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        yield global_name(name, ep_rank, num_local), param

@@ -1,0 +1,258 @@
+"""The Matryoshka router: megatron-core's TopKRouter with a top-k chosen per forward.
+
+It enters the model through the layer spec (`MoESubmodules.router`, see `model.py`) and
+overrides only `routing()`. `config.moe_router_topk` stays k_max for the whole run; the k of
+the current forward is router state set from outside (`set_k`, `set_token_ks`) by the trainer
+from the k schedule, or by the inference API.
+
+Selection is nested by construction: experts are ranked once by score (a sorted top-`width`)
+and a token with budget k takes the first k of that ranking, so the experts used at k are a
+prefix of those used at k+1. Subclasses change only which ranked slots are active
+(`slot_mask`), which is how the top-p and EMoE baselines are built (`baselines.py`).
+
+Shape suffixes: T tokens (seq * batch, megatron's s-major order), E experts,
+W ranked slots (the widest k in use), S sequence, B batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import (
+    apply_router_token_dropping,
+    get_default_pg_collection,
+    switch_load_balancing_loss_func,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+NORMALISATIONS = ("topk_softmax", "softmax_topk")
+
+
+class MatryoshkaRouter(TopKRouter):
+    """Top-k routing whose k is a scalar per layer or a tensor of per-token ks.
+
+    Normalisation (from `config.moe_router_pre_softmax`):
+      topk_softmax  softmax over the selected logits; weights sum to 1 at every k.
+      softmax_topk  softmax over all E experts, then keep the selected; weights sum to < 1
+                    and grow with k.
+    Under topk_softmax a token with k = 1 has weight exactly 1, so the LM loss gives its router
+    no gradient. With `k1_router_grad="straight_through"` the weight is 1 + (p - stop_grad(p)),
+    p the token's full-softmax probability of its expert: the forward is unchanged, and the
+    router learns as a Switch Transformer router (weight p) would.
+    """
+
+    def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through"):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.score_function != "softmax" or self.routing_type not in ("aux_loss", "none"):
+            raise ValueError(
+                "MatryoshkaRouter supports softmax scores with the 'aux_loss' or 'none' "
+                f"load balancing; got {self.score_function!r} / {self.routing_type!r}"
+            )
+        if config.moe_router_num_groups or self.enable_expert_bias or self.router_replay:
+            raise ValueError("group-limited routing, expert bias and router replay are not supported")
+        if config.moe_pad_expert_input_to_capacity:
+            raise ValueError(
+                "pad-to-capacity sizes buffers from the build-time top-k; with an elastic k use a "
+                "capacity factor without padding"
+            )
+        if k1_router_grad not in ("straight_through", "none"):
+            raise ValueError(f"k1_router_grad must be straight_through or none, not {k1_router_grad!r}")
+        self.k1_router_grad = k1_router_grad
+        self.pre_softmax = config.moe_router_pre_softmax
+        self.k_max_trained = config.moe_router_topk
+        self._k: int = config.moe_router_topk
+        self._token_ks_SB: Optional[torch.Tensor] = None
+        self._width: int = config.moe_router_topk
+        # Experts routed by the last forward, when it is known on the host without a sync.
+        self.num_routed_host: Optional[int] = None
+        # What the last forward used: an int, or the per-token ks (for the sync check, logging).
+        self.last_k: Union[int, torch.Tensor, None] = None
+
+    # --- the k of the next forwards --------------------------------------------------------
+
+    def set_k(self, k: int) -> None:
+        """Route every token to its top-`k` experts until told otherwise."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_experts:
+            raise ValueError(f"k must be an int in 1..{self.num_experts} (the experts), got {k!r}")
+        self._k, self._token_ks_SB, self._width = k, None, k
+
+    def set_token_ks(self, ks_SB: torch.Tensor, width: Optional[int] = None) -> None:
+        """Per-token ks for the next micro-batch: int tensor [seq, batch] (full sequence).
+
+        `width` is an upper bound on the ks (the schedule's k_max); passing it avoids reading
+        the tensor's maximum back from the device.
+        """
+        if ks_SB.dim() != 2:
+            raise ValueError(f"per-token ks must be [seq, batch], got shape {tuple(ks_SB.shape)}")
+        width = int(ks_SB.max()) if width is None else width
+        if not 1 <= width <= self.num_experts:
+            raise ValueError(f"per-token ks must lie in 1..{self.num_experts}, got width {width}")
+        self._k, self._token_ks_SB, self._width = None, ks_SB, width
+
+    @property
+    def k(self) -> Optional[int]:
+        """The scalar k in force, or None while per-token ks are set."""
+        return self._k
+
+    def _token_budget(self, seq_len: int, batch: int, device) -> Union[int, torch.Tensor]:
+        if self._token_ks_SB is None:
+            return self._k
+        ks_SB = self._token_ks_SB
+        if self.config.sequence_parallel and self.tp_group.size() > 1:
+            # Under sequence parallelism this rank routes one contiguous chunk of the sequence.
+            rank = self.tp_group.rank()
+            ks_SB = ks_SB[rank * seq_len : (rank + 1) * seq_len]
+        if tuple(ks_SB.shape) != (seq_len, batch):
+            raise ValueError(
+                f"per-token ks have shape {tuple(ks_SB.shape)} but the router sees "
+                f"[{seq_len}, {batch}] tokens; set them for each micro-batch"
+            )
+        return ks_SB.reshape(-1).to(device)
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def slot_mask(
+        self, ranked_TW: torch.Tensor, budget: Union[int, torch.Tensor], scores_TE: torch.Tensor
+    ) -> torch.Tensor:
+        """Which of the W ranked experts each token uses: the first k (Matryoshka nesting)."""
+        slots_W = torch.arange(ranked_TW.shape[1], device=ranked_TW.device)
+        if isinstance(budget, int):
+            return (slots_W < budget).expand_as(ranked_TW)
+        return slots_W[None, :] < budget[:, None]
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        if padding_mask is not None:
+            raise NotImplementedError("padded batches are not used in pretraining; pack sequences")
+        seq_len, batch = logits.shape[:2]
+        logits_TE = logits.view(-1, self.num_experts)
+        logits_TE = self.apply_z_loss(logits_TE)
+        budget = self._token_budget(seq_len, batch, logits.device)
+
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        ranked_by_TE = scores_TE if self.pre_softmax else logits_TE
+        ranked_TW, ids_TW = torch.topk(ranked_by_TE, k=self._width, dim=1, sorted=True)
+        active_TW = self.slot_mask(ranked_TW, budget, scores_TE)
+
+        if self.pre_softmax:
+            probs_TW = (ranked_TW * active_TW).type_as(logits_TE)
+        else:
+            masked_TW = ranked_TW.masked_fill(~active_TW, float("-inf"))
+            probs_TW = torch.softmax(masked_TW, dim=-1, dtype=torch.float32).type_as(logits_TE)
+            if self.k1_router_grad == "straight_through" and self.training:
+                probs_TW = self._straight_through_k1(probs_TW, active_TW, scores_TE, ids_TW)
+
+        probs_TE = torch.zeros_like(logits_TE).scatter(1, ids_TW, probs_TW)
+        routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, ids_TW, active_TW)
+        selected_TE = routing_map_TE
+
+        mean_k = budget if isinstance(budget, int) else None
+        if self.config.moe_expert_capacity_factor is not None:
+            k_for_capacity = mean_k if mean_k is not None else budget.float().mean().item()
+            probs_TE, routing_map_TE = apply_router_token_dropping(
+                probs_TE,
+                routing_map_TE,
+                router_topk=k_for_capacity,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+            )
+            self.num_routed_host = None
+        else:
+            self.num_routed_host = logits_TE.shape[0] * mean_k if mean_k is not None else None
+
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
+
+        self.last_k = budget
+        return probs_TE, routing_map_TE
+
+    def _straight_through_k1(self, probs_TW, active_TW, scores_TE, ids_TW):
+        single_T = active_TW.sum(dim=1) == 1
+        p_T = scores_TE.gather(1, ids_TW[:, :1]).squeeze(1)
+        # (p - stop_grad(p)) is exactly 0 in value, so the weight stays exactly 1.
+        st_T = (1.0 + (p_T - p_T.detach())).type_as(probs_TW)
+        first_TW = torch.where(single_T, st_T, probs_TW[:, 0]).unsqueeze(1)
+        return torch.cat([first_TW, probs_TW[:, 1:]], dim=1)
+
+    def _apply_elastic_aux_loss(self, probs_TE, scores_TE, selected_TE):
+        """Switch load-balancing loss with the realised routing (ks may differ per token).
+
+        megatron normalises the dispatch fraction by T * topk; with per-token ks the same
+        normalisation is by the number of assignments, i.e. topk := mean k over the tokens.
+        At perfect balance the loss is `coeff` at any k.
+        """
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        tokens_per_expert_E = reduce_from_tensor_model_parallel_region(
+            selected_TE.sum(dim=0).float(), self.tp_cp_group
+        )
+        num_tokens = selected_TE.shape[0]
+        total_tokens = num_tokens * self.tp_cp_group.size()
+        mean_k = tokens_per_expert_E.sum() / total_tokens
+        aux_loss = switch_load_balancing_loss_func(
+            probs=scores_TE,
+            tokens_per_expert=tokens_per_expert_E,
+            total_num_tokens=total_tokens,
+            topk=mean_k,
+            num_experts=self.num_experts,
+            moe_aux_loss_coeff=coeff,
+        )
+        return self.attach_and_log_load_balancing_loss(
+            probs_TE, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group,
+            valid_token_count=num_tokens,
+        )
+
+
+class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """The alltoall dispatcher with its output size taken from the realised routing.
+
+    megatron-core sizes the dropless permutation buffer as tokens * config.moe_router_topk
+    (token_dispatcher.py:524); that is k_max here. The count only matters for fused
+    permutation (Transformer Engine), but must then be exact.
+    """
+
+    num_out_tokens_hint: Optional[int] = None
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        tokens_per_expert = super().preprocess(routing_map)
+        dropless_static = not (
+            self.drop_and_pad
+            or self.config.moe_expert_capacity_factor is not None
+            or self.config.moe_router_padding_for_quantization
+        )
+        if dropless_static:
+            if self.num_out_tokens_hint is not None:
+                self.num_out_tokens = self.num_out_tokens_hint
+            else:  # per-token ks: count on the device, read back before permutation
+                self.num_out_tokens = routing_map.sum()
+                self._maybe_update_cuda_sync_point("before_permutation_1")
+        return tokens_per_expert
+
+
+class MatryoshkaMoELayer(MoELayer):
+    """megatron-core's MoELayer with the elastic alltoall dispatcher (allgather is k-agnostic)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        if pg_collection is None:
+            pg_collection = get_default_pg_collection()
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        if config.moe_token_dispatcher_type == "alltoall":
+            self.token_dispatcher = ElasticAlltoAllTokenDispatcher(
+                self.num_local_experts,
+                self.local_expert_indices,
+                config=self.config,
+                pg_collection=pg_collection,
+            )
+        elif config.moe_token_dispatcher_type != "allgather":
+            raise ValueError(
+                f"dispatcher {config.moe_token_dispatcher_type!r} fixes k at build time; "
+                "use alltoall or allgather with an elastic k"
+            )
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        if isinstance(self.token_dispatcher, ElasticAlltoAllTokenDispatcher):
+            self.token_dispatcher.num_out_tokens_hint = self.router.num_routed_host
+        return super().preprocess(hidden_states, probs, routing_map)

@@ -1,0 +1,167 @@
+"""The k schedule: which top-k each MoE layer uses, as a pure function of indices.
+
+    k = schedule.k(step, microbatch, layer, token)
+
+Every draw is a counter-based hash of (seed, step, [microbatch], [layer], [token]) mapped
+through the inverse CDF of the k distribution. Nothing depends on which rank asks, on RNG
+state, or on what was drawn before: every rank computes the same k with no communication,
+and a resumed run draws the same ks as an uninterrupted one as long as the step is restored.
+
+Indices:
+  step        optimizer step (0-based)
+  microbatch  index of the micro-batch within the step (0-based); only `microbatch` uses it
+  layer       index of the MoE layer among the model's MoE layers (0-based)
+  token       index of the token within the global batch:
+              sample_in_global_batch * seq_length + position. It does not depend on the
+              data-parallel layout, so per-token ks are the same for any DP/micro-batch split.
+
+The hash is 32-bit arithmetic done in int64 with 16-bit partial products, so the Python
+scalar path and the vectorised torch path give identical results (tested).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+Strategy = Literal["fixed", "global", "microbatch", "layerwise", "token"]
+STRATEGIES: tuple[str, ...] = ("fixed", "global", "microbatch", "layerwise", "token")
+
+_MASK32 = 0xFFFFFFFF
+# Domain separators so that e.g. (step=1, layer=2) and (step=2, layer=1) hash apart.
+_SALT = {"step": 0x9E3779B9, "microbatch": 0x85EBCA6B, "layer": 0xC2B2AE35, "token": 0x27D4EB2F}
+
+
+def _mul32(x, c: int):
+    # (x * c) mod 2**32 without overflowing int64: split the constant into 16-bit halves.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """The 'lowbias32' finaliser: a bijection on 32-bit ints with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _absorb(h, value, salt: int):
+    # Values may exceed 32 bits (seeds, token ids): absorb the low and high words separately.
+    h = _mix32(h ^ ((value & _MASK32) ^ salt))
+    return _mix32(h ^ ((value >> 32) & _MASK32))
+
+
+def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
+    """P(k) proportional to k**(1/tau): larger ks drawn more often (M-MoE, tau=2 tested)."""
+    weights = [k ** (1.0 / tau) for k in ks]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@dataclass(frozen=True)
+class KSchedule:
+    strategy: Strategy
+    ks: tuple[int, ...]
+    probs: tuple[float, ...]
+    seed: int
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown k strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if not self.ks or list(self.ks) != sorted(set(self.ks)) or self.ks[0] < 1:
+            raise ValueError(f"ks must be strictly increasing positive ints, got {self.ks}")
+        if len(self.probs) != len(self.ks) or abs(sum(self.probs) - 1) > 1e-6:
+            raise ValueError(f"probs must give one probability per k and sum to 1: {self.probs}")
+        if self.strategy == "fixed" and len(self.ks) != 1:
+            raise ValueError(f"the fixed strategy needs exactly one k, got {self.ks}")
+        # Cumulative thresholds on the 32-bit hash: k = ks[first i with h < cut[i]].
+        cuts, acc = [], 0.0
+        for p in self.probs[:-1]:
+            acc += p
+            cuts.append(int(round(acc * 2**32)))
+        object.__setattr__(self, "_cuts", tuple(cuts))
+
+    @classmethod
+    def from_config(cls, mat, seed: int) -> "KSchedule":
+        """From a `MatryoshkaConfig` (its strategy, ks, distribution) and the resolved seed."""
+        ks = tuple(mat.ks)
+        if mat.distribution == "uniform":
+            probs = tuple(1.0 / len(ks) for _ in ks)
+        elif mat.distribution == "capacity":
+            probs = tuple(capacity_probs(ks, mat.tau))
+        else:
+            probs = tuple(mat.probs)
+        return cls(strategy=mat.strategy, ks=ks, probs=probs, seed=seed)
+
+    @property
+    def k_max(self) -> int:
+        return self.ks[-1]
+
+    @property
+    def per_token(self) -> bool:
+        return self.strategy == "token"
+
+    def fingerprint(self) -> int:
+        """A 32-bit digest of everything that determines the draws (compared across ranks)."""
+        h = _absorb(0, self.seed, 0)
+        h = _absorb(h, STRATEGIES.index(self.strategy), 1)
+        for k, cut in itertools.zip_longest(self.ks, self._cuts, fillvalue=0):
+            h = _absorb(_absorb(h, k, 2), cut, 3)
+        return h
+
+    # --- draws -------------------------------------------------------------------------------
+
+    def _key(self, step: int, microbatch: int, layer: int) -> int:
+        """The hash state before the token index; which indices enter depends on the strategy."""
+        h = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
+        if self.strategy == "microbatch":
+            h = _absorb(h, microbatch, _SALT["microbatch"])
+        if self.strategy in ("layerwise", "token"):
+            h = _absorb(h, layer, _SALT["layer"])
+        return h
+
+    def _k_of_hash(self, h: int) -> int:
+        return self.ks[bisect.bisect_right(self._cuts, h)]
+
+    def k(self, step: int, microbatch: int = 0, layer: int = 0, token: Optional[int] = None) -> int:
+        """The k for one (step, micro-batch, MoE layer[, token])."""
+        if self.strategy == "fixed":
+            return self.ks[0]
+        if self.strategy == "token":
+            if token is None:
+                raise ValueError("the token strategy draws a k per token: pass token=")
+            return self._k_of_hash(_absorb(self._key(step, microbatch, layer), token, _SALT["token"]))
+        return self._k_of_hash(self._key(step, microbatch, layer))
+
+    def layer_ks(self, step: int, microbatch: int, num_layers: int) -> list[int]:
+        """ks of all MoE layers for one micro-batch (not for the token strategy)."""
+        if self.strategy == "token":
+            raise ValueError("the token strategy has no per-layer k; use token_ks()")
+        return [self.k(step, microbatch, layer) for layer in range(num_layers)]
+
+    def token_ks(self, step: int, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
+        """Vectorised `k(step, 0, layer, token)` over an int64 tensor of global token ids."""
+        if self.strategy != "token":
+            raise ValueError(f"token_ks() is for the token strategy, not {self.strategy!r}")
+        if token_ids.dtype != torch.int64:
+            raise TypeError("token_ids must be int64")
+        h = _absorb(torch.full_like(token_ids, self._key(step, 0, layer)), token_ids, _SALT["token"])
+        cuts = torch.tensor(self._cuts, dtype=torch.int64, device=token_ids.device)
+        ks = torch.tensor(self.ks, dtype=torch.int64, device=token_ids.device)
+        return ks[torch.bucketize(h, cuts, right=True)]
+
+
+def global_token_ids(
+    sample_offset: int, num_samples: int, seq_length: int, device=None
+) -> torch.Tensor:
+    """Global token ids [seq_length, num_samples] (megatron's s-major layout) of a micro-batch
+    whose first sample is sample `sample_offset` of the global batch."""
+    samples = torch.arange(sample_offset, sample_offset + num_samples, device=device)
+    positions = torch.arange(seq_length, device=device)
+    return positions[:, None] + samples[None, :] * seq_length

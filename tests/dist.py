@@ -1,0 +1,74 @@
+"""Run a function on N real processes with the gloo backend (no mocks of torch.distributed).
+
+    results = run_distributed(fn, world_size=2, arg=...)
+
+`fn(rank, world_size, **kwargs)` must be a module-level function (it is pickled into spawned
+processes). Its return value comes back per rank; an exception on any rank fails the caller
+with that rank's traceback. Every process is given RANK/WORLD_SIZE/MASTER_* like torchrun.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world_size, port, kwargs, results):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        out = fn(rank, world_size, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from mmoe_megatron import distributed
+
+            distributed.shutdown()
+        except Exception:
+            pass
+
+
+def run_distributed(fn, world_size: int = 2, timeout: float = 300, **kwargs) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, kwargs, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, status, payload = results.get(timeout=timeout)
+            (outputs if status == "ok" else errors)[rank] = payload
+            if errors:
+                break
+    except queue.Empty:
+        errors[-1] = f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(outputs))}"
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 1)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        rank, tb = sorted(errors.items())[0]
+        raise AssertionError(f"rank {rank} failed:\n{tb}")
+    return [outputs[r] for r in range(world_size)]

@@ -1,0 +1,38 @@
+"""Small shared builders for tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmoe_megatron.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+VOCAB = 256
+
+
+def tiny_config(**overrides):
+    """configs/tiny.yaml with dotted overrides, e.g. tiny_config(**{"moe.dispatcher": "allgather"})."""
+    return load_config(TINY, list(overrides.items()))
+
+
+def tiny_batch(cfg, num_samples: int, seed: int = 0):
+    """Random token ids [num_samples, seq] with labels shifted by one, and the causal mask."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = cfg.data.seq_length
+    tokens = torch.randint(0, VOCAB, (num_samples, seq + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def causal_mask(seq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+
+
+def forward_loss(model, tokens, labels):
+    """Mean token loss of a megatron GPTModel (it returns per-token losses when given labels)."""
+    seq = tokens.shape[1]
+    positions = torch.arange(seq).expand_as(tokens)
+    per_token = model(tokens, positions, causal_mask(seq), labels=labels)
+    return per_token.float().mean()

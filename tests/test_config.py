@@ -1,0 +1,159 @@
+import os
+
+import pytest
+import torch
+import yaml
+
+from mmoe_megatron.config import (
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from mmoe_megatron.config.base import to_dict
+from mmoe_megatron.config.derive import (
+    flops_per_token,
+    padded_vocab_size,
+    param_counts,
+    transformer_config,
+)
+from tests.helpers import TINY, VOCAB, tiny_config
+
+
+def tiny_dict():
+    with open(TINY) as f:
+        return yaml.safe_load(f)
+
+
+def test_tiny_config_loads_with_typed_sections():
+    cfg = load_config(TINY)
+    assert cfg.model.num_layers == 4
+    assert cfg.matryoshka.strategy == "layerwise"
+    assert cfg.matryoshka.k_max == 4
+    assert isinstance(cfg.optimizer.lr, float)
+
+
+@pytest.mark.parametrize(
+    "key, value, field, words",
+    [
+        ("model.num_layerz", 3, "model.num_layerz", "unknown key"),
+        ("train.lr", 0.1, "train.lr", "unknown key"),
+        ("model.hidden_size", "wide", "model.hidden_size", "integer"),
+        ("model.hidden_size", 0, "model.hidden_size", ">= 1"),
+        ("matryoshka.strategy", "random", "matryoshka.strategy", "'layerwise'"),
+        ("matryoshka.ks", [2, 1], "matryoshka.ks", "strictly increasing"),
+        ("matryoshka.ks", [1, 16], "matryoshka.ks", "exceeds moe.num_experts"),
+        ("matryoshka.distribution", "explicit", "matryoshka.probs", "one probability per k"),
+        ("moe.dispatcher", "flex", "moe.dispatcher", "'alltoall'"),
+        ("parallel.expert", 3, "parallel.expert", "does not divide"),
+        ("parallel.pipeline", 2, "parallel.pipeline", "not supported"),
+        ("optimizer.zero_stage", 3, "optimizer.zero_stage", "allowed: 1, 2"),
+        ("optimizer.lr", float("nan"), "optimizer.lr", "finite"),
+        ("train.global_batch_size", 10, "train.global_batch_size", "multiple"),
+        ("moe.layer_freq", [1, 0], "moe.layer_freq", "one 0 or 1 per layer"),
+        ("data.split", "90,10", "data.split", "three"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(key, value, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [(key, value)])
+    assert err.value.path == field
+    assert words in str(err.value)
+
+
+def test_missing_required_field_is_named():
+    data = tiny_dict()
+    del data["model"]["hidden_size"]
+    with pytest.raises(ConfigError, match=r"model.hidden_size: required"):
+        config_from_dict(data)
+
+
+def test_dotted_overrides_parse_types():
+    pairs = parse_overrides(["--train.lr=3e-4", "--moe.num_experts", "16", "--data.mock=true",
+                             "--matryoshka.ks=[1, 2]", "--checkpoint.load=null"])
+    assert pairs == [("train.lr", "3e-4"), ("moe.num_experts", 16), ("data.mock", True),
+                     ("matryoshka.ks", [1, 2]), ("checkpoint.load", None)]
+    cfg = load_config(TINY, parse_overrides(["--optimizer.lr=3e-4", "--matryoshka.ks=[1,2]"]))
+    assert cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.matryoshka.ks == [1, 2]
+
+
+def test_override_without_value_is_an_error():
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--train.train_iters"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(TINY, [("optimizer.lr", 1e-3)])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(cfg, str(path))
+    again = load_config(str(path))
+    assert again == cfg
+    assert "lr: 0.001" in dump_config(cfg)
+
+
+def test_transformer_config_keeps_k_max_and_normalisation():
+    cfg = tiny_config(**{"matryoshka.normalization": "softmax_topk"})
+    tc = transformer_config(cfg)
+    assert tc.moe_router_topk == 4
+    assert tc.moe_router_pre_softmax is True
+    assert tc.num_moe_experts == 8
+    assert tc.moe_token_dispatcher_type == "alltoall"
+
+
+def test_param_counts_match_the_built_model(single_process_mcore):
+    from mmoe_megatron.model import build_model
+
+    for overrides in ({}, {"model.tie_embeddings": True, "moe.layer_freq": 2}):
+        cfg = tiny_config(**overrides)
+        model = build_model(cfg, vocab_size=VOCAB)
+        built = sum(p.numel() for p in model.parameters())
+        counts = param_counts(cfg, VOCAB)
+        assert counts.total == built, overrides
+        # Active at k: the experts a token does not use are exactly the difference.
+        expert = sum(p.numel() for n, p in model.named_parameters() if "layers.0.mlp.experts.local_experts.0." in n)
+        num_moe = cfg.num_moe_layers
+        for k in (1, 3, 8):
+            active = param_counts(cfg, VOCAB, k).active
+            assert counts.total - active == num_moe * (8 - k) * expert
+
+
+def test_active_params_per_layer_vector():
+    cfg = tiny_config()
+    per_layer = param_counts(cfg, VOCAB, [1, 2, 3, 4]).active
+    uniform = [param_counts(cfg, VOCAB, k).active for k in (1, 2, 3, 4)]
+    assert per_layer == pytest.approx(sum(uniform) / 4)
+    with pytest.raises(ValueError, match="one per MoE layer"):
+        param_counts(cfg, VOCAB, [1, 2])
+
+
+def test_flops_grow_linearly_with_k():
+    cfg = tiny_config()
+    f = [flops_per_token(cfg, VOCAB, k) for k in (1, 2, 3)]
+    expert_flops = 2 * 3 * cfg.model.hidden_size * cfg.moe.expert_ffn_hidden_size * cfg.num_moe_layers
+    assert f[1] - f[0] == pytest.approx(expert_flops)
+    assert f[2] - f[1] == pytest.approx(expert_flops)
+
+
+def test_vocab_is_padded_for_tensor_parallelism():
+    cfg = tiny_config(**{"model.make_vocab_size_divisible_by": 128})
+    assert padded_vocab_size(cfg, 1000) == 1024
+    cfg = tiny_config(**{"model.make_vocab_size_divisible_by": 128, "parallel.tensor": 2,
+                         "train.global_batch_size": 16})
+    assert padded_vocab_size(cfg, 1000) == 1024
+    assert padded_vocab_size(cfg, 1025) == 1280
+
+
+def test_config_tree_round_trips_through_to_dict():
+    cfg = load_config(TINY)
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_every_shipped_config_loads():
+    root = os.path.dirname(TINY)
+    names = [n for n in os.listdir(root) if n.endswith(".yaml")]
+    assert names
+    for name in names:
+        load_config(os.path.join(root, name))

@@ -1,0 +1,179 @@
+"""MatryoshkaRouter on one process: selection, nesting, normalisation, gradients, inference API."""
+
+import pytest
+import torch
+
+from mmoe_megatron.config.derive import transformer_config
+from tests.helpers import VOCAB, forward_loss, tiny_batch, tiny_config
+
+E = 8
+
+
+def make_router(single_process_mcore, **overrides):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from mmoe_megatron.router import MatryoshkaRouter
+
+    cfg = tiny_config(**overrides)
+    torch.manual_seed(0)
+    router = MatryoshkaRouter(
+        transformer_config(cfg), get_default_pg_collection(),
+        k1_router_grad=cfg.matryoshka.k1_router_grad,
+    )
+    return router
+
+
+def hidden(seq=16, batch=3, seed=0):
+    return torch.randn(seq, batch, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def expected_topk_sets(logits_TE, k):
+    """Reference selection, independent of the router: argsort of the logits."""
+    order = torch.argsort(logits_TE, dim=1, descending=True)
+    return [set(row[:k].tolist()) for row in order]
+
+
+@pytest.mark.parametrize("normalization", ["topk_softmax", "softmax_topk"])
+def test_exactly_k_experts_and_they_are_the_top_k(single_process_mcore, normalization):
+    router = make_router(single_process_mcore, **{"matryoshka.normalization": normalization})
+    router.eval()
+    x = hidden()
+    logits_TE = router.gating(x).view(-1, E)
+    previous = None
+    for k in range(1, E + 1):  # beyond the training range (k_max=4) up to all experts
+        router.set_k(k)
+        probs_TE, map_TE = router(x)
+        assert (map_TE.sum(dim=1) == k).all()
+        chosen = [set(torch.nonzero(row).flatten().tolist()) for row in map_TE]
+        assert chosen == expected_topk_sets(logits_TE, k)
+        # Nesting: the experts at k are a prefix of those at k + 1.
+        if previous is not None:
+            assert all(p < c for p, c in zip(previous, chosen))
+        previous = chosen
+        assert ((probs_TE > 0) == map_TE).all()
+
+
+def test_weight_sums_follow_the_normalisation(single_process_mcore):
+    x = hidden()
+    ra = make_router(single_process_mcore)
+    rb = make_router(single_process_mcore, **{"matryoshka.normalization": "softmax_topk"})
+    full_TE = torch.softmax(ra.gating(x).view(-1, E), dim=-1)
+    sorted_TE = torch.sort(full_TE, dim=1, descending=True).values
+    sums = []
+    for k in (1, 2, 4, 8):
+        ra.set_k(k)
+        rb.set_k(k)
+        pa, _ = ra(x)
+        pb, _ = rb(x)
+        # top-k then softmax: the weights of every token sum to 1 at every k.
+        assert torch.allclose(pa.sum(dim=1), torch.ones(pa.shape[0]), atol=1e-6)
+        # softmax then top-k: they sum to the top-k mass of the full softmax (< 1 below k = E).
+        assert torch.allclose(pb.sum(dim=1), sorted_TE[:, :k].sum(dim=1), atol=1e-6)
+        sums.append(pb.sum(dim=1).mean().item())
+    assert sums == sorted(sums) and sums[0] < 1 and sums[-1] == pytest.approx(1.0)
+
+
+def test_per_token_ks(single_process_mcore):
+    router = make_router(single_process_mcore)
+    x = hidden(seq=16, batch=3)
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(1))
+    router.set_token_ks(ks_SB, width=4)
+    probs_TE, map_TE = router(x)
+    assert torch.equal(map_TE.sum(dim=1), ks_SB.reshape(-1))
+    logits_TE = router.gating(x).view(-1, E)
+    for t, k in enumerate(ks_SB.reshape(-1).tolist()):
+        assert set(torch.nonzero(map_TE[t]).flatten().tolist()) == expected_topk_sets(logits_TE[t:t + 1], k)[0]
+    assert torch.allclose(probs_TE.sum(dim=1), torch.ones(48), atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        router.set_token_ks(ks_SB[:8], width=4)
+        router(x)
+
+
+def test_invalid_k_is_refused(single_process_mcore):
+    router = make_router(single_process_mcore)
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match="1..8"):
+            router.set_k(bad)
+
+
+@pytest.mark.parametrize(
+    "norm, k", [("softmax_topk", 1), ("softmax_topk", 2), ("topk_softmax", 2), ("topk_softmax", 4)]
+)
+def test_fixed_k_equals_stock_megatron_topk_router(single_process_mcore, norm, k):
+    """At one k the Matryoshka router reproduces megatron-core's TopKRouter (probs, map, aux)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if True:
+        cfg = tiny_config(**{"matryoshka.normalization": norm, "matryoshka.strategy": "fixed",
+                             "matryoshka.ks": [k], "matryoshka.k1_router_grad": "none"})
+        tc = transformer_config(cfg)
+        ours = make_router(single_process_mcore, **{"matryoshka.normalization": norm,
+                                                    "matryoshka.strategy": "fixed", "matryoshka.ks": [k],
+                                                    "matryoshka.k1_router_grad": "none"})
+        stock = TopKRouter(tc, get_default_pg_collection())
+        stock.load_state_dict(ours.state_dict())
+        x = hidden().requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        p1, m1 = ours(x)
+        p2, m2 = stock(x2)
+        assert torch.equal(m1, m2)
+        assert torch.allclose(p1, p2, atol=1e-7)
+        # The aux loss attached to the probabilities gives the same gradients too.
+        w = torch.randn_like(p1)
+        (p1 * w).sum().backward()
+        (p2 * w).sum().backward()
+        assert torch.allclose(ours.weight.grad, stock.weight.grad, atol=1e-6)
+        assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+
+
+def test_k1_straight_through_gives_the_router_an_lm_gradient(single_process_mcore):
+    """At k = 1 under top-k-then-softmax the weight is 1: with 'none' the router's LM gradient is
+    exactly zero; with the straight-through estimator it is not, and the forward is unchanged."""
+    x = hidden()
+    outs = {}
+    for mode in ("none", "straight_through"):
+        router = make_router(single_process_mcore, **{"matryoshka.k1_router_grad": mode,
+                                                      "moe.aux_loss_coeff": 0.0})
+        router.train()
+        router.set_k(1)
+        probs_TE, _ = router(x)
+        (probs_TE * torch.arange(1.0, E + 1)).sum().backward()  # a stand-in for the LM loss
+        outs[mode] = (probs_TE.detach(), router.weight.grad.abs().sum().item())
+    assert torch.equal(outs["none"][0], outs["straight_through"][0])
+    assert outs["none"][1] == 0.0
+    assert outs["straight_through"][1] > 1e-3
+
+
+def test_set_topk_applies_a_per_layer_vector_to_the_right_layers(single_process_mcore):
+    from mmoe_megatron.model import build_model, current_topk, elastic_routers, set_topk
+
+    cfg = tiny_config()
+    model = build_model(cfg, VOCAB)
+    tokens, labels = tiny_batch(cfg, 2)
+    set_topk(model, [1, 5, 2, 8])  # 5 and 8 lie beyond the training range (k_max = 4)
+    assert current_topk(model) == [1, 5, 2, 8]
+    with torch.no_grad():
+        forward_loss(model, tokens, labels)
+    routers = elastic_routers(model)
+    assert [r.layer_number for r in routers] == [1, 2, 3, 4]
+    assert [r.last_k for r in routers] == [1, 5, 2, 8]
+    with pytest.raises(ValueError, match="one k per MoE layer"):
+        set_topk(model, [1, 2])
+
+
+def test_loss_changes_with_k_and_is_reproducible(single_process_mcore):
+    from mmoe_megatron.model import build_model, set_topk
+
+    cfg = tiny_config()
+    model = build_model(cfg, VOCAB)
+    model.eval()
+    tokens, labels = tiny_batch(cfg, 2)
+    losses = {}
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            set_topk(model, k)
+            losses[k] = forward_loss(model, tokens, labels).item()
+        set_topk(model, 1)
+        assert forward_loss(model, tokens, labels).item() == losses[1]
+    assert len(set(losses.values())) == 3

@@ -1,0 +1,147 @@
+import collections
+import math
+
+import pytest
+import torch
+
+from mmoe_megatron.config import MatryoshkaConfig
+from mmoe_megatron.schedule import KSchedule, capacity_probs, global_token_ids
+
+
+def make(strategy="layerwise", ks=(1, 2, 3, 4), probs=None, seed=7):
+    probs = probs or tuple(1 / len(ks) for _ in ks)
+    return KSchedule(strategy=strategy, ks=tuple(ks), probs=tuple(probs), seed=seed)
+
+
+def chi_square_ok(counts: dict, ks, probs, n: int) -> bool:
+    """Pearson chi-square against the target; threshold is the 0.999 quantile for <= 7 dof."""
+    stat = sum((counts.get(k, 0) - n * p) ** 2 / (n * p) for k, p in zip(ks, probs))
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+    return stat < critical[len(ks) - 1]
+
+
+def test_deterministic_and_pure():
+    """The same indices give the same k in any call order: nothing depends on call history."""
+    keys = [(step, layer) for step in range(50) for layer in range(6)]
+    forward = {key: make().k(key[0], 0, key[1]) for key in keys}
+    s = make()
+    backward = {key: s.k(key[0], 0, key[1]) for key in reversed(keys)}
+    assert forward == backward
+    assert len(set(forward.values())) == 4
+
+
+def test_seed_changes_draws():
+    a = [make(seed=1).k(s, 0, l) for s in range(40) for l in range(4)]
+    b = [make(seed=2).k(s, 0, l) for s in range(40) for l in range(4)]
+    assert a != b
+
+
+def test_rank_independent_across_processes():
+    """The same schedule in a fresh interpreter (another rank) draws the same ks."""
+    import subprocess
+    import sys
+
+    code = ("from mmoe_megatron.schedule import KSchedule;"
+            "s=KSchedule('layerwise',(1,2,3,4),(0.25,)*4,7);"
+            "print([s.k(t,0,l) for t in range(20) for l in range(3)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str([make().k(t, 0, l) for t in range(20) for l in range(3)])
+
+
+def test_resume_draws_the_same_ks():
+    """A run resumed at step 30 continues with exactly the ks of an uninterrupted run."""
+    full = [make().layer_ks(step, 0, 4) for step in range(60)]
+    resumed = make()  # rebuilt from config after a restart, no state carried over
+    assert [resumed.layer_ks(step, 0, 4) for step in range(30, 60)] == full[30:]
+
+
+def test_fixed_always_the_same_k():
+    s = make("fixed", ks=(3,), probs=(1.0,))
+    assert {s.k(step, mb, layer) for step in range(20) for mb in range(3) for layer in range(4)} == {3}
+    with pytest.raises(ValueError, match="exactly one k"):
+        make("fixed", ks=(1, 2))
+
+
+def test_global_one_k_per_step_for_all_layers_and_microbatches():
+    s = make("global")
+    for step in range(30):
+        assert len({s.k(step, mb, layer) for mb in range(3) for layer in range(5)}) == 1
+    assert len({s.k(step, 0, 0) for step in range(100)}) == 4
+
+
+def test_microbatch_varies_with_microbatch_not_layer():
+    s = make("microbatch")
+    varied = 0
+    for step in range(30):
+        per_mb = [{s.k(step, mb, layer) for layer in range(5)} for mb in range(4)]
+        assert all(len(v) == 1 for v in per_mb)
+        varied += len({next(iter(v)) for v in per_mb}) > 1
+    assert varied > 15
+
+
+def test_layerwise_varies_with_layer_not_microbatch():
+    s = make("layerwise")
+    varied = 0
+    for step in range(30):
+        for layer in range(5):
+            assert len({s.k(step, mb, layer) for mb in range(4)}) == 1
+        varied += len(set(s.layer_ks(step, 0, 5))) > 1
+    assert varied > 20
+
+
+def test_token_strategy_scalar_and_vector_agree():
+    s = make("token")
+    ids = torch.arange(0, 5000, dtype=torch.int64)
+    vec = s.token_ks(3, 2, ids).tolist()
+    assert vec == [s.k(3, 0, 2, token=int(t)) for t in ids]
+    assert s.token_ks(3, 1, ids).tolist() != vec  # layers draw independently
+    with pytest.raises(ValueError, match="per token"):
+        s.k(0, 0, 0)
+
+
+def test_token_ids_do_not_depend_on_the_microbatch_split():
+    """Samples 0-7 as one micro-batch of 8, or as two of 4, get the same token ids."""
+    whole = global_token_ids(0, 8, 16)
+    halves = torch.cat([global_token_ids(0, 4, 16), global_token_ids(4, 4, 16)], dim=1)
+    assert torch.equal(whole, halves)
+    assert whole.shape == (16, 8)
+    assert len(set(whole.reshape(-1).tolist())) == 128
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "capacity", "explicit"])
+@pytest.mark.parametrize("strategy", ["global", "layerwise", "token"])
+def test_distribution_matches_target(distribution, strategy):
+    mat = MatryoshkaConfig(
+        strategy=strategy, ks=[1, 2, 4, 8], distribution=distribution, tau=2.0,
+        probs=[0.1, 0.2, 0.3, 0.4] if distribution == "explicit" else None,
+    )
+    mat.check("matryoshka")
+    s = KSchedule.from_config(mat, seed=11)
+    n = 20000
+    if strategy == "token":
+        draws = s.token_ks(5, 0, torch.arange(n, dtype=torch.int64)).tolist()
+    elif strategy == "global":
+        draws = [s.k(step) for step in range(n)]
+    else:
+        draws = [s.k(step, 0, layer) for step in range(n // 4) for layer in range(4)]
+    target = {
+        "uniform": [0.25] * 4,
+        "capacity": [k ** 0.5 / sum(j ** 0.5 for j in (1, 2, 4, 8)) for k in (1, 2, 4, 8)],
+        "explicit": [0.1, 0.2, 0.3, 0.4],
+    }[distribution]
+    assert list(s.probs) == pytest.approx(target)
+    assert chi_square_ok(collections.Counter(draws), (1, 2, 4, 8), target, len(draws))
+
+
+def test_capacity_weighting_prefers_large_k():
+    p = capacity_probs([1, 4], tau=2.0)
+    assert p[1] / p[0] == pytest.approx(math.sqrt(4))
+
+
+def test_fingerprint_changes_with_anything_that_changes_draws():
+    base = make().fingerprint()
+    assert make().fingerprint() == base
+    assert make(seed=8).fingerprint() != base
+    assert make("global").fingerprint() != base
+    assert make(ks=(1, 2, 3, 5)).fingerprint() != base
+    assert make(probs=(0.1, 0.2, 0.3, 0.4)).fingerprint() != base
