@@ -44,8 +44,12 @@ def router_class(cfg: ExperimentConfig):
     return MatryoshkaRouter
 
 
-def layer_specs(cfg: ExperimentConfig, tconfig) -> list:
-    """One ModuleSpec per transformer layer, MoE layers using the elastic router."""
+def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:
+    """One ModuleSpec per transformer layer, MoE layers using the elastic router.
+
+    `stock_routing=True` keeps megatron-core's own MoELayer and TopKRouter (fixed k = k_max):
+    the reference that fixed-k training and the router-overhead benchmark compare against.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -53,6 +57,8 @@ def layer_specs(cfg: ExperimentConfig, tconfig) -> list:
         tconfig, use_transformer_engine=use_transformer_engine(cfg),
         normalization=cfg.model.normalization,
     )
+    if stock_routing:
+        return specs
     router = functools.partial(router_class(cfg), k1_router_grad=cfg.matryoshka.k1_router_grad)
     out = []
     for spec in specs:
@@ -68,7 +74,9 @@ def layer_specs(cfg: ExperimentConfig, tconfig) -> list:
     return out
 
 
-def build_model(cfg: ExperimentConfig, vocab_size: int, seed: int | None = None):
+def build_model(
+    cfg: ExperimentConfig, vocab_size: int, seed: int | None = None, stock_routing: bool = False
+):
     """The GPT model for this rank. Needs torch.distributed and parallel_state initialised.
 
     Weights are drawn by `init_weights` from (seed, global parameter name), so every parallel
@@ -81,7 +89,7 @@ def build_model(cfg: ExperimentConfig, vocab_size: int, seed: int | None = None)
     compat.apply_all()
     tconfig = transformer_config(cfg)
     tconfig = dataclasses.replace(tconfig, perform_initialization=False)
-    specs = layer_specs(cfg, tconfig)
+    specs = layer_specs(cfg, tconfig, stock_routing=stock_routing)
     if use_transformer_engine(cfg):
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:

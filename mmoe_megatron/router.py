@@ -72,6 +72,11 @@ class MatryoshkaRouter(TopKRouter):
         self.num_routed_host: Optional[int] = None
         # What the last forward used: an int, or the per-token ks (for the sync check, logging).
         self.last_k: Union[int, torch.Tensor, None] = None
+        # Tokens routed to each expert by training forwards since the last reset (logging).
+        # An integer buffer: DeepSpeed's bf16 cast leaves it exact.
+        self.register_buffer(
+            "token_counts_E", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
+        )
 
     # --- the k of the next forwards --------------------------------------------------------
 
@@ -164,8 +169,11 @@ class MatryoshkaRouter(TopKRouter):
         else:
             self.num_routed_host = logits_TE.shape[0] * mean_k if mean_k is not None else None
 
-        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
-            probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
+        if self.training and torch.is_grad_enabled():
+            # Under activation recompute the first forward runs without grad: count once.
+            self.token_counts_E += routing_map_TE.sum(dim=0).to(self.token_counts_E.device)
+            if self.is_aux_loss_enabled():
+                probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
 
         self.last_k = budget
         return probs_TE, routing_map_TE

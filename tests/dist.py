@@ -9,6 +9,7 @@ with that rank's traceback. Every process is given RANK/WORLD_SIZE/MASTER_* like
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -32,7 +33,11 @@ def _worker(fn, rank, world_size, port, kwargs, results):
 
         torch.set_num_threads(1)
         out = fn(rank, world_size, **kwargs)
-        results.put((rank, "ok", out))
+        # Serialise here: tensors put on a queue directly are shared through file descriptors
+        # that vanish when this process exits.
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -58,7 +63,12 @@ def run_distributed(fn, world_size: int = 2, timeout: float = 300, **kwargs) -> 
     try:
         for _ in range(world_size):
             rank, status, payload = results.get(timeout=timeout)
-            (outputs if status == "ok" else errors)[rank] = payload
+            if status == "ok":
+                import torch
+
+                outputs[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+            else:
+                errors[rank] = payload
             if errors:
                 break
     except queue.Empty:

@@ -243,6 +243,8 @@ class TrainConfig:
     """Validate every N steps at matryoshka.eval_ks (0 = only at the end)."""
     eval_iters: int = field(10, ge=1)
     log_interval: int = field(1, ge=1)
+    exit_interval: Optional[int] = field(None, ge=1)
+    """Checkpoint and exit when the step is a multiple of this (to split a run across jobs)."""
     nonfinite_policy: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient norm: stop (after max_nonfinite_steps) or skip steps."""
     max_nonfinite_steps: int = field(1, ge=1)

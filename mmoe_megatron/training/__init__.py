@@ -1,0 +1,1 @@
+"""The pretraining loop and its components (learning rate, batches, checkpoints, metrics)."""

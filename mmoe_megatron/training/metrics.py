@@ -1,0 +1,98 @@
+"""Training metrics: a console progress line, TensorBoard scalars and a JSONL record per step.
+
+Only global rank 0 writes. `metrics.jsonl` in the run directory holds one JSON object per
+logged step (and per evaluation), which is what tests and the demo read back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+
+def moe_aux_losses() -> dict[str, float]:
+    """Mean of each MoE auxiliary loss over layers and micro-batches of the last step, then reset.
+
+    megatron-core's layer-wise tracker accumulates one value per layer per micro-batch.
+    """
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    out = {}
+    for name, entry in get_moe_layer_wise_logging_tracker().items():
+        values = entry["values"]
+        nonzero = values[values != 0]
+        if nonzero.numel():
+            out[name] = float(nonzero.float().mean())
+    clear_aux_losses_tracker()
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._last_time = time.time()
+
+    def log_step(self, step: int, total_steps: int, scalars: dict, ks: dict[int, float],
+                 expert_share: Optional[torch.Tensor]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": "train", "step": step, **scalars,
+                  "ks": {str(layer): k for layer, k in ks.items()}}
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            for layer, k in ks.items():
+                self.writer.add_scalar(f"k/layer_{layer}", k, step)
+            if expert_share is not None:
+                for layer, row in enumerate(expert_share):
+                    for expert, share in enumerate(row.tolist()):
+                        self.writer.add_scalar(f"expert_share/layer_{layer}/expert_{expert}", share, step)
+        self.file.write(json.dumps(record) + "\n")
+        ks_text = " ".join(f"{k:g}" for k in ks.values())
+        print(
+            f"step {step:>6}/{total_steps} | loss {scalars['loss']:.4f} | lr {scalars['lr']:.2e} | "
+            f"grad {scalars['grad_norm']:.3f} | aux {scalars.get('load_balancing_loss', float('nan')):.4f} | "
+            f"{scalars['tokens_per_s']:.0f} tok/s | k [{ks_text}]",
+            flush=True,
+        )
+
+    def log_eval(self, step: int, losses: dict[str, float], split: str = "valid") -> None:
+        if not self.enabled:
+            return
+        record = {"kind": "eval", "split": split, "step": step,
+                  "loss": losses, "ppl": {k: math.exp(min(v, 50)) for k, v in losses.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, value in losses.items():
+                self.writer.add_scalar(f"{split}/loss_k{k}", value, step)
+        text = " | ".join(f"k={k}: {v:.4f}" for k, v in losses.items())
+        print(f"eval  {step:>6} | {split} loss {text}", flush=True)
+
+    def log_text(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.file:
+            self.file.close()
