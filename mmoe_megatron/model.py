@@ -39,9 +39,18 @@ class _SubclassedMoELayerFilter(logging.Filter):
 logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_SubclassedMoELayerFilter())
 
 
-def router_class(cfg: ExperimentConfig):
-    """The router a config asks for (the Matryoshka router, or a baseline from `baselines`)."""
-    return MatryoshkaRouter
+def router_builder(cfg: ExperimentConfig):
+    """The router a config asks for (the Matryoshka router, or a baseline from `baselines`),
+    as the builder megatron's MoESubmodules.router expects: (config=, pg_collection=) -> router."""
+    from mmoe_megatron import baselines
+
+    mat = cfg.matryoshka
+    if mat.method == "top_p":
+        return functools.partial(baselines.TopPRouter, k1_router_grad=mat.k1_router_grad, top_p=mat.top_p)
+    if mat.method == "emoe":
+        return functools.partial(baselines.EMoERouter, k1_router_grad=mat.k1_router_grad,
+                                 pool_k=mat.emoe_pool_k, sharpen_coeff=mat.emoe_sharpen_coeff)
+    return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad)
 
 
 def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:
@@ -59,7 +68,7 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
     )
     if stock_routing:
         return specs
-    router = functools.partial(router_class(cfg), k1_router_grad=cfg.matryoshka.k1_router_grad)
+    router = router_builder(cfg)
     out = []
     for spec in specs:
         mlp = spec.submodules.mlp

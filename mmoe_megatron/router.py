@@ -121,8 +121,13 @@ class MatryoshkaRouter(TopKRouter):
 
     # --- routing ---------------------------------------------------------------------------
 
+    def ranking_width(self) -> int:
+        """How many top-ranked experts to sort per token (the widest budget in use)."""
+        return self._width
+
     def slot_mask(
-        self, ranked_TW: torch.Tensor, budget: Union[int, torch.Tensor], scores_TE: torch.Tensor
+        self, ranked_TW: torch.Tensor, ids_TW: torch.Tensor, budget: Union[int, torch.Tensor],
+        scores_TE: torch.Tensor,
     ) -> torch.Tensor:
         """Which of the W ranked experts each token uses: the first k (Matryoshka nesting)."""
         slots_W = torch.arange(ranked_TW.shape[1], device=ranked_TW.device)
@@ -140,8 +145,8 @@ class MatryoshkaRouter(TopKRouter):
 
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         ranked_by_TE = scores_TE if self.pre_softmax else logits_TE
-        ranked_TW, ids_TW = torch.topk(ranked_by_TE, k=self._width, dim=1, sorted=True)
-        active_TW = self.slot_mask(ranked_TW, budget, scores_TE)
+        ranked_TW, ids_TW = torch.topk(ranked_by_TE, k=self.ranking_width(), dim=1, sorted=True)
+        active_TW = self.slot_mask(ranked_TW, ids_TW, budget, scores_TE)
 
         if self.pre_softmax:
             probs_TW = (ranked_TW * active_TW).type_as(logits_TE)
@@ -155,9 +160,9 @@ class MatryoshkaRouter(TopKRouter):
         routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, ids_TW, active_TW)
         selected_TE = routing_map_TE
 
-        mean_k = budget if isinstance(budget, int) else None
+        mean_k = budget if isinstance(budget, int) and self.uses_exactly_budget() else None
         if self.config.moe_expert_capacity_factor is not None:
-            k_for_capacity = mean_k if mean_k is not None else budget.float().mean().item()
+            k_for_capacity = mean_k if mean_k is not None else float(active_TW.sum(dim=1).float().mean())
             probs_TE, routing_map_TE = apply_router_token_dropping(
                 probs_TE,
                 routing_map_TE,
@@ -177,6 +182,10 @@ class MatryoshkaRouter(TopKRouter):
 
         self.last_k = budget
         return probs_TE, routing_map_TE
+
+    def uses_exactly_budget(self) -> bool:
+        """True when every token routes to exactly `budget` experts (known on the host)."""
+        return True
 
     def _straight_through_k1(self, probs_TW, active_TW, scores_TE, ids_TW):
         single_T = active_TW.sum(dim=1) == 1

@@ -54,6 +54,8 @@ def test_tiny_config_loads_with_typed_sections():
         ("train.global_batch_size", 10, "train.global_batch_size", "multiple"),
         ("moe.layer_freq", [1, 0], "moe.layer_freq", "one 0 or 1 per layer"),
         ("data.split", "90,10", "data.split", "three"),
+        ("matryoshka.method", "top_p", "matryoshka.strategy", "set strategy: fixed"),
+        ("matryoshka.ks", [1], "matryoshka.normalization", "softmax_topk"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(key, value, field, words):

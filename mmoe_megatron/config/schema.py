@@ -104,6 +104,12 @@ class MoEConfig:
 
 @dataclass
 class MatryoshkaConfig:
+    method: Literal["matryoshka", "top_p", "emoe"] = "matryoshka"
+    """Routing method trained. matryoshka: the k from `strategy` (fixed = specialist or standard
+    top-k). Baselines, compared on equal terms: top_p (each token takes the fewest experts whose
+    probability reaches `top_p`, at most k_max; Huang et al. 2024) and emoe (stochastic
+    co-activation sampling with a sharpening loss; EMoE, arXiv 2509.21892). Baselines need
+    strategy fixed; every method is evaluated at forced ks."""
     strategy: Literal["fixed", "global", "microbatch", "layerwise", "token"] = "layerwise"
     """How often k is drawn: fixed (specialist baseline), one k per global batch, per micro-batch,
     per MoE layer per global batch (M-MoE's best, the default), or per token per layer."""
@@ -128,6 +134,13 @@ class MatryoshkaConfig:
     """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
     eval_ks: list[int] = field([], ge=1)
     """ks at which validation loss is reported during training; empty means min, mid and max."""
+    top_p: float = field(0.5, gt=0, le=1)
+    """method top_p: probability mass each token's experts must reach."""
+    emoe_pool_k: Optional[int] = field(None, ge=1)
+    """method emoe: largest pool size; each token draws a pool of top-ranked experts of size
+    uniform in [k, emoe_pool_k] and uses k of them chosen at random (compute stays at k)."""
+    emoe_sharpen_coeff: float = field(1e-3, ge=0)
+    """method emoe: weight of the router sharpening loss -KL(q || uniform)."""
 
     def check(self, path: str) -> None:
         if not self.ks:
@@ -147,6 +160,16 @@ class MatryoshkaConfig:
                 raise ConfigError(f"{path}.probs", f"must sum to 1, got {sum(self.probs)}")
         elif self.probs is not None:
             raise ConfigError(f"{path}.probs", "only used with distribution: explicit; remove it")
+        if self.method != "matryoshka" and self.strategy != "fixed":
+            raise ConfigError(
+                f"{path}.strategy",
+                f"method {self.method} trains at one k (its cap or k_train); set strategy: fixed",
+            )
+        if self.method == "emoe" and (self.emoe_pool_k is None or self.emoe_pool_k <= self.k_max):
+            raise ConfigError(
+                f"{path}.emoe_pool_k",
+                f"method emoe needs a pool larger than k={self.k_max}, e.g. {2 * self.k_max}",
+            )
         if self.k_max == 1 and self.normalization == "topk_softmax":
             # megatron-core refuses this at build time (transformer_config.py:1633-1641).
             raise ConfigError(
@@ -316,6 +339,10 @@ class ExperimentConfig:
         if self.matryoshka.k_max > experts:
             raise ConfigError(
                 "matryoshka.ks", f"k_max={self.matryoshka.k_max} exceeds moe.num_experts={experts}"
+            )
+        if (self.matryoshka.emoe_pool_k or 0) > experts:
+            raise ConfigError(
+                "matryoshka.emoe_pool_k", f"{self.matryoshka.emoe_pool_k} exceeds moe.num_experts={experts}"
             )
         bad_eval = [k for k in self.matryoshka.eval_ks if k > experts]
         if bad_eval:
