@@ -72,6 +72,9 @@ class MatryoshkaRouter(TopKRouter):
         self.num_routed_host: Optional[int] = None
         # What the last forward used: an int, or the per-token ks (for the sync check, logging).
         self.last_k: Union[int, torch.Tensor, None] = None
+        # Optional observer called with (router probabilities [T, E], routing map [T, E]) on
+        # every forward; used by the expert-ranking analysis, None otherwise.
+        self.probe = None
         # Tokens routed to each expert by training forwards since the last reset (logging).
         # An integer buffer: DeepSpeed's bf16 cast leaves it exact.
         self.register_buffer(
@@ -180,6 +183,8 @@ class MatryoshkaRouter(TopKRouter):
             if self.is_aux_loss_enabled():
                 probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
 
+        if self.probe is not None:
+            self.probe(scores_TE, routing_map_TE)
         self.last_k = budget
         return probs_TE, routing_map_TE
 

@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 
-EXIT_PREEMPTED = 0  # a checkpointed early exit is a success; Slurm requeues on its own signal
+# Stopped by SIGTERM/SIGUSR1 after writing a checkpoint: the run is not finished and should be
+# started again (it resumes). 75 is EX_TEMPFAIL; slurm/train.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
 
 
 def parse_args(argv):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mmoe_megatron.config import ExperimentConfig, save_config
 from mmoe_megatron.elastic import ElasticK
 from mmoe_megatron.engine import build_engine, set_lr
-from mmoe_megatron.model import build_model, elastic_routers, set_topk
+from mmoe_megatron.model import build_model, elastic_routers
 from mmoe_megatron.training import checkpoint as ckpt
 from mmoe_megatron.training.batches import BatchLayout, collate
 from mmoe_megatron.training.lr import lr_at
@@ -140,32 +140,19 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, ks: Sequence, split_index: int = 1) -> dict[str, float]:
         """Validation loss at each k (an int, or a per-layer list), on the same samples each time."""
+        from mmoe_megatron.evaluation.core import eval_indices, losses_at, spec_label
+
         dataset = self._ensure_datasets()[split_index]
         if dataset is None:
             return {}
-        self.engine.eval()
         n = min(len(dataset), self.cfg.train.eval_iters * self.cfg.train.global_batch_size)
-        per_rank = n // self.dp_size
-        indices = list(range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank))
-        mbs = self.cfg.train.micro_batch_size
-        out = {}
-        for k in ks:
-            set_topk(self.engine.module, k)
-            total = torch.zeros(2, device=self.device, dtype=torch.float64)
-            for start in range(0, len(indices), mbs):
-                batch = self._to_device(collate(dataset, indices[start:start + mbs]))
-                per_token = self.engine(batch["tokens"], batch["position_ids"], self.mask,
-                                        labels=batch["labels"]).double()
-                total[0] += (per_token * batch["loss_mask"]).sum()
-                total[1] += batch["loss_mask"].sum()
-            if dist.is_initialized():
-                dist.all_reduce(total, group=_dp_group())
-            out[str(k) if isinstance(k, int) else ",".join(map(str, k))] = float(total[0] / total[1])
-        self.engine.train()
-        return out
+        results = losses_at(
+            self.engine.module, dataset, ks, eval_indices(n, self.dp_rank, self.dp_size),
+            self.cfg.train.micro_batch_size, self.mask, self.device, group=_dp_group(),
+        )
+        return {spec_label(k): loss for k, (loss, _) in zip(ks, results)}
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -267,7 +254,7 @@ class Trainer:
             exit_now = t.exit_interval and self.step % t.exit_interval == 0 and self.step < t.train_iters
             if self._stop_requested() or exit_now:
                 self.save()
-                self.preempted = True
+                self.preempted = not exit_now
                 why = "exit_interval reached" if exit_now else "stop signal received"
                 self.metrics.log_text(f"{why}: checkpointed step {self.step}, exiting")
                 return last_eval

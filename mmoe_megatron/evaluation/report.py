@@ -1,0 +1,83 @@
+"""Evaluation outputs: JSON (everything), a Markdown table, and PNG plots.
+
+Every number in the Markdown table and the plots is read from the same `EvalPoint`s that go
+into the JSON, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+from mmoe_megatron.evaluation.core import EvalPoint, mean_k
+
+
+def write_json(points: Sequence[EvalPoint], path: str, meta: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**meta, "results": [p.to_dict() for p in points]}, f, indent=2)
+
+
+def markdown_table(points: Sequence[EvalPoint], title: str = "") -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| k | mean k | loss | perplexity | active params | MFLOP/token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.label} | {mean_k(p.k):.2f} | {p.loss:.4f} | {p.ppl:.2f} | "
+            f"{p.active_params:,} | {p.flops_per_token / 1e6:,.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> None:
+    """Loss vs k and loss vs FLOPs per token; one line per model, per-layer vectors as markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_k, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, points in series.items():
+        uniform = sorted((p for p in points if isinstance(p.k, int)), key=lambda p: p.k)
+        vectors = [p for p in points if not isinstance(p.k, int)]
+        line, = ax_k.plot([p.k for p in uniform], [p.loss for p in uniform], marker="o", label=name)
+        ax_f.plot([p.flops_per_token / 1e6 for p in uniform], [p.loss for p in uniform],
+                  marker="o", color=line.get_color(), label=name)
+        if vectors:
+            ax_k.scatter([mean_k(p.k) for p in vectors], [p.loss for p in vectors], marker="x",
+                         color=line.get_color(), label=f"{name} (per-layer k)")
+            ax_f.scatter([p.flops_per_token / 1e6 for p in vectors], [p.loss for p in vectors],
+                         marker="x", color=line.get_color())
+    ax_k.set_xlabel("k (mean over MoE layers)")
+    ax_k.set_ylabel("validation loss")
+    ax_f.set_xlabel("forward MFLOP per token")
+    ax_f.set_ylabel("validation loss")
+    for ax in (ax_k, ax_f):
+        ax.grid(alpha=0.3)
+    ax_k.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(points: Sequence[EvalPoint], out_dir: str, name: str, meta: dict,
+                 analysis: Optional[dict] = None) -> dict[str, str]:
+    """eval.json, eval.md and eval.png in `out_dir`; returns their paths. `analysis` is the
+    expert-ranking summary of the same forwards (see analysis.py), if computed."""
+    from mmoe_megatron.evaluation.analysis import markdown as analysis_markdown
+
+    paths = {ext: os.path.join(out_dir, f"eval.{ext}") for ext in ("json", "md", "png")}
+    write_json(points, paths["json"], {"model": name, **meta, "expert_ranking": analysis})
+    with open(paths["md"], "w") as f:
+        f.write(markdown_table(points, title=f"{name}: validation loss by k"))
+        if analysis:
+            f.write("\n" + analysis_markdown(analysis["by_k"], analysis["reference"]))
+    plot({name: points}, paths["png"], title=name)
+    return paths
