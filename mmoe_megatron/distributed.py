@@ -83,6 +83,9 @@ def init_distributed(cfg: ExperimentConfig, env: Env | None = None) -> Env:
     compat.apply_all()
     env = env or env_from_os()
     check_layout(cfg, env.world_size)
+    # DeepSpeed reads these itself; a bare `python -m ...` or `srun python ...` does not set them.
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+        os.environ.setdefault(name, str(value))
     timeout = datetime.timedelta(minutes=cfg.parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         if torch.cuda.is_available():

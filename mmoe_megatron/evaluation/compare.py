@@ -21,6 +21,10 @@ def _load_points(path: str) -> tuple[dict, list[EvalPoint]]:
     return data, points
 
 
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
 def specialist_k(member_overrides: dict, meta: dict) -> int | None:
     ks = member_overrides.get("matryoshka.ks")
     return ks[0] if isinstance(ks, list) and len(ks) == 1 else None
@@ -42,6 +46,7 @@ def comparison(spec) -> dict:
             "trained_k": specialist_k(member.overrides, meta),
             "training_flops": meta.get("training_flops"),
             "loss": {p.label: p.loss for p in points},
+            "mean_loss_uniform_k": _mean([p.loss for p in points if isinstance(p.k, int)]),
         })
     labels = [p.label for p in next(iter(series.values()))]
     gaps = {}
@@ -58,8 +63,9 @@ def comparison(spec) -> dict:
 def markdown(data: dict) -> str:
     cols = data["columns"]
     lines = [f"## {data['suite']}: validation loss of every model at every k", "",
-             "| model | role | trained at | train PFLOP | " + " | ".join(f"k={c}" for c in cols) + " |",
-             "|---|---|---|---:|" + "---:|" * len(cols)]
+             "| model | role | trained at | train PFLOP | " + " | ".join(f"k={c}" for c in cols)
+             + " | mean over uniform k |",
+             "|---|---|---|---:|" + "---:|" * (len(cols) + 1)]
     for r in data["rows"]:
         trained = "schedule" if r["role"] == "elastic" else (str(r["trained_k"]) if r["trained_k"] else "-")
         flops = f"{r['training_flops'] / 1e15:.3f}" if r["training_flops"] else "-"
@@ -69,11 +75,12 @@ def markdown(data: dict) -> str:
             if r["trained_k"] is not None and c == str(r["trained_k"]):
                 value = f"**{value}**"
             cells.append(value)
-        lines.append(f"| {r['name']} | {r['role']} | {trained} | {flops} | " + " | ".join(cells) + " |")
+        mean = "-" if r["mean_loss_uniform_k"] is None else f"{r['mean_loss_uniform_k']:.4f}"
+        lines.append(f"| {r['name']} | {r['role']} | {trained} | {flops} | " + " | ".join(cells) + f" | {mean} |")
     gaps = data["elastic_gap_to_specialist"]
     if gaps:
         lines.append("| elastic - specialist | gap | | | " + " | ".join(
-            f"{gaps[c]:+.4f}" if c in gaps else "" for c in cols) + " |")
+            f"{gaps[c]:+.4f}" if c in gaps else "" for c in cols) + " | |")
     lines += ["", "Bold: a specialist at the k it was trained for. Gap: elastic loss minus the "
               "specialist's at that k (negative: the elastic model is better)."]
     return "\n".join(lines) + "\n"
