@@ -1,0 +1,92 @@
+"""Shared by the benchmarks: machine description, result files, single-process start-up.
+
+Every benchmark writes `bench/results/<name>.json` (command, machine, date, data, and the
+Markdown section that RESULTS.md shows); `python -m bench.make_results` assembles RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+from contextlib import closing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        import megatron.core
+
+        info["megatron_core"] = megatron.core.__version__
+    except Exception:
+        pass
+    return info
+
+
+def command_line() -> str:
+    module = sys.modules["__main__"].__spec__
+    head = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
+    return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def write_result(name: str, title: str, markdown: str, data: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    record = {
+        "name": name, "title": title, "command": command_line(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(), "markdown": markdown, "data": data,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(markdown)
+    print(f"wrote {os.path.relpath(path, ROOT)}")
+    return path
+
+
+def spread(values) -> dict:
+    """Median and the 10th-90th percentile range of a sample."""
+    values = sorted(values)
+    q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
+    return {"median": statistics.median(values), "p10": q[0], "p90": q[-1],
+            "mean": statistics.fmean(values), "n": len(values)}
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process(cfg) -> None:
+    """torch.distributed (world of one) and megatron's parallel state for `cfg`."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    from mmoe_megatron import distributed
+
+    distributed.init_distributed(cfg)
