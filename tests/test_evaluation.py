@@ -137,3 +137,13 @@ def test_active_flops_grow_with_k(single):
     assert flops["1"] < flops["3"] < flops["8"]
     # [1,2,3,4] and [4,1,8,2]: FLOPs depend on the sum of per-layer ks only (10 vs 15).
     assert flops["1"] < flops[str([1, 2, 3, 4])] < flops["3"] < flops[str([4, 1, 8, 2])] < flops["8"]
+
+
+def test_spearman_rows_matches_its_definition():
+    from mmoe_megatron.evaluation.analysis import spearman_rows
+
+    a = torch.tensor([[0.1, 0.5, 0.2, 0.9], [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    b = torch.tensor([[0.3, 0.8, 0.1, 0.7], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    got = spearman_rows(a, b)
+    # Row 0: ranks (0, 2, 1, 3) vs (1, 3, 0, 2): 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6*4/60.
+    assert got.tolist() == pytest.approx([1 - 6 * 4 / 60, 1.0, -1.0])
