@@ -1,10 +1,19 @@
 """Process start-up: torch.distributed from torchrun / srun / deepspeed environment variables,
-then megatron-core's parallel_state (DP x EP, x TP on GPU) and its RNG trackers."""
+then megatron-core's parallel_state (DP x EP, x TP on GPU) and its RNG trackers.
+
+Failure behaviour. Every process group (torch's default group and megatron's, which DeepSpeed
+reuses) waits at most `parallel.distributed_timeout_minutes` in a collective. A rank that dies
+is noticed sooner: gloo fails the peers' next collective at once ("Connection closed by peer"),
+and torchrun, seeing a worker exit, stops the others (SIGTERM, then SIGKILL after 30 s) and
+names the first failed rank in its "Root Cause" report. A relaunch resumes from the newest
+intact checkpoint.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +133,32 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Fault injection for the reliability tests: places where a test can SIGKILL a process
+# deterministically. Unset in normal runs, where `pause_point` costs one environment lookup.
+PAUSE_AT = "MMOE_PAUSE_AT"
+"""Name of the point to pause at: `step_<n>` (the start of the n-th optimizer step, counted from 1
+as in the logs) or `save_<tag>` (after a checkpoint's files are written, before its manifest)."""
+PAUSE_RANK = "MMOE_PAUSE_RANK"
+"""Global rank that pauses (default 0)."""
+PAUSE_FILE = "MMOE_PAUSE_FILE"
+"""Written with the paused process's id once it is paused."""
+
+
+def pause_point(name: str) -> None:
+    """If MMOE_PAUSE_AT names this point on this rank, write the process id to MMOE_PAUSE_FILE and
+    sleep (up to 10 minutes, then carry on) so that a test can kill the process right here."""
+    if os.environ.get(PAUSE_AT) != name:
+        return
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != int(os.environ.get(PAUSE_RANK, "0")):
+        return
+    marker = os.environ.get(PAUSE_FILE)
+    if marker:
+        with open(f"{marker}.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(f"{marker}.tmp", marker)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        time.sleep(0.1)

@@ -52,14 +52,23 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    try:
-        trainer = Trainer(cfg)
-        trainer.install_signal_handlers()
-        trainer.fit()
-        trainer.metrics.close()
-    finally:
-        distributed.shutdown()
-    return EXIT_PREEMPTED if getattr(trainer, "preempted", False) else 0
+
+    # `record` writes an uncaught exception where torchrun reads it, so torchrun's failure report
+    # shows each failed rank's error (a rank killed by a signal is reported by its signal).
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def train() -> int:
+        try:
+            trainer = Trainer(cfg)
+            trainer.install_signal_handlers()
+            trainer.fit()
+            trainer.metrics.close()
+        finally:
+            distributed.shutdown()
+        return EXIT_PREEMPTED if trainer.preempted else 0
+
+    return train()
 
 
 if __name__ == "__main__":

@@ -269,8 +269,12 @@ class TrainConfig:
     exit_interval: Optional[int] = field(None, ge=1)
     """Checkpoint and exit when the step is a multiple of this (to split a run across jobs)."""
     nonfinite_policy: Literal["stop", "skip"] = "stop"
-    """On a non-finite loss or gradient norm: stop (after max_nonfinite_steps) or skip steps."""
+    """A step whose loss or gradient is not finite is never applied (every rank skips its update
+    and the optimizer state stays as it was). stop: fail once the run has had
+    max_nonfinite_steps such steps in all; skip: carry on, failing only after
+    max_nonfinite_steps consecutive ones."""
     max_nonfinite_steps: int = field(1, ge=1)
+    """See nonfinite_policy: total (stop) or consecutive (skip) non-finite steps that end the run."""
 
 
 @dataclass
@@ -305,6 +309,10 @@ class CheckpointConfig:
     load: Optional[str] = "auto"
     """auto: resume from the latest complete checkpoint in `dir` if there is one;
     a path: start from that checkpoint; null: always start fresh."""
+    init_weights: Optional[str] = None
+    """Weights to start from when no checkpoint is resumed (continued pretraining from imported
+    weights): a directory of global-named safetensors files, i.e. a checkpoint of this project or
+    its model/ folder. The optimizer state starts fresh; a resumed run ignores this."""
 
 
 @dataclass

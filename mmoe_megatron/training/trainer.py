@@ -11,6 +11,23 @@ One optimizer step, for G = global batch, M = micro-batches per rank, D = data-p
 
 The step index alone determines the learning rate, the ks and the samples read, so resuming
 from a checkpoint at step N continues exactly as the uninterrupted run would have.
+
+Non-finite steps are never applied. Before the last backward of a step the trainer multiplies
+that micro-batch's loss by a guard, 1.0 if every rank's losses are finite and NaN otherwise, so a
+non-finite loss on any rank makes the gradient non-finite even where the loss was infinite but
+its gradient finite. DeepSpeed's ZeRO-1/2 step then finds an invalid global gradient norm (one
+value on all ranks, stage_1_and_2.py:3028-3070) and skips the update everywhere: parameters,
+fp32 master weights and Adam moments and step count stay as they were, DeepSpeed counts the
+step in `skipped_steps` (engine.py:3534-3541), and the lr, set from the step index, is
+unaffected. `train.nonfinite_policy` only decides when to give up: `stop` once the run has seen
+`max_nonfinite_steps` non-finite steps in all (default 1: the first), `skip` once it sees that
+many in a row (a finite step resets the count). Each one is logged with the step, its ks, and
+the first layer whose output was non-finite and any non-finite parameters, found by one extra
+forward of the offending micro-batch on that step only.
+
+With `matryoshka.sync_check_interval` N the ks of every rank are compared on the first step of
+a launch and every N-th step, after the last forward and before the update, so that ranks
+routing with different ks stop the run before their gradients are combined.
 """
 
 from __future__ import annotations
@@ -25,9 +42,10 @@ import torch
 import torch.distributed as dist
 
 from mmoe_megatron.config import ExperimentConfig, save_config
+from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.elastic import ElasticK
 from mmoe_megatron.engine import build_engine, set_lr
-from mmoe_megatron.model import build_model, elastic_routers
+from mmoe_megatron.model import build_model, elastic_routers, named_global_parameters
 from mmoe_megatron.training import checkpoint as ckpt
 from mmoe_megatron.training.batches import BatchLayout, collate
 from mmoe_megatron.training.lr import lr_at
@@ -76,8 +94,11 @@ class Trainer:
         self.mask = causal_mask(cfg.data.seq_length, self.device)
         self.datasets = datasets
         self.step = 0
-        self.nonfinite_steps = 0
+        self.nonfinite_total = 0  # non-finite steps of the run (resumes included)
+        self.nonfinite_streak = 0  # consecutive non-finite steps up to the last step
+        self._first_step: Optional[int] = None  # the step this launch started (or resumed) at
         self._stop_signal: Optional[int] = None
+        self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(cfg, vocab_size)
         self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -111,8 +132,17 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The forward of one micro-batch: its mean token loss."""
+        return token_loss(self.engine, batch, self.mask)
+
+    def _sync_check_due(self, step: int) -> bool:
+        interval = self.cfg.matryoshka.sync_check_interval
+        return bool(interval) and (step == self._first_step or (step + 1) % interval == 0)
+
     def train_step(self, step: int, microbatches: Sequence[dict]) -> dict:
-        """Forward/backward over this rank's micro-batches and one optimizer update."""
+        """Forward/backward over this rank's micro-batches and one optimizer update, which every
+        rank skips if any loss or the gradient is not finite (see the module docstring)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         assert len(microbatches) == self.layout.num_microbatches
@@ -124,19 +154,110 @@ class Trainer:
             torch.tensor(1.0 / len(microbatches), device=self.device)
         )
         losses = []
+        last = len(microbatches) - 1
         for m, batch in enumerate(microbatches):
             self.elastic.set_microbatch(step, m)
-            loss = token_loss(self.engine, batch, self.mask)
+            loss = self.loss(batch)
+            losses.append(loss.detach())
+            if m == last:
+                mean_loss = torch.stack(losses).mean()
+                if dist.is_initialized():
+                    dist.all_reduce(mean_loss, group=_dp_group())
+                    mean_loss /= self.dp_size
+                guard = torch.where(torch.isfinite(mean_loss), 1.0, float("nan"))
+                loss = loss * guard.to(loss.dtype)
+                if self._sync_check_due(step):
+                    self.elastic.check_sync()
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach())
-        loss = torch.stack(losses).mean()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        result = {"loss": float(mean_loss), "lr": lr, "grad_norm": grad_norm}
+        applied = self.engine.was_step_applied()
+        finite = math.isfinite(result["loss"]) and (norm is None or math.isfinite(grad_norm))
+        if not finite and applied:
+            raise RuntimeError(
+                f"DeepSpeed applied the update of step {step + 1} although its loss or gradient norm "
+                f"is not finite ({result}); its invalid-gradient check must be on (bf16."
+                "check_grad_overflow, zero_optimization.compute_grad_norm)"
+            )
+        result["skipped"] = float(not applied)
+        if finite and applied:
+            self.nonfinite_streak = 0
+        else:
+            self._on_nonfinite(step, microbatches, losses, result)
+        return result
+
+    def _on_nonfinite(self, step: int, microbatches: Sequence[dict], losses: list, result: dict) -> None:
+        """Count a skipped step, say where it went wrong, and stop as train.nonfinite_policy says."""
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        where = self._locate_nonfinite(step, microbatches, losses)
+        what = "loss" if not math.isfinite(result["loss"]) else "gradient"
+        message = (f"non-finite {what} at step {step + 1} (loss {result['loss']}, grad norm "
+                   f"{result['grad_norm']}); its update was skipped on every rank. {where}. "
+                   f"ks by MoE layer: {self.elastic.ks_by_layer()}")
+        t = self.cfg.train
+        if t.nonfinite_policy == "stop" and self.nonfinite_total >= t.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{message}\nStopping after {self.nonfinite_total} non-finite step(s) "
+                f"(train.nonfinite_policy=stop, max_nonfinite_steps={t.max_nonfinite_steps}). Resume "
+                "from the last checkpoint with a lower optimizer.lr, or allow isolated bad steps "
+                "with train.nonfinite_policy=skip"
+            )
+        if t.nonfinite_policy == "skip" and self.nonfinite_streak >= t.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{message}\nStopping after {self.nonfinite_streak} consecutive non-finite steps "
+                f"(train.nonfinite_policy=skip, max_nonfinite_steps={t.max_nonfinite_steps}): the run "
+                "is not recovering. Resume from the last checkpoint with a lower optimizer.lr"
+            )
+        self.metrics.log_text(message)
+
+    @torch.no_grad()
+    def _locate_nonfinite(self, step: int, microbatches: Sequence[dict], losses: list) -> str:
+        """Collective, on non-finite steps only: run the forward of the first micro-batch whose loss
+        was non-finite on some rank (else the first) again, and report the first layer whose output
+        is non-finite and this run's non-finite parameters."""
+        bad_M = (~torch.isfinite(torch.stack(losses))).float()
         if dist.is_initialized():
-            dist.all_reduce(loss, group=_dp_group())
-            loss /= self.dp_size
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return {"loss": float(loss), "lr": lr, "grad_norm": grad_norm}
+            dist.all_reduce(bad_M, op=dist.ReduceOp.MAX, group=_dp_group())
+        m = int(bad_M.argmax()) if bool(bad_M.any()) else 0
+        module = self.engine.module
+        watched = [("the embedding", getattr(module, "embedding", None))]
+        pattern = self.cfg.moe_layer_pattern()
+        for i, layer in enumerate(module.decoder.layers):
+            index = layer.layer_number - 1
+            kind = f"MoE layer {sum(pattern[:index])}" if pattern[index] else "dense"
+            watched.append((f"decoder layer {index} ({kind})", layer))
+        first: list[int] = []
+
+        def hook(position):
+            def record(mod, inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if not first and not bool(torch.isfinite(hidden).all()):
+                    first.append(position)
+            return record
+
+        handles = [mod.register_forward_hook(hook(i)) for i, (_, mod) in enumerate(watched) if mod is not None]
+        try:
+            self.elastic.set_microbatch(step, m)
+            token_loss(module, microbatches[m], self.mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        bad_params = [name for name, p in named_global_parameters(module, self.cfg)
+                      if not bool(torch.isfinite(p).all())]
+        found = [(first[0] if first else None, bad_params)]
+        if dist.is_initialized():
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, (first[0] if first else None, bad_params))
+        positions = [p for p, _ in found if p is not None]
+        parts = [f"first non-finite output in micro-batch {m}: {watched[min(positions)][0]}" if positions
+                 else f"the forward of micro-batch {m} is finite when run again (the backward overflowed)"]
+        params = sorted({name for _, names in found for name in names})
+        if params:
+            parts.append(f"non-finite parameters ({len(params)}): {', '.join(params[:4])}")
+        return "; ".join(parts)
 
     # --- evaluation -------------------------------------------------------------------------
 
@@ -165,11 +286,22 @@ class Trainer:
             "dp_size": self.dp_size,
             "expert_parallel": self.cfg.parallel.expert,
             "name": self.cfg.name,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     def save(self) -> str:
         return ckpt.save_checkpoint(self.engine, self.cfg, self.cfg.checkpoint_dir, self.step,
-                                    self.trainer_state())
+                                    self.trainer_state(), checkpoint_bytes=self.checkpoint_bytes)
+
+    def restore(self) -> bool:
+        """Resume per `checkpoint.load`; when nothing is resumed, start from the weights in
+        `checkpoint.init_weights` if it is set. Returns whether a checkpoint was resumed."""
+        if self.maybe_resume():
+            return True
+        if self.cfg.checkpoint.init_weights:
+            self.load_init_weights(self.cfg.checkpoint.init_weights)
+        return False
 
     def maybe_resume(self) -> bool:
         """Resume per `checkpoint.load`: auto = newest intact checkpoint in the run's directory."""
@@ -177,21 +309,36 @@ class Trainer:
         if load is None:
             return False
         if load == "auto":
-            directory = self.cfg.checkpoint_dir
-            tag = ckpt.find_resume_checkpoint(directory)
-            if tag is None:
+            found = ckpt.resume(self.engine, self.cfg, self.cfg.checkpoint_dir)
+            if found is None:
                 return False
+            path, state = found
         else:
-            directory, tag = os.path.split(os.path.abspath(load))
-            problem = ckpt.verify(load) if self.rank == 0 else None
-            problem = _broadcast_obj(problem)
-            if problem:
-                raise ckpt.CheckpointError(f"checkpoint.load={load!r}: {problem}")
-        state = ckpt.load_checkpoint(self.engine, self.cfg, directory, tag)
-        self._check_compatible(state, os.path.join(directory, tag))
+            path = os.path.abspath(load)
+            try:
+                state = ckpt.load_checkpoint(self.engine, self.cfg, *os.path.split(path))
+            except ckpt.CheckpointError as e:
+                raise ckpt.CheckpointError(f"checkpoint.load={load!r}: {e}") from None
+        self._check_compatible(state, path)
         self.step = state["step"]
-        self.metrics.log_text(f"resumed from {os.path.join(directory, tag)} at step {self.step}")
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self.metrics.log_text(f"resumed from {path} at step {self.step}")
         return True
+
+    def load_init_weights(self, path: str) -> None:
+        """Collective. Copy global-named safetensors weights (a checkpoint, or its model/ folder)
+        into the model; the optimizer state starts fresh."""
+        error = None
+        try:
+            ckpt.load_weights_into(self.engine.module, self.cfg, ckpt.load_global_state_dict(path))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of any rank's failure
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        ckpt.raise_if_any(error, f"checkpoint.init_weights={path!r} could not be loaded")
+        # ZeRO took its fp32 master weights from the random initialisation when the engine was
+        # built; without this the first update would start from those again.
+        self.engine.optimizer.refresh_fp32_params()
+        self.metrics.log_text(f"initialised the weights from {path}")
 
     def _check_compatible(self, state: dict, path: str) -> None:
         fingerprint = self.elastic.schedule.fingerprint()
@@ -229,24 +376,24 @@ class Trainer:
         validation losses per k. Exits early (after a checkpoint) when a stop signal arrives."""
         cfg = self.cfg
         t = cfg.train
-        self.maybe_resume()
+        ckpt.check_checkpoint_dir(cfg.checkpoint_dir, self.checkpoint_bytes, cfg.checkpoint.keep_last)
+        self.restore()
+        self._first_step = self.step
         eval_ks = cfg.matryoshka.resolved_eval_ks()
         tokens_per_step = t.global_batch_size * cfg.data.seq_length
         last_eval: dict = {}
         self.preempted = False
         while self.step < t.train_iters:
+            pause_point(f"step_{self.step + 1}")
             start = time.time()
             batches = self.microbatches(self.step)
             result = self.train_step(self.step, batches)
-            self._check_finite(result)
             result["tokens_per_s"] = tokens_per_step / max(time.time() - start, 1e-9)
             result.update(moe_aux_losses())
             share = self._expert_share()
             self.step += 1
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
                 self.metrics.log_step(self.step, t.train_iters, result, self.elastic.ks_by_layer(), share)
-            if cfg.matryoshka.sync_check_interval and self.step % cfg.matryoshka.sync_check_interval == 0:
-                self.elastic.check_sync()
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 last_eval = self.evaluate(eval_ks)
                 self.metrics.log_eval(self.step, last_eval)
@@ -276,28 +423,8 @@ class Trainer:
             r.token_counts_E.zero_()
         return (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).cpu()
 
-    def _check_finite(self, result: dict) -> None:
-        if math.isfinite(result["loss"]) and math.isfinite(result["grad_norm"]):
-            return
-        self.nonfinite_steps += 1
-        ks = self.elastic.ks_by_layer()
-        message = (f"non-finite {'loss' if not math.isfinite(result['loss']) else 'gradient norm'} "
-                   f"at step {self.step} (loss {result['loss']}, grad norm {result['grad_norm']}); "
-                   f"ks by MoE layer: {ks}")
-        self.metrics.log_text(message)
-        if self.cfg.train.nonfinite_policy == "stop" and self.nonfinite_steps >= self.cfg.train.max_nonfinite_steps:
-            raise NonFiniteLossError(message)
-
 
 def _dp_group():
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_group()
-
-
-def _broadcast_obj(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
