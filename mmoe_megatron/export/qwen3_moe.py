@@ -1,0 +1,366 @@
+"""megatron-core GPT MoE (global parameter names) <-> Hugging Face Qwen3-MoE (`Qwen3MoeForCausalLM`).
+
+Why Qwen3-MoE: its router is softmax -> top-k -> renormalise iff `norm_topk_prob`, which equals
+this project's `topk_softmax` (True) and `softmax_topk` (False); it has RMSNorm, per-head QK-norm
+over head_dim (= megatron's `qk_layernorm`), SwiGLU experts without biases, no shared expert, and
+dense layers through `mlp_only_layers`. transformers, vLLM and SGLang load it with no custom code.
+
+Parameter mapping, layer N (megatron global name -> HF name; E a global expert number):
+    embedding.word_embeddings.weight               model.embed_tokens.weight
+    decoder.layers.N.input_layernorm.weight        model.layers.N.input_layernorm.weight
+      (Transformer Engine spec: ...self_attention.linear_qkv.layer_norm_weight)
+    ...self_attention.linear_qkv.weight [(nh + 2 ng) d, H]   self_attn.{q,k,v}_proj.weight
+      rows grouped per query group g: its nh/ng query heads, then one key and one value head
+    ...self_attention.{q,k}_layernorm.weight       self_attn.{q,k}_norm.weight
+    ...self_attention.linear_proj.weight           self_attn.o_proj.weight
+    ...pre_mlp_layernorm.weight                    post_attention_layernorm.weight
+      (TE spec, dense layer: ...mlp.linear_fc1.layer_norm_weight)
+    ...mlp.router.weight [E, H]                    mlp.gate.weight
+    ...mlp.experts.local_experts.E.linear_fc1.weight [2I, H]  (grouped GEMM: ...experts.linear_fc1.weightE)
+                                                   mlp.experts.E.gate_proj (first I rows) / up_proj (last I)
+    ...mlp.experts.local_experts.E.linear_fc2.weight          mlp.experts.E.down_proj.weight
+    ...mlp.linear_fc1.weight / linear_fc2.weight (dense layer)  mlp.gate_proj / up_proj / down_proj
+    decoder.final_layernorm.weight                 model.norm.weight
+    output_layer.weight (absent when tied)         lm_head.weight
+The table reads both ways; this module exports, `qwen3_moe_import` imports. HF keys are written
+per expert, the layout of Qwen's own checkpoints, which transformers (fusing
+them into `gate_up_proj` on load), vLLM and SGLang all read.
+
+Decisions:
+* Vocabulary: megatron pads the embedding table (make_vocab_size_divisible_by x TP). The export
+  keeps the padded rows and sets `vocab_size` to the padded size: megatron's softmax runs over the
+  padded rows too, so only then do logits and log-probabilities agree exactly (Qwen's checkpoints
+  also have vocab_size above the tokenizer's size). The tokenizer never produces the padded ids.
+* Layer pattern: megatron's `moe.layer_freq: N` makes 0-based layer i MoE when i % N == 0, HF's
+  `decoder_sparse_step: N` when (i + 1) % N == 0; the export always writes the dense layers
+  explicitly (`mlp_only_layers`) with `decoder_sparse_step: 1`.
+* Routing methods: the top-p and EMoE baselines differ from top-k routing only while training
+  (baselines.py); evaluated, they route to exactly the forced k, which Qwen3-MoE expresses. They
+  are exported at the chosen k, and the method is recorded.
+* Training-only settings carry over as nothing: aux/z-loss coefficients (the aux coefficient is
+  kept as `router_aux_loss_coef`), capacity factor (HF is dropless, as is megatron without one).
+
+Shape legend: H hidden, D head dim, NH query heads, NG key/value heads (query groups),
+R = (NH + 2 NG) D rows of the fused QKV weight, I expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from mmoe_megatron.config import ExperimentConfig
+
+KSpec = Union[int, Sequence[int]]
+MATRYOSHKA_KEY = "matryoshka"
+"""The config.json key recording elastic training (transformers keeps unknown keys, reads none)."""
+
+
+class ExportError(ValueError):
+    """A model or setting that cannot be converted between megatron and Qwen3-MoE. The message
+    names the setting, why, and what would work."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What the conversion needs to know about the architecture, from either side's config."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    num_experts: int
+    moe_pattern: tuple[int, ...]
+    """One 0/1 per layer; 1 = MoE layer."""
+    tied: bool
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, is_moe in enumerate(self.moe_pattern) if is_moe]
+
+
+def dims_from_config(cfg: ExperimentConfig) -> Dims:
+    m = cfg.model
+    return Dims(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_heads=m.num_attention_heads,
+        num_groups=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        num_experts=cfg.moe.num_experts, moe_pattern=tuple(cfg.moe_layer_pattern()),
+        tied=m.tie_embeddings,
+    )
+
+
+def dims_from_hf(hf: Mapping) -> Dims:
+    num_layers = int(hf["num_hidden_layers"])
+    dense = set(hf.get("mlp_only_layers") or [])
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    num_experts = int(num_experts_of(hf))
+    # modeling_qwen3_moe.Qwen3MoeDecoderLayer: MoE unless listed dense, and only every step-th layer.
+    pattern = tuple(int(i not in dense and num_experts > 0 and (i + 1) % step == 0) for i in range(num_layers))
+    heads = int(hf["num_attention_heads"])
+    return Dims(
+        num_layers=num_layers, hidden_size=int(hf["hidden_size"]), num_heads=heads,
+        num_groups=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+        num_experts=num_experts, moe_pattern=pattern, tied=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def num_experts_of(hf: Mapping) -> int:
+    # Qwen's config.json says num_experts; transformers 5 saves it as num_local_experts.
+    for key in ("num_experts", "num_local_experts"):
+        if hf.get(key) is not None:
+            return int(hf[key])
+    raise ExportError("config.json has neither num_experts nor num_local_experts: not a Qwen3-MoE config")
+
+
+# --- what can be exported ------------------------------------------------------------------------
+
+
+def check_exportable(cfg: ExperimentConfig) -> None:
+    """Raise ExportError for the first setting Qwen3-MoE cannot express."""
+    m = cfg.model
+    if m.normalization != "RMSNorm":
+        raise ExportError(
+            f"model.normalization={m.normalization}: Qwen3-MoE uses RMSNorm everywhere and a LayerNorm "
+            "(mean-centred, with a bias) is not expressible as one; train with model.normalization: RMSNorm"
+        )
+    if not m.qk_layernorm:
+        raise ExportError(
+            "model.qk_layernorm=false: Qwen3-MoE always applies q_norm/k_norm (RMSNorm over head_dim), and "
+            "an RMSNorm with weight 1 still rescales each head, so the model cannot be written without "
+            "changing its outputs; train with model.qk_layernorm: true"
+        )
+
+
+def check_serving_k(cfg_or_dims: Union[ExperimentConfig, Dims], k: KSpec, what: str = "k") -> list[int]:
+    """The per-MoE-layer ks of a k spec, or ExportError naming `what` if Qwen3-MoE cannot route it."""
+    dims = dims_from_config(cfg_or_dims) if isinstance(cfg_or_dims, ExperimentConfig) else cfg_or_dims
+    num_moe = len(dims.moe_layers)
+    if isinstance(k, bool) or not isinstance(k, (int, list, tuple)):
+        raise ExportError(f"{what}={k!r}: give an int or a list with one int per MoE layer ({num_moe})")
+    ks = [k] * num_moe if isinstance(k, int) else list(k)
+    if len(ks) != num_moe:
+        raise ExportError(
+            f"{what}={list(ks)} has {len(ks)} entries but the model has {num_moe} MoE layers "
+            f"(layers {dims.moe_layers}); give one k per MoE layer"
+        )
+    bad = [x for x in ks if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= dims.num_experts]
+    if bad:
+        raise ExportError(
+            f"{what}={k}: every k must be an int in 1..{dims.num_experts} (the experts per layer); got {bad}"
+        )
+    return ks
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+
+def hf_config_dict(
+    cfg: ExperimentConfig, vocab_size: int, k: int, layer_budgets: Optional[Mapping[str, Sequence[int]]] = None,
+    dtype: str = "float32", special_tokens: Optional[Mapping[str, Optional[int]]] = None,
+) -> dict:
+    """The Qwen3-MoE config.json for a megatron config, served at `k` experts per token.
+
+    `vocab_size` is the padded embedding size; `layer_budgets` (name -> one k per MoE layer,
+    i.e. budgets.json) and the training range are recorded under the `matryoshka` key.
+    """
+    check_exportable(cfg)
+    dims = dims_from_config(cfg)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ExportError(
+            f"k={k!r}: num_experts_per_tok is one int for all layers; record per-layer vectors as "
+            "layer budgets (budgets.json) and load them with load_hf_model(path, k=name)"
+        )
+    check_serving_k(dims, k, "k")
+    budgets = {name: check_serving_k(dims, list(v), f"layer budget {name!r}")
+               for name, v in (layer_budgets or {}).items()}
+    m, moe, mat = cfg.model, cfg.moe, cfg.matryoshka
+    theta = float(m.rotary_base)
+    out = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": int(vocab_size),
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size or 4 * m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": dims.num_groups,
+        "head_dim": dims.head_dim,
+        "hidden_act": "silu",
+        # The context the model was trained on; serving engines take it as their default limit
+        # (rotary itself has none).
+        "max_position_embeddings": cfg.data.seq_length,
+        "initializer_range": m.init_method_std,
+        "rms_norm_eps": m.norm_epsilon,
+        "use_cache": True,
+        "tie_word_embeddings": m.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_theta": theta,  # the pre-transformers-5 spelling, read by older serving engines
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, is_moe in enumerate(dims.moe_pattern) if not is_moe],
+        "moe_intermediate_size": moe.expert_ffn_hidden_size,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": int(k),
+        "norm_topk_prob": mat.normalization == "topk_softmax",
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        out[name] = (special_tokens or {}).get(name)
+    out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets)
+    return out
+
+
+def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]]) -> dict:
+    """How the model was trained to be elastic, and the per-layer budgets found for it."""
+    mat = cfg.matryoshka
+    return {
+        "method": mat.method,
+        "strategy": mat.strategy,
+        "trained_ks": list(mat.ks),
+        "k_min": min(mat.ks),
+        "k_max": mat.k_max,
+        "distribution": mat.distribution,
+        "normalization": mat.normalization,
+        "serving_k": int(k),
+        "moe_layers": dims_from_config(cfg).moe_layers,
+        "layer_budgets": {name: list(v) for name, v in budgets.items()},
+        "usage": "any k in 1..num_experts: from_pretrained(path, num_experts_per_tok=k); per MoE layer: "
+                 "set model.model.layers[i].mlp.gate.top_k (mmoe_megatron.export.load_hf_model)",
+    }
+
+
+# --- megatron -> HF weights ------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.linear_(fc[12])\.weight|linear_(fc[12])\.weight(\d+))$")
+_SIMPLE_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_SIMPLE_TOP = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def split_qkv(qkv_RH: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's fused [(NH + 2 NG) D, H] -> q [NH D, H], k [NG D, H], v [NG D, H].
+    Per query group the rows are its NH/NG query heads, then its key head, then its value head
+    (attention.py get_query_key_value_tensors)."""
+    per_group = dims.num_heads // dims.num_groups
+    d, h = dims.head_dim, qkv_RH.shape[1]
+    grouped = qkv_RH.reshape(dims.num_groups, (per_group + 2) * d, h)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """The inverse of `split_qkv`."""
+    per_group = dims.num_heads // dims.num_groups
+    d, h = dims.head_dim, q.shape[1]
+    grouped = torch.cat([q.reshape(dims.num_groups, per_group * d, h), k.reshape(dims.num_groups, d, h),
+                         v.reshape(dims.num_groups, d, h)], dim=1)
+    return grouped.reshape(-1, h).contiguous()
+
+
+def _halves(fc1_2IH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # SwiGLU in megatron (mlp.py glu): chunk(2) along the output; the first half is the gate.
+    gate, up = torch.chunk(fc1_2IH, 2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+def expected_hf_keys(dims: Dims) -> set[str]:
+    keys = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not dims.tied:
+        keys.add("lm_head.weight")
+    for n in range(dims.num_layers):
+        p = f"model.layers.{n}."
+        keys |= {p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                 "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                                 "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight")}
+        if dims.moe_pattern[n]:
+            keys.add(p + "mlp.gate.weight")
+            keys |= {f"{p}mlp.experts.{e}.{w}.weight" for e in range(dims.num_experts)
+                     for w in ("gate_proj", "up_proj", "down_proj")}
+        else:
+            keys |= {p + f"mlp.{w}.weight" for w in ("gate_proj", "up_proj", "down_proj")}
+    return keys
+
+
+def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`). Raises
+    ExportError for a setting Qwen3-MoE cannot express or a weight it has no place for."""
+    check_exportable(cfg)
+    dims = dims_from_config(cfg)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, value: torch.Tensor) -> None:
+        if name in out:
+            raise ExportError(f"two megatron weights map to {name}; the checkpoint mixes layouts")
+        out[name] = value.contiguous()
+
+    for name, value in global_sd.items():
+        if name in _SIMPLE_TOP:
+            put(_SIMPLE_TOP[name], value)
+            continue
+        match = _LAYER.match(name)
+        if match is None:
+            raise ExportError(f"megatron weight {name} has no Qwen3-MoE counterpart")
+        n, rest = int(match.group(1)), match.group(2)
+        p = f"model.layers.{n}."
+        expert = _EXPERT.match(rest)
+        if rest in _SIMPLE_LAYER:
+            put(p + _SIMPLE_LAYER[rest], value)
+        elif rest == "self_attention.linear_qkv.weight":
+            for proj, part in zip("qkv", split_qkv(value, dims)):
+                put(f"{p}self_attn.{proj}_proj.weight", part)
+        elif rest == "mlp.linear_fc1.weight":
+            gate, up = _halves(value)
+            put(p + "mlp.gate_proj.weight", gate)
+            put(p + "mlp.up_proj.weight", up)
+        elif expert is not None:
+            e = int(expert.group(1) if expert.group(1) is not None else expert.group(4))
+            fc = expert.group(2) or expert.group(3)
+            if fc == "fc1":
+                gate, up = _halves(value)
+                put(f"{p}mlp.experts.{e}.gate_proj.weight", gate)
+                put(f"{p}mlp.experts.{e}.up_proj.weight", up)
+            else:
+                put(f"{p}mlp.experts.{e}.down_proj.weight", value)
+        else:
+            raise ExportError(
+                f"megatron weight {name} has no Qwen3-MoE counterpart (biases, shared experts and "
+                "router expert bias are not part of Qwen3-MoE)"
+            )
+    check_complete(out, dims, "the megatron checkpoint")
+    return out
+
+
+def check_complete(hf_sd: Mapping[str, torch.Tensor], dims: Dims, source: str) -> None:
+    expected = expected_hf_keys(dims)
+    missing, extra = sorted(expected - set(hf_sd)), sorted(set(hf_sd) - expected)
+    if missing or extra:
+        raise ExportError(
+            f"{source} does not match its config: {len(missing)} weights missing (e.g. {missing[:3]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:3]}); were the config and the weights saved together?"
+        )

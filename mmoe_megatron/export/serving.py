@@ -1,0 +1,71 @@
+"""Load an exported model with transformers (no custom code) and choose its k.
+
+    model = load_hf_model("exports/tiny")                  # k from config.json
+    model = load_hf_model("exports/tiny", k=1)             # every MoE layer at top-1
+    model = load_hf_model("exports/tiny", k=[1, 2, 4, 2])  # one k per MoE layer
+    model = load_hf_model("exports/tiny", k="mean_k=1.5")  # a budget recorded at export
+
+Why two mechanisms (transformers 5.23, models/qwen3_moe/modeling_qwen3_moe.py): the router copies
+`config.num_experts_per_tok` into `gate.top_k` when the model is built, so changing the config
+afterwards does nothing; one k is therefore passed to `from_pretrained`. The experts read k from
+the shape of the routing indices, so a per-layer k is set on each layer's `mlp.gate.top_k`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from mmoe_megatron.export.qwen3_moe import MATRYOSHKA_KEY, ExportError
+
+HFKSpec = Union[None, int, str, Sequence[int]]
+
+
+def moe_gates(model) -> list:
+    """The routers (`Qwen3MoeTopKRouter`) of the model's MoE layers, in layer order."""
+    layers = model.model.layers
+    return [layer.mlp.gate for layer in layers if hasattr(layer.mlp, "gate")]
+
+
+def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
+    """Route every MoE layer at `k`, or MoE layer i at `k[i]` (dense layers are skipped)."""
+    gates = moe_gates(model)
+    num_experts = gates[0].num_experts if gates else 0
+    ks = [k] * len(gates) if isinstance(k, int) else [int(x) for x in k]
+    if len(ks) != len(gates):
+        raise ExportError(f"k={list(ks)}: the model has {len(gates)} MoE layers; give one k per MoE layer")
+    bad = [x for x in ks if not 1 <= x <= num_experts]
+    if bad:
+        raise ExportError(f"k={k}: every k must lie in 1..{num_experts} (the experts per layer); got {bad}")
+    for gate, layer_k in zip(gates, ks):
+        gate.top_k = layer_k
+
+
+def current_hf_topk(model) -> list[int]:
+    return [gate.top_k for gate in moe_gates(model)]
+
+
+def load_hf_model(path: str, k: HFKSpec = None, **from_pretrained_kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path)` routing at `k`: None keeps config.json's
+    num_experts_per_tok; an int applies to every MoE layer; a list gives one k per MoE layer; a
+    string names a per-layer budget recorded in config.json (`matryoshka.layer_budgets`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(k, str):
+        record = getattr(AutoConfig.from_pretrained(path), MATRYOSHKA_KEY, None) or {}
+        budgets = record.get("layer_budgets", {})
+        if k not in budgets:
+            raise ExportError(f"k={k!r}: no such budget in {path}/config.json; recorded: {sorted(budgets)}")
+        k = list(budgets[k])
+    if isinstance(k, bool) or (k is not None and not isinstance(k, (int, list, tuple))):
+        raise ExportError(f"k={k!r}: give None, an int, a list of ints or a budget name")
+    if isinstance(k, int):
+        if k < 1:
+            raise ExportError(f"k={k}: must be at least 1")
+        from_pretrained_kwargs["num_experts_per_tok"] = k
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    if isinstance(k, int):
+        set_hf_topk(model, k)  # validates k against the number of experts
+    elif k is not None:
+        set_hf_topk(model, list(k))
+    return model
+
