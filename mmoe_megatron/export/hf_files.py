@@ -17,9 +17,10 @@ import tempfile
 from typing import Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mmoe_megatron.export.qwen3_moe import ExportError
+from mmoe_megatron.training.checkpoint import merge_safetensors
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -70,13 +71,7 @@ def read_hf_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         hint = (f"; it holds pickled weights ({bins[0]}): re-save them as safetensors "
                 "(save_pretrained(..., safe_serialization=True)) first") if bins else ""
         raise ExportError(f"{path} holds no .safetensors weights{hint}")
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        for key, value in load_file(os.path.join(path, name)).items():
-            if key in sd:
-                raise ExportError(f"{key} appears in two weight files of {path}")
-            sd[key] = value
-    return config, sd
+    return config, merge_safetensors(path, files, ExportError)
 
 
 def write_json(path: str, data: Mapping) -> None:

@@ -559,11 +559,17 @@ def load_global_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{folder} holds no .safetensors files; give a checkpoint of this project or its model/ folder"
         )
+    return merge_safetensors(folder, names)
+
+
+def merge_safetensors(folder: str, names: list[str], error: type = CheckpointError) -> dict[str, torch.Tensor]:
+    """The tensors of several safetensors files in `folder` as one dict; a key in two files is
+    an `error` (the files are shards of one state dict)."""
     out: dict[str, torch.Tensor] = {}
     for name in names:
         for key, value in load_file(os.path.join(folder, name)).items():
             if key in out:
-                raise CheckpointError(f"{key} appears twice in {folder}")
+                raise error(f"{key} appears in two weight files of {folder}")
             out[key] = value
     return out
 
