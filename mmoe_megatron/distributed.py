@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -49,8 +50,21 @@ def env_from_os(environ=None) -> Env:
     else:
         rank, world, local = 0, 1, 0
     addr = env.get("MASTER_ADDR", "127.0.0.1")
-    port = int(env.get("MASTER_PORT", "29500"))
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    elif world == 1:
+        # A lone process (evaluation, export, a suite's evaluation step) rendezvous with itself:
+        # any free port, so that it never collides with a job on the default port.
+        port = _free_port()
+    else:
+        port = 29500
     return Env(rank=rank, world_size=world, local_rank=local, master_addr=addr, master_port=port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_layout(cfg: ExperimentConfig, world_size: int) -> int:

@@ -330,6 +330,7 @@ def _raise_after_cleanup(error: Optional[str], path: str, what: str) -> None:
     if errors:
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
+        _barrier()  # no rank goes on (or reports the directory removed) before it is gone
         raise CheckpointError(f"{what}:\n  " + "\n  ".join(errors))
 
 
