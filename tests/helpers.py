@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -36,3 +37,15 @@ def forward_loss(model, tokens, labels):
     positions = torch.arange(seq).expand_as(tokens)
     per_token = model(tokens, positions, causal_mask(seq), labels=labels)
     return per_token.float().mean()
+
+
+def logged_steps(run_dir) -> dict[int, tuple]:
+    """(loss, grad norm, lr) of every step in <run_dir>/metrics.jsonl; a step logged again by a
+    resumed run keeps its last record."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("kind") == "train":
+                out[record["step"]] = (record["loss"], record["grad_norm"], record["lr"])
+    return out

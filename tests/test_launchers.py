@@ -3,7 +3,6 @@ deepspeed launcher, and a run stopped by `exit_interval` that resumes to the sam
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
@@ -11,7 +10,7 @@ import pytest
 
 from tests.data_fixtures import data_config, small_datasets, small_tokenizer  # noqa: F401
 from tests.dist import free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, logged_steps
 
 
 def _launch(launcher, config, run_dir, *extra, dry_run=False):
@@ -20,12 +19,6 @@ def _launch(launcher, config, run_dir, *extra, dry_run=False):
     cmd = ["bash", os.path.join(ROOT, "launchers", launcher)] + (["--dry-run"] if dry_run else []) + [
         "--nproc", "2", "--config", config, "--parallel.expert=2", f"--logging.dir={run_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +53,16 @@ def test_launchers_train_alike_and_exit_interval_resumes_exactly(tmp_path, confi
     reference = str(tmp_path / "deepspeed")
     proc = _launch("deepspeed.sh", config_file, reference)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    full = _losses(reference)
+    full = logged_steps(reference)
     assert sorted(full) == [1, 2, 3, 4]
 
     run = str(tmp_path / "torchrun")
     first = _launch("torchrun.sh", config_file, run, "--train.exit_interval=2")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
-    assert sorted(_losses(run)) == [1, 2]
+    assert sorted(logged_steps(run)) == [1, 2]
     assert os.path.isfile(os.path.join(run, "checkpoints", "step_00000002", "COMPLETE.json"))
     second = _launch("torchrun.sh", config_file, run)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
-    resumed = _losses(run)
+    resumed = logged_steps(run)
     # Both launchers run the same entry point; the resumed run continues bitwise (fp32 on CPU).
     assert resumed == full

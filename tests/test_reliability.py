@@ -8,7 +8,6 @@ rank pauses at a named point and writes its pid, and the test kills it there.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from tests.dist import free_port, run_distributed
-from tests.helpers import ROOT, VOCAB, tiny_config
+from tests.helpers import ROOT, VOCAB, logged_steps, tiny_config
 from tests.test_training_distributed import SEQ, global_tokens, make_batch
 
 # --- a rank killed under torchrun ----------------------------------------------------------------
@@ -76,17 +75,6 @@ def _kill_when_paused(proc, log_path) -> tuple[int, float, str]:
     return proc.returncode, time.monotonic() - start, _finish(proc, log_path)
 
 
-def _losses(run_dir) -> dict[int, tuple]:
-    """The last logged (loss, grad norm, lr) of every step: a relaunch logs its steps again."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "train":
-                out[record["step"]] = (record["loss"], record["grad_norm"], record["lr"])
-    return out
-
-
 def _latest(run_dir) -> str:
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
         return f.read().strip()
@@ -128,8 +116,8 @@ def test_sigkilled_rank_stops_the_job_and_relaunches_resume_exactly(tmp_path):
     assert "step_00000008: its save did not finish" in log
     assert _latest(run) == f"step_{STEPS:08d}"
     # Every step, including those run twice, matches the uninterrupted run bit for bit.
-    assert _losses(run) == _losses(reference)
-    assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+    assert logged_steps(run) == logged_steps(reference)
+    assert sorted(logged_steps(run)) == list(range(1, STEPS + 1))
 
 
 # --- in-process multi-rank tests (world 2, expert parallel 2) ------------------------------------

@@ -36,6 +36,7 @@ import yaml
 
 from mmoe_megatron.config import ConfigError, ExperimentConfig, load_config
 from mmoe_megatron.config.base import from_dict
+from mmoe_megatron.train import EXIT_PREEMPTED
 
 ROLES = ("elastic", "specialist", "standard", "baseline")
 
@@ -178,6 +179,10 @@ def main(argv=None) -> int:
     if args.command in ("train", "run"):
         for member in select(spec, args.member):
             code = train_member(spec, member, args.launcher)
+            if code == EXIT_PREEMPTED:
+                print(f"training {member.name} stopped on a signal after a checkpoint (exit code "
+                      f"{code}); run the same command again to resume it", file=sys.stderr)
+                return code
             if code != 0:
                 print(f"training {member.name} failed with exit code {code}", file=sys.stderr)
                 return code
