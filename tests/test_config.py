@@ -30,7 +30,7 @@ def tiny_dict():
 def test_tiny_config_loads_with_typed_sections():
     cfg = load_config(TINY)
     assert cfg.model.num_layers == 4
-    assert cfg.matryoshka.strategy == "layerwise"
+    assert cfg.matryoshka.strategy == "token"
     assert cfg.matryoshka.k_max == 4
     assert isinstance(cfg.optimizer.lr, float)
 

@@ -257,7 +257,7 @@ def test_nonfinite_steps_are_skipped_on_every_rank_and_the_policy_stops(tmp_path
         assert r["stop_error"] is not None and "after 4 non-finite step(s)" in r["stop_error"]
 
 
-def _desync_worker(rank, world_size, tmp):
+def _desync_worker(rank, world_size, tmp, strategy):
     import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
@@ -266,13 +266,21 @@ def _desync_worker(rank, world_size, tmp):
     from mmoe_megatron.training.trainer import Trainer
 
     class SkewedK(ElasticK):
-        """Rank 1 routes MoE layer 2 with another k than the schedule's."""
+        """Rank 1 routes MoE layer 2 with other ks than the schedule's: another k for the layer,
+        or, with per-token ks, another k for the first token."""
 
         def set_microbatch(self, step, microbatch=0):
             super().set_microbatch(step, microbatch)
-            self.routers[2].set_k(1 if self.layer_ks[2] != 1 else 2)
+            router = self.routers[2]
+            if self.schedule.per_token:
+                ks_SB = router._token_ks_SB.clone()
+                ks_SB[0, 0] = 1 if ks_SB[0, 0] != 1 else 2
+                router.set_token_ks(ks_SB, width=self.schedule.k_max)
+            else:
+                router.set_k(1 if self.layer_ks[2] != 1 else 2)
 
-    cfg = config(tmp, **{"matryoshka.sync_check_interval": 1, "parallel.distributed_timeout_minutes": 3})
+    cfg = config(tmp, **{"matryoshka.sync_check_interval": 1, "parallel.distributed_timeout_minutes": 3,
+                         "matryoshka.strategy": strategy})
     distributed.init_distributed(cfg)
     trainer = Trainer(cfg, vocab_size=VOCAB, datasets=())
     # Every process group, megatron's and those handed to DeepSpeed, fails a stuck collective
@@ -295,10 +303,12 @@ def _desync_worker(rank, world_size, tmp):
 
 
 @pytest.mark.slow
-def test_desynchronised_ks_stop_the_step_before_its_update(tmp_path):
-    ranks = run_distributed(_desync_worker, world_size=2, tmp=str(tmp_path))
+@pytest.mark.parametrize("strategy, names_rank_1", [
+    ("layerwise", "rank 1 used k="), ("token", "per-token ks differ from the schedule on rank 1 (1 tokens)")])
+def test_desynchronised_ks_stop_the_step_before_its_update(tmp_path, strategy, names_rank_1):
+    ranks = run_distributed(_desync_worker, world_size=2, tmp=str(tmp_path), strategy=strategy)
     for r in ranks:
-        assert r["error"] is not None and "MoE layer 2" in r["error"] and "rank 1 used k=" in r["error"]
+        assert r["error"] is not None and "MoE layer 2" in r["error"] and names_rank_1 in r["error"], r["error"]
         assert r["unchanged"], "the optimizer update ran with desynchronised ks"
         assert len(r["timeouts"]) > 10 and set(r["timeouts"].values()) == {180.0}, r["timeouts"]
 

@@ -110,9 +110,10 @@ class MatryoshkaConfig:
     probability reaches `top_p`, at most k_max; Huang et al. 2024) and emoe (stochastic
     co-activation sampling with a sharpening loss; EMoE, arXiv 2509.21892). Baselines need
     strategy fixed; every method is evaluated at forced ks."""
-    strategy: Literal["fixed", "global", "microbatch", "layerwise", "token"] = "layerwise"
+    strategy: Literal["fixed", "global", "microbatch", "layerwise", "token"] = "token"
     """How often k is drawn: fixed (specialist baseline), one k per global batch, per micro-batch,
-    per MoE layer per global batch (M-MoE's best, the default), or per token per layer."""
+    per MoE layer per global batch (M-MoE's best), or per token per layer (the default: the lowest
+    loss over k at equal training compute in this project's ablations, two seeds; RESULTS.md)."""
     ks: list[int] = field([1, 2, 3, 4], ge=1)
     """The allowed ks (training range). Its maximum is k_max, the router's build-time top-k.
     With strategy fixed it must hold exactly one k."""
