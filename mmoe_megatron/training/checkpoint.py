@@ -31,8 +31,8 @@ torch_checkpoint_engine.py:35), i.e. with the full unpickler, which can run arbi
 It is confined three ways: (1) only files of a checkpoint this run family wrote are opened, after
 their sha256 matched the manifest; (2) every rank scans the pickles of its share of the files
 without executing them (`torch.serialization.get_unsafe_globals_in_checkpoint`) and any global
-besides tensors and three plain DeepSpeed classes (`_DEEPSPEED_PICKLE_CLASSES`) stops the load on
-all ranks; (3) DeepSpeed's load runs under `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`, which makes
+besides tensors and three plain DeepSpeed classes (`_deepspeed_pickle_classes`) stops the load on
+all ranks, and a `.pt` file that is not a torch.save zip archive is refused unread; (3) DeepSpeed's load runs under `TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`, which makes
 torch.load use its restricted unpickler despite the explicit `weights_only=False`
 (torch/serialization.py:1480-1494). A tampered file is therefore refused before unpickling, and
 one whose manifest entry was forged too is still refused. Everything else here is JSON or
@@ -109,10 +109,15 @@ def _gather(obj) -> list:
     return out
 
 
-def raise_if_any(error: Optional[str], what: str) -> None:
-    """Collective: raise CheckpointError on every rank if any rank reports an error."""
+def raise_if_any(error: Optional[str], what: str, remove: Optional[str] = None) -> None:
+    """Collective: raise CheckpointError on every rank if any rank reports an error, after rank 0
+    has deleted the directory `remove` (a partly written checkpoint) if one is given."""
     errors = [e for e in _gather(error) if e]
     if errors:
+        if remove is not None:
+            if _rank() == 0:
+                shutil.rmtree(remove, ignore_errors=True)
+            _barrier()  # no rank goes on (or reports the directory removed) before it is gone
         raise CheckpointError(f"{what}:\n  " + "\n  ".join(errors))
 
 
@@ -288,11 +293,11 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
             atomic_write_text(os.path.join(path, STATE), json.dumps(trainer_state, indent=2))
     except Exception as e:  # noqa: BLE001 - every failure must reach every rank, not hang them
         error = f"rank {rank}: {type(e).__name__}: {e}"
-    _raise_after_cleanup(error, path, (
+    raise_if_any(error, (
         f"saving checkpoint {path} failed (the partial directory was removed; 'latest' still "
         f"names the previous checkpoint). Check that {ckpt_dir} is writable and has room, or set "
         "checkpoint.dir elsewhere"
-    ))
+    ), remove=path)
     pause_point(f"save_{tag}")
 
     # Checksums: each rank hashes its share of the files; rank 0 writes the manifest last.
@@ -305,7 +310,7 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
                 for f in files[rank::_world()]}
     except OSError as e:
         error = f"rank {rank}: {e}"
-    _raise_after_cleanup(error, path, f"hashing checkpoint {path} failed")
+    raise_if_any(error, f"hashing checkpoint {path} failed", remove=path)
     table = {}
     for part in _gather(mine):
         table.update(part)
@@ -317,21 +322,12 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
             atomic_write_text(os.path.join(ckpt_dir, LATEST), tag)
         except OSError as e:
             error = f"rank 0: {e}"
-    _raise_after_cleanup(error, path, f"writing the manifest of {path} failed; 'latest' still "
-                                      f"names the previous checkpoint. Check that {ckpt_dir} has room")
+    raise_if_any(error, f"writing the manifest of {path} failed; 'latest' still names the previous "
+                        f"checkpoint. Check that {ckpt_dir} has room", remove=path)
     if rank == 0:
         prune(ckpt_dir, keep_last=cfg.checkpoint.keep_last)
     _barrier()
     return path
-
-
-def _raise_after_cleanup(error: Optional[str], path: str, what: str) -> None:
-    errors = [e for e in _gather(error) if e]
-    if errors:
-        if _rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        _barrier()  # no rank goes on (or reports the directory removed) before it is gone
-        raise CheckpointError(f"{what}:\n  " + "\n  ".join(errors))
 
 
 def prune(ckpt_dir: str, keep_last: int) -> None:
@@ -377,16 +373,16 @@ def _read_manifest(path: str) -> tuple[Optional[dict], Optional[str]]:
     return table, None
 
 
-def _check_files(path: str, table: dict, checksums: bool = True) -> Optional[str]:
+def _check_files(path: str, table: dict) -> Optional[str]:
     for rel, (size, digest) in table.items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
             return f"{full} is missing"
         if os.path.getsize(full) != size:
             return f"{full} has {os.path.getsize(full)} bytes, expected {size} (truncated?)"
-        if checksums and sha256(full) != digest:
+        if sha256(full) != digest:
             return f"{full} does not match its checksum in {MANIFEST} (corrupted or modified)"
-        if checksums and rel.endswith(".pt"):
+        if rel.endswith(".pt"):
             if not zipfile.is_zipfile(full):  # torch.save writes zip archives; a bare pickle is foreign
                 return f"{full} is not a torch.save archive; refusing to unpickle it"
             unsafe = unsafe_pickle_globals(full)
@@ -396,10 +392,10 @@ def _check_files(path: str, table: dict, checksums: bool = True) -> Optional[str
     return None
 
 
-def verify(path: str, checksums: bool = True) -> Optional[str]:
+def verify(path: str) -> Optional[str]:
     """None if the checkpoint at `path` is intact, else what is wrong with it (this process only)."""
     table, problem = _read_manifest(path)
-    return problem or _check_files(path, table, checksums)
+    return problem or _check_files(path, table)
 
 
 def verify_collective(path: str) -> Optional[str]:
