@@ -55,13 +55,14 @@ def env_from_os(environ=None) -> Env:
     elif world == 1:
         # A lone process (evaluation, export, a suite's evaluation step) rendezvous with itself:
         # any free port, so that it never collides with a job on the default port.
-        port = _free_port()
+        port = free_port()
     else:
         port = 29500
     return Env(rank=rank, world_size=world, local_rank=local, master_addr=addr, master_port=port)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

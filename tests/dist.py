@@ -13,14 +13,9 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmoe_megatron.distributed import free_port  # noqa: F401 - tests import it from here
 
 
 def _worker(fn, rank, world_size, port, kwargs, results):

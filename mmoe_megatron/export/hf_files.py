@@ -53,8 +53,7 @@ def save_hf_weights(hf_sd: Mapping[str, torch.Tensor], out_dir: str, dtype: str 
         save_file(shard, os.path.join(out_dir, file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out_dir, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names + [INDEX]
 
 

@@ -225,7 +225,7 @@ class Trainer:
         module = self.engine.module
         watched = [("the embedding", getattr(module, "embedding", None))]
         pattern = self.cfg.moe_layer_pattern()
-        for i, layer in enumerate(module.decoder.layers):
+        for layer in module.decoder.layers:
             index = layer.layer_number - 1
             kind = f"MoE layer {sum(pattern[:index])}" if pattern[index] else "dense"
             watched.append((f"decoder layer {index} ({kind})", layer))
@@ -247,10 +247,11 @@ class Trainer:
                 handle.remove()
         bad_params = [name for name, p in named_global_parameters(module, self.cfg)
                       if not bool(torch.isfinite(p).all())]
-        found = [(first[0] if first else None, bad_params)]
+        mine = (first[0] if first else None, bad_params)
+        found = [mine]
         if dist.is_initialized():
             found = [None] * dist.get_world_size()
-            dist.all_gather_object(found, (first[0] if first else None, bad_params))
+            dist.all_gather_object(found, mine)
         positions = [p for p, _ in found if p is not None]
         parts = [f"first non-finite output in micro-batch {m}: {watched[min(positions)][0]}" if positions
                  else f"the forward of micro-batch {m} is finite when run again (the backward overflowed)"]
