@@ -198,7 +198,7 @@ def parse_args(argv):
                        help="SIGUSR1 this many seconds before the limit (checkpoint, exit, requeue)")
         p.add_argument("--job-name", default=None)
         p.add_argument("--wait", action="store_true",
-                       help="wait for the (last) job to finish; exit with its exit code")
+                       help="wait for the (last) job to finish; exit non-zero if it failed")
         p.add_argument("--dry-run", action="store_true", help="print the scripts and commands; submit nothing")
     return parser.parse_known_args(argv)
 

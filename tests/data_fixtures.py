@@ -142,3 +142,20 @@ def data_config(tmp_path, tokenizer: str, blend: list[tuple[str, float]], **over
         "logging.dir": str(tmp_path / "run"),
         **overrides,
     })
+
+
+@pytest.fixture(scope="session")
+def small_run_config(tmp_path_factory, small_tokenizer, small_datasets) -> str:
+    """A config file for a few quick steps of the tiny model on the 'verses' dataset (launcher
+    and end-to-end tests): sequence 32, 2 samples per micro-batch, 8 per step, 4 steps."""
+    from mmoe_megatron.config import save_config
+
+    tmp = tmp_path_factory.mktemp("small_run")
+    cfg = data_config(tmp, small_tokenizer, [(small_datasets["verses"][0], 1.0)], **{
+        "data.seq_length": 32, "train.micro_batch_size": 2, "train.global_batch_size": 8,
+        "train.train_iters": 4, "train.eval_interval": 0, "train.eval_iters": 2, "train.log_interval": 1,
+        "optimizer.warmup_iters": 1, "checkpoint.save_interval": 0, "logging.tensorboard": False,
+    })
+    path = str(tmp / "config.yaml")
+    save_config(cfg, path)
+    return path

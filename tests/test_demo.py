@@ -11,22 +11,14 @@ import sys
 
 import pytest
 
-from tests.data_fixtures import data_config, small_datasets, small_tokenizer  # noqa: F401
+from tests.data_fixtures import small_datasets, small_run_config, small_tokenizer  # noqa: F401
 from tests.dist import free_port
 from tests.helpers import ROOT
 
 
 @pytest.mark.slow
-def test_demo_trains_evaluates_searches_budgets_and_exports(tmp_path, small_tokenizer, small_datasets):
-    from mmoe_megatron.config import save_config
-
-    cfg = data_config(tmp_path, small_tokenizer, [(small_datasets["verses"][0], 1.0)], **{
-        "data.seq_length": 32, "train.micro_batch_size": 2, "train.global_batch_size": 8,
-        "train.eval_interval": 0, "train.eval_iters": 2, "train.log_interval": 1,
-        "optimizer.warmup_iters": 1, "checkpoint.save_interval": 0, "logging.tensorboard": False,
-    })
-    config = str(tmp_path / "config.yaml")
-    save_config(cfg, config)
+def test_demo_trains_evaluates_searches_budgets_and_exports(tmp_path, small_run_config):
+    config = small_run_config
     run, out = str(tmp_path / "run"), str(tmp_path / "export")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     env.pop("PYTHON", None)  # the demo must hand its own interpreter to the launcher

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.data_fixtures import data_config, small_datasets, small_tokenizer  # noqa: F401
+from tests.data_fixtures import small_datasets, small_run_config, small_tokenizer  # noqa: F401
 from tests.dist import free_port
 from tests.helpers import ROOT, logged_steps
 
@@ -22,18 +22,8 @@ def _launch(launcher, config, run_dir, *extra, dry_run=False):
 
 
 @pytest.fixture(scope="module")
-def config_file(tmp_path_factory, small_tokenizer, small_datasets):
-    from mmoe_megatron.config import save_config
-
-    tmp = tmp_path_factory.mktemp("launch")
-    cfg = data_config(tmp, small_tokenizer, [(small_datasets["verses"][0], 1.0)], **{
-        "data.seq_length": 32, "train.micro_batch_size": 2, "train.global_batch_size": 8,
-        "train.train_iters": 4, "train.eval_interval": 0, "train.log_interval": 1,
-        "optimizer.warmup_iters": 1, "checkpoint.save_interval": 0, "logging.tensorboard": False,
-    })
-    path = str(tmp / "config.yaml")
-    save_config(cfg, path)
-    return path
+def config_file(small_run_config):
+    return small_run_config
 
 
 @pytest.mark.parametrize("launcher, expected", [
