@@ -5,8 +5,8 @@ Failure behaviour. Every process group (torch's default group and megatron's, wh
 reuses) waits at most `parallel.distributed_timeout_minutes` in a collective. A rank that dies
 is noticed sooner: gloo fails the peers' next collective at once ("Connection closed by peer"),
 and torchrun, seeing a worker exit, stops the others (SIGTERM, then SIGKILL after 30 s) and
-names the first failed rank in its "Root Cause" report. A relaunch resumes from the newest
-intact checkpoint.
+names the first failed rank in its "Root Cause" report; under srun the trainer's own diagnosis
+(`mmoe_megatron.failures`) names it. A relaunch resumes from the newest intact checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from mmoe_megatron import compat
 from mmoe_megatron.config import ConfigError, ExperimentConfig
+from mmoe_megatron.failures import start_line, this_rank
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def init_distributed(cfg: ExperimentConfig, env: Env | None = None) -> Env:
             world_size=env.world_size,
             timeout=timeout,
         )
+        # One line per rank, so that a job log shows which rank ran on which node and device.
+        print(start_line(this_rank(env.rank, env.local_rank), env.world_size), flush=True)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor,
@@ -158,7 +161,8 @@ as in the logs) or `save_<tag>` (after a checkpoint's files are written, before 
 PAUSE_RANK = "MMOE_PAUSE_RANK"
 """Global rank that pauses (default 0)."""
 PAUSE_FILE = "MMOE_PAUSE_FILE"
-"""Written with the paused process's id once it is paused."""
+"""Written with the paused process's id once it is paused. While it exists the point does not
+pause again: a test that leaves it in place lets a retried run pass the point."""
 
 
 def pause_point(name: str) -> None:
@@ -170,6 +174,8 @@ def pause_point(name: str) -> None:
     if rank != int(os.environ.get(PAUSE_RANK, "0")):
         return
     marker = os.environ.get(PAUSE_FILE)
+    if marker and os.path.exists(marker):
+        return
     if marker:
         with open(f"{marker}.tmp", "w") as f:
             f.write(str(os.getpid()))

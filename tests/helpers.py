@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -41,11 +40,7 @@ def forward_loss(model, tokens, labels):
 
 def logged_steps(run_dir) -> dict[int, tuple]:
     """(loss, grad norm, lr) of every step in <run_dir>/metrics.jsonl; a step logged again by a
-    resumed run keeps its last record."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("kind") == "train":
-                out[record["step"]] = (record["loss"], record["grad_norm"], record["lr"])
-    return out
+    resumed run keeps its last record (the project's own reader)."""
+    from mmoe_megatron.training.metrics import read_metrics
+
+    return {step: (r["loss"], r["grad_norm"], r["lr"]) for step, r in read_metrics(str(run_dir))["train"].items()}

@@ -314,6 +314,11 @@ class CheckpointConfig:
     """Weights to start from when no checkpoint is resumed (continued pretraining from imported
     weights): a directory of global-named safetensors files, i.e. a checkpoint of this project or
     its model/ folder. The optimizer state starts fresh; a resumed run ignores this."""
+    layout_free_optimizer: bool = True
+    """Also store the optimizer state (Adam moments; fp32 masters under bf16) under global
+    parameter names, so that the checkpoint resumes on another world size, expert-parallel size or
+    ZeRO stage. Costs 8 (fp32) or 12 (bf16) bytes per parameter on disk and an all-reduce of that
+    state per save; without it a checkpoint resumes only on the layout that wrote it."""
 
 
 @dataclass

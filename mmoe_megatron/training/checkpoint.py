@@ -7,6 +7,9 @@ Layout of one checkpoint, `<dir>/step_00000100/`:
                  globally), written by the rank that owns them: dense by data-parallel rank 0,
                  experts by expert-data-parallel rank 0. Layout-independent: evaluation and
                  export read these with any number of ranks.
+    optim/rank_00000.safetensors ...   the optimizer state (Adam moments; fp32 masters under bf16)
+                 under the same global names, by the same ranks (`optimizer_state`); with
+                 checkpoint.layout_free_optimizer, the default
     rng/rank_00000.safetensors ...     each rank's torch and megatron RNG states
     trainer_state.json                 step, consumed samples, k-schedule fingerprint, layout
     COMPLETE.json                      written last: every file with its size and sha256
@@ -16,6 +19,13 @@ Why the safetensors copy: DeepSpeed writes model states from data-parallel rank 
 (engine.py:5292), i.e. expert-parallel rank 0's experts. Resuming restores every rank's
 weights from its own fp32 master shard (`update_lp_params`), and then checks them against the
 safetensors shards bit for bit, so a rank that got another rank's experts stops the run.
+
+Another layout. A resume with the layout that wrote the checkpoint loads DeepSpeed's ZeRO shards
+(bitwise). With another world size, expert-parallel size or ZeRO stage, ZeRO's shards do not fit
+(DeepSpeed refuses a different data-parallel size) and the run is rebuilt from the global
+weights and optimizer state instead (`optimizer_state.restore_local`); RNG states are then
+reseeded, not restored (each rank's streams depend on the layout anyway). Changes that cannot be
+supported stop with what to do instead (`optimizer_state.layout_change_problem`).
 
 Integrity. The manifest is written after every other file and `latest` after the manifest, so a
 save that dies part-way (SIGKILL, disk full) leaves `latest` naming the previous checkpoint; the
@@ -62,22 +72,17 @@ from safetensors.torch import load_file, save_file
 
 from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.layout import is_expert_param, local_name
+from mmoe_megatron.training import optimizer_state
+from mmoe_megatron.training.checkpoint_names import LATEST, MANIFEST, STATE, complete_checkpoints, tag_for
 
 logger = logging.getLogger(__name__)
 
-LATEST = "latest"
-MANIFEST = "COMPLETE.json"
-STATE = "trainer_state.json"
 SPACE_MARGIN = 1.1
 """Free space asked for beyond the estimated checkpoint size (estimates ignore pickle framing)."""
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _rank() -> int:
@@ -161,12 +166,17 @@ def estimate_checkpoint_bytes(cfg, vocab_size: int) -> int:
 
     DeepSpeed's module states hold at most P weights, the ZeRO shards together hold the fp32
     master weights and both Adam moments (12 P bytes), and model/ holds P weights again:
-    20 P bytes with fp32 weights, 16 P with bf16. Plus 1 MiB for RNG states and JSON.
+    20 P bytes with fp32 weights, 16 P with bf16. The layout-free optimizer state (optim/) adds
+    the two moments, and the masters under bf16: 8 P more with fp32 weights, 12 P with bf16.
+    Plus 1 MiB for RNG states and JSON.
     """
     from mmoe_megatron.config.derive import param_counts
 
     weight_bytes = 2 if cfg.train.precision == "bf16" else 4
-    return param_counts(cfg, vocab_size).total * (2 * weight_bytes + 12) + (1 << 20)
+    per_param = 2 * weight_bytes + 12
+    if cfg.checkpoint.layout_free_optimizer:
+        per_param += 8 if cfg.train.precision == "fp32" else 12
+    return param_counts(cfg, vocab_size).total * per_param + (1 << 20)
 
 
 def _gb(num_bytes: float) -> str:
@@ -274,6 +284,8 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
         except OSError as e:
             error = f"rank 0: {e}"
     raise_if_any(error, f"cannot save checkpoint {path}; 'latest' still names the previous one")
+    # Collective (an all-reduce per parameter), so before the part where a rank may fail alone.
+    optim = optimizer_state.gather_owned(engine, cfg) if cfg.checkpoint.layout_free_optimizer else {}
     try:
         try:
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"step": step}, save_latest=False)
@@ -288,6 +300,9 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
         os.makedirs(os.path.join(path, "rng"), exist_ok=True)
         if weights:
             save_file(weights, os.path.join(path, "model", f"rank_{rank:05d}.safetensors"))
+        if optim:
+            os.makedirs(os.path.join(path, optimizer_state.FOLDER), exist_ok=True)
+            save_file(optim, os.path.join(path, optimizer_state.FOLDER, f"rank_{rank:05d}.safetensors"))
         save_file(rng_state(), os.path.join(path, "rng", f"rank_{rank:05d}.safetensors"))
         if rank == 0:
             atomic_write_text(os.path.join(path, STATE), json.dumps(trainer_state, indent=2))
@@ -343,16 +358,6 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
 
 
 # --- finding and verifying ----------------------------------------------------------------------
-
-
-def complete_checkpoints(ckpt_dir: str) -> list[str]:
-    """Tags with a manifest, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(
-        name for name in os.listdir(ckpt_dir)
-        if name.startswith("step_") and os.path.isfile(os.path.join(ckpt_dir, name, MANIFEST))
-    )
 
 
 def _read_manifest(path: str) -> tuple[Optional[dict], Optional[str]]:
@@ -506,6 +511,10 @@ def load_checkpoint(engine, cfg, ckpt_dir: str, tag: str) -> dict:
 
 
 def _load_verified(engine, cfg, path: str) -> dict:
+    with open(os.path.join(path, STATE)) as f:
+        state = json.load(f)
+    if not optimizer_state.same_layout(state, optimizer_state.current_layout(cfg, _world())):
+        return optimizer_state.resume_in_new_layout(engine, cfg, path, state)
     ckpt_dir, tag = os.path.split(path)
     error = None
     try:
@@ -528,8 +537,7 @@ def _load_verified(engine, cfg, path: str) -> dict:
         f"weights restored from {path} differ from the saved ones",
     )
     set_rng_state(load_file(os.path.join(path, "rng", f"rank_{_rank():05d}.safetensors")))
-    with open(os.path.join(path, STATE)) as f:
-        return json.load(f)
+    return state
 
 
 def check_weights(model: torch.nn.Module, cfg, path: str) -> list[str]:

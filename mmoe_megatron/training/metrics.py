@@ -1,7 +1,12 @@
 """Training metrics: a console progress line, TensorBoard scalars and a JSONL record per step.
 
 Only global rank 0 writes. `metrics.jsonl` in the run directory holds one JSON object per
-logged step (and per evaluation), which is what tests and the demo read back.
+logged step (`kind: train`), per evaluation (`kind: eval`) and per resume (`kind: resume`: the step
+resumed from, the attempt number, the hosts). A resumed run logs again the steps it repeats since
+its checkpoint (a crash after step 26 with a checkpoint at 20 logs 21-26 twice); the file keeps
+both, and `read_metrics` (which every reader here uses) keeps the last record per step.
+TensorBoard is told the same at each resume (`purge_step`), so it hides the repeated steps' old
+points.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import time
 from typing import Optional
 
 import torch
+
+METRICS_FILE = "metrics.jsonl"
 
 
 def moe_aux_losses() -> dict[str, float]:
@@ -44,12 +51,40 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.run_dir = run_dir
+        path = os.path.join(run_dir, METRICS_FILE)
+        self.file = open(path, "a", buffering=1)
+        if self.file.tell() and not _ends_with_newline(path):
+            self.file.write("\n")  # a record cut short by a crash stays a line of its own
+        self.tensorboard = tensorboard
         self._last_time = time.time()
+
+    def _tb(self):
+        """The TensorBoard writer, opened at first use so that a resume can set its purge step."""
+        if self.writer is None and self.tensorboard:
+            self._open_writer(purge_step=None)
+        return self.writer
+
+    def _open_writer(self, purge_step: Optional[int]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=purge_step)
+
+    def log_resume(self, step: int, path: str, hosts: list[str], **details) -> dict:
+        """Mark a resume from the checkpoint of `step` at `path`, run by `hosts` (one per rank).
+        The record's `attempt` is this run's launch number (1 = the first, fresh start)."""
+        if not self.enabled:
+            return {}
+        attempt = 2 + sum(1 for r in read_records(self.run_dir) if r.get("kind") == "resume")
+        record = {"kind": "resume", "step": step, "attempt": attempt, "checkpoint": path,
+                  "hosts": hosts, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details}
+        self.file.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            # Points of steps after `step` written by the earlier attempt are hidden from now on.
+            self._open_writer(purge_step=step + 1)
+        return record
 
     def log_step(self, step: int, total_steps: int, scalars: dict, ks: dict[int, float],
                  expert_share: Optional[torch.Tensor]) -> None:
@@ -57,15 +92,16 @@ class MetricsLogger:
             return
         record = {"kind": "train", "step": step, **scalars,
                   "ks": {str(layer): k for layer, k in ks.items()}}
-        if self.writer:
+        writer = self._tb()
+        if writer:
             for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+                writer.add_scalar(f"train/{name}", value, step)
             for layer, k in ks.items():
-                self.writer.add_scalar(f"k/layer_{layer}", k, step)
+                writer.add_scalar(f"k/layer_{layer}", k, step)
             if expert_share is not None:
                 for layer, row in enumerate(expert_share):
                     for expert, share in enumerate(row.tolist()):
-                        self.writer.add_scalar(f"expert_share/layer_{layer}/expert_{expert}", share, step)
+                        writer.add_scalar(f"expert_share/layer_{layer}/expert_{expert}", share, step)
         self.file.write(json.dumps(record) + "\n")
         ks_text = " ".join(f"{k:g}" for k in ks.values())
         print(
@@ -81,9 +117,10 @@ class MetricsLogger:
         record = {"kind": "eval", "split": split, "step": step,
                   "loss": losses, "ppl": {k: math.exp(min(v, 50)) for k, v in losses.items()}}
         self.file.write(json.dumps(record) + "\n")
-        if self.writer:
+        writer = self._tb()
+        if writer:
             for k, value in losses.items():
-                self.writer.add_scalar(f"{split}/loss_k{k}", value, step)
+                writer.add_scalar(f"{split}/loss_k{k}", value, step)
         text = " | ".join(f"k={k}: {v:.4f}" for k, v in losses.items())
         print(f"eval  {step:>6} | {split} loss {text}", flush=True)
 
@@ -96,3 +133,41 @@ class MetricsLogger:
             self.writer.close()
         if self.file:
             self.file.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def read_records(run_dir: str) -> list[dict]:
+    """Every record of <run_dir>/metrics.jsonl in file order (empty if there is none yet). A last
+    line cut short by a crash is skipped."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def read_metrics(run_dir: str) -> dict:
+    """metrics.jsonl as the run's history: `train` {step: record} and `eval` {(split, step): record},
+    each the last record written for that step (a resumed run's re-run steps replace the earlier
+    attempt's), and `resumes`, every resume record in order."""
+    train, evals, resumes = {}, {}, []
+    for record in read_records(run_dir):
+        kind = record.get("kind")
+        if kind == "train":
+            train[record["step"]] = record
+        elif kind == "eval":
+            evals[(record.get("split", "valid"), record["step"])] = record
+        elif kind == "resume":
+            resumes.append(record)
+    return {"train": dict(sorted(train.items())), "eval": dict(sorted(evals.items())), "resumes": resumes}

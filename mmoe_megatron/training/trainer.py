@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -45,11 +46,13 @@ from mmoe_megatron.config import ExperimentConfig, save_config
 from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.elastic import ElasticK
 from mmoe_megatron.engine import build_engine, set_lr
+from mmoe_megatron.failures import describe_collective_failure, gather_ranks, is_collective_failure, this_rank
 from mmoe_megatron.model import build_model, elastic_routers, named_global_parameters
 from mmoe_megatron.training import checkpoint as ckpt
 from mmoe_megatron.training.batches import BatchLayout, collate
 from mmoe_megatron.training.lr import lr_at
 from mmoe_megatron.training.metrics import MetricsLogger, moe_aux_losses
+from mmoe_megatron.training.optimizer_state import adam_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,6 +81,9 @@ class Trainer:
 
         self.cfg = cfg
         self.rank = dist.get_rank()
+        # Every rank's node, device and pid, for the resume records and to name a failed rank.
+        self.ranks = gather_ranks(this_rank(self.rank, int(os.environ.get("LOCAL_RANK", 0))))
+        self._doing = "start-up"  # what the loop is doing, for the report of a failed collective
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.layout = BatchLayout(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_size)
@@ -286,6 +292,11 @@ class Trainer:
             "world_size": dist.get_world_size(),
             "dp_size": self.dp_size,
             "expert_parallel": self.cfg.parallel.expert,
+            "tensor_parallel": self.cfg.parallel.tensor,
+            "zero_stage": self.cfg.optimizer.zero_stage,
+            "layout_free_optimizer": self.cfg.checkpoint.layout_free_optimizer,
+            "optimizer_steps": adam_steps(self.engine),
+            "skipped_steps": self.engine.skipped_steps,
             "name": self.cfg.name,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_streak": self.nonfinite_streak,
@@ -324,7 +335,15 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_streak = state.get("nonfinite_streak", 0)
-        self.metrics.log_text(f"resumed from {path} at step {self.step}")
+        change = state.get("layout_change")
+        self.metrics.log_text(f"resumed from {path} at step {self.step}" + (
+            f" in another layout ({change[1]}; it was written with {change[0]}), the optimizer state "
+            "from its layout-free copy" if change else ""))
+        slurm = {"slurm_job_id": os.environ["SLURM_JOB_ID"],
+                 "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))} \
+            if "SLURM_JOB_ID" in os.environ else {}
+        self.metrics.log_resume(self.step, path, [r.node for r in self.ranks],
+                                world_size=len(self.ranks), layout_change=change, **slurm)
         return True
 
     def load_init_weights(self, path: str) -> None:
@@ -349,12 +368,6 @@ class Trainer:
                 "resuming would change the ks drawn at every step. Restore the original "
                 "matryoshka settings, or start a new run directory"
             )
-        if state["dp_size"] != self.dp_size or state["expert_parallel"] != self.cfg.parallel.expert:
-            raise ckpt.CheckpointError(
-                f"{path} was written with data-parallel size {state['dp_size']} and expert-parallel "
-                f"size {state['expert_parallel']}; ZeRO shards can only be resumed with the same "
-                "layout. Relaunch with the same number of ranks and parallel.expert"
-            )
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -374,10 +387,20 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to `train.train_iters`, evaluating and checkpointing on the way. Returns the last
-        validation losses per k. Exits early (after a checkpoint) when a stop signal arrives."""
+        validation losses per k. Exits early (after a checkpoint) when a stop signal arrives. A
+        failed collective is reported with the ranks and nodes involved before it is raised."""
+        try:
+            return self._fit()
+        except Exception as e:
+            if len(self.ranks) > 1 and is_collective_failure(e):
+                print(describe_collective_failure(e, self._doing, self.ranks), file=sys.stderr, flush=True)
+            raise
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         t = cfg.train
         ckpt.check_checkpoint_dir(cfg.checkpoint_dir, self.checkpoint_bytes, cfg.checkpoint.keep_last)
+        self._doing = "the resume from a checkpoint"
         self.restore()
         self._first_step = self.step
         eval_ks = cfg.matryoshka.resolved_eval_ks()
@@ -386,6 +409,7 @@ class Trainer:
         self.preempted = False
         while self.step < t.train_iters:
             pause_point(f"step_{self.step + 1}")
+            self._doing = f"training step {self.step + 1}"
             start = time.time()
             batches = self.microbatches(self.step)
             result = self.train_step(self.step, batches)
@@ -395,6 +419,7 @@ class Trainer:
             self.step += 1
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
                 self.metrics.log_step(self.step, t.train_iters, result, self.elastic.ks_by_layer(), share)
+            self._doing = f"the evaluation, checkpoint or stop check after step {self.step}"
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 last_eval = self.evaluate(eval_ks)
                 self.metrics.log_eval(self.step, last_eval)
@@ -408,6 +433,7 @@ class Trainer:
                 return last_eval
             if save_now and self.step < t.train_iters:
                 self.save()
+        self._doing = f"the final evaluation and checkpoint at step {self.step}"
         last_eval = self.evaluate(eval_ks)
         self.metrics.log_eval(self.step, last_eval)
         if not ckpt.complete_checkpoints(cfg.checkpoint_dir) or \
