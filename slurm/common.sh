@@ -1,10 +1,16 @@
 # Shared by the sbatch scripts in this folder (sourced, not run): rendezvous, a start-of-job log,
-# and the requeue that follows a preemption. Only process set-up lives here; training is Python.
+# and the training step with its requeue. Only process set-up lives here: training is Python, and
+# so is the decision to requeue (mmoe_megatron.requeue).
 
 PYTHON=${PYTHON:-python}
-# mmoe_megatron.train.EXIT_PREEMPTED: the trainer got SIGUSR1/SIGTERM, wrote a checkpoint, and
-# stopped before train_iters.
-EXIT_PREEMPTED=75
+
+# srun options for a training step, so that a failure ends the step instead of leaving the
+# allocation idle: --kill-on-bad-exit ends every task as soon as one exits non-zero, and --wait
+# ends the step MMOE_STEP_WAIT seconds after the first task ended even when some tasks never
+# report back (their node is lost: without it srun waits for Slurm to declare the node down,
+# SlurmdTimeout, 300 s by default). srun then waits KillWait + 2 s more for the kills before it
+# gives up on them. A healthy run's ranks all end within a second or two of each other.
+SRUN_FAULT_OPTIONS=(--kill-on-bad-exit=1 "--wait=${MMOE_STEP_WAIT:-10}")
 
 die() { echo "error: $*" >&2; exit 2; }
 
@@ -43,18 +49,40 @@ log_start() {
   fi
 }
 
-# Run one command (a job step). If it stopped because of a preemption signal, requeue this job:
-# it starts again later under the same job id and resumes from the newest complete checkpoint.
-run_step() {
+# run_training_step RUN... -- COMMAND...: run the training step COMMAND, where RUN names what it
+# trains for `python -m mmoe_megatron.requeue` (--config X [overrides], or --suite S --member I).
+# If the step fails, mmoe_megatron.requeue decides (and says why) whether this job goes back to the
+# queue: always after a preemption (exit 75), after other failures only within the retry limit and
+# when this attempt completed a newer checkpoint. A requeued job starts again under the same job
+# id and resumes from the newest complete checkpoint.
+run_training_step() {
+  local run=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do run+=("$1"); shift; done
+  [ "${1:-}" = "--" ] || die "run_training_step: no -- before the command"
+  shift
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "$@"; echo
+    return 0
+  fi
+  "$PYTHON" -m mmoe_megatron.requeue begin "${run[@]}" ||
+    echo "=== the start of this attempt was not recorded; a failure will not be retried"
+  # A requeued job keeps its id and numbers its steps from 0 again, while slurmctld still holds
+  # the signals it could not deliver to a lost node (retried every 60 s) for the earlier run's
+  # step: when the node returns, they reach the new step with the same number and end it (seen on
+  # Slurm 22.05). Restart r runs its training step as step r, clear of every earlier run's.
+  local i
+  for ((i = 0; i < ${SLURM_RESTART_COUNT:-0}; i++)); do
+    srun --nodes=1 --ntasks=1 true || true
+  done
   echo "+ $*"
   local code=0
   "$@" || code=$?
-  if [ "$code" -eq "$EXIT_PREEMPTED" ]; then
-    echo "=== preempted: checkpoint written; requeueing job ${SLURM_JOB_ID}"
+  [ "$code" -eq 0 ] && return 0
+  if "$PYTHON" -m mmoe_megatron.requeue decide --exit-code "$code" "${run[@]}"; then
     scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed (needs #SBATCH --requeue)"
     exit 0
   fi
-  return "$code"
+  exit "$code"
 }
 
 # `--dry-run` as the first argument of an sbatch script: print the steps instead of running them.
@@ -62,6 +90,7 @@ dry_run_or_run() {
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "$@"; echo
   else
-    run_step "$@"
+    echo "+ $*"
+    "$@"
   fi
 }

@@ -32,3 +32,37 @@ def single_process_mcore():
 
     seed_everything(1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real Slurm cluster on this machine (tests/slurm_cluster.py), shared by the Slurm tests."""
+    from tests.slurm_cluster import JOB_ENV, SlurmCluster, ensure_installed
+
+    why_not = ensure_installed()
+    if why_not:
+        pytest.skip(f"Slurm cannot be installed here: {why_not}")
+    with SlurmCluster(str(tmp_path_factory.mktemp("slurm"))) as c:
+        c.env.update(JOB_ENV)
+        yield c
+
+
+@pytest.fixture(scope="session")
+def slurm_reference(tmp_path_factory):
+    """Losses of the Slurm tests' training (tests.slurm_cluster.TRAIN_ARGS) under torchrun: 2 local
+    processes, expert parallel 2, uninterrupted."""
+    import subprocess
+
+    from tests.dist import free_port
+    from tests.helpers import TINY, logged_steps
+    from tests.slurm_cluster import JOB_ENV, STEPS, TRAIN_ARGS
+
+    run = str(tmp_path_factory.mktemp("torchrun") / "run")
+    env = {**os.environ, **JOB_ENV, "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["bash", "launchers/torchrun.sh", "--nproc", "2", "--config", TINY, *TRAIN_ARGS,
+                           f"--logging.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    losses = logged_steps(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses

@@ -13,11 +13,27 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+
+# What the tests train on the cluster: CPU ranks with gloo, expert parallelism 2 across the two
+# emulated nodes, enough steps (about 0.25 s each) that a run is still going when a test
+# interferes with it.
+STEPS = 20
+TRAIN_ARGS = [
+    "--data.mock=true", "--model.vocab_size=256", "--data.seq_length=32",
+    "--train.micro_batch_size=2", "--train.global_batch_size=8", f"--train.train_iters={STEPS}",
+    "--train.eval_interval=0", "--train.eval_iters=1", "--train.log_interval=1",
+    "--optimizer.warmup_iters=1", "--checkpoint.save_interval=0", "--logging.tensorboard=false",
+    "--parallel.expert=2",
+]
+# The ranks' environment: one thread each (two ranks share this machine's cores).
+JOB_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable}
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel"]
@@ -202,6 +218,70 @@ class SlurmCluster:
                 out.append(f"--- {name}\n" + f.read()[-2000:])
         return "\n".join(out)
 
+    # --- faults --------------------------------------------------------------------------------
+
+    def job_processes(self, job: str, node: str) -> list[int]:
+        """Tasks of `job` on `node` of this cluster (found by their Slurm environment)."""
+        wanted = {f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode(),
+                  f"SLURM_CONF={self.conf}".encode()}
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = set(f.read().split(b"\0"))
+            except OSError:
+                continue
+            if wanted <= env and int(pid) != os.getpid():
+                found.append(int(pid))
+        return found
+
+    def lose_node(self, node: str, job: str) -> list[int]:
+        """What a node failure looks like to the rest of the cluster: SIGKILL the node's slurmd, the
+        slurmstepd of each of `job`'s steps there and their tasks. Returns the killed pids."""
+        tasks = self.job_processes(job, node)
+        stepds = {_parent(pid) for pid in tasks}
+        stepds = {pid for pid in stepds if pid and _cmdline(pid).startswith("slurmstepd")}
+        with open(self.path(f"slurmd.{node}.pid")) as f:
+            slurmd = int(f.read().strip())
+        killed = []
+        for pid in [slurmd, *stepds, *tasks]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                continue
+        return killed
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        """`node[1-2]` -> ["node1", "node2"]."""
+        if not nodelist:
+            return []
+        return self.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+
+    def node_state(self, node: str) -> str:
+        proc = self.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t"], check=False)
+        return proc.stdout.strip()
+
+    def restart_node(self, node: str, timeout: float = 120) -> None:
+        """Start `node`'s slurmd again (after `lose_node`) and wait until slurmctld has it back."""
+        pid_file = self.path(f"slurmd.{node}.pid")
+        with open(pid_file) as f:
+            old = f.read().strip()
+        if _alive(int(old)):
+            return
+        proc = subprocess.run(["slurmd", "-f", self.conf, "-N", node], env=self.env, capture_output=True,
+                              text=True, timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"restarting slurmd {node} failed: {proc.stderr}\n{self.logs()}")
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(pid_file) as f:
+                if f.read().strip() != old and "*" not in self.node_state(node):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slurmd {node} not back after {timeout} s\n{self.logs()}")
+            time.sleep(0.2)
+
     # --- tear-down -----------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -225,6 +305,40 @@ class SlurmCluster:
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
         self._pid_files.clear()
+
+
+def submit_waiting(cluster: SlurmCluster, *args: str, env=None) -> tuple[subprocess.Popen, str]:
+    """`python -m mmoe_megatron.slurm submit ARGS --wait` in the background on `cluster`; returns the
+    process and the job id, read from the line the helper prints as soon as the job is queued."""
+    from tests.helpers import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "mmoe_megatron.slurm", "submit", *args, "--wait"], cwd=ROOT,
+                            env={**cluster.env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        found = re.match(r"job (\d+) queued", line)
+        if found:
+            return proc, found.group(1)
+    proc.wait()
+    raise AssertionError("the submit helper printed no job id:\n" + "".join(seen))
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

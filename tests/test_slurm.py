@@ -1,7 +1,8 @@
-"""Slurm: the submit helper's rendered scripts, and real jobs on a Slurm cluster started on this
-machine (tests/slurm_cluster.py: munged, slurmctld, two slurmd) — a 2-node training job that
-matches torchrun, a job preempted by its pre-limit signal that requeues and resumes exactly, and a
-suite trained as an array job and compared by a dependent job.
+"""Slurm: the submit helper's rendered scripts and its checks, and real jobs on a Slurm cluster
+started on this machine (tests/slurm_cluster.py: munged, slurmctld, two slurmd) — a 2-node training
+job that matches torchrun, a job preempted by its pre-limit signal that requeues and resumes
+exactly, requests the partition cannot run, and a suite trained as an array job and compared by a
+dependent job. Failures (crashed ranks, a lost node) are in test_slurm_faults.py.
 
 Ranks run on CPU with gloo; each emulated node runs one rank, and expert parallelism (2) spans the
 two nodes.
@@ -19,21 +20,8 @@ import time
 import pytest
 import yaml
 
-from tests.dist import free_port
 from tests.helpers import ROOT, TINY, VOCAB, logged_steps
-from tests.slurm_cluster import SlurmCluster, ensure_installed
-
-# Enough steps (about 0.25 s each here) that the run is still going when the test signals it.
-STEPS = 20
-TRAIN_ARGS = [
-    "--data.mock=true", f"--model.vocab_size={VOCAB}", "--data.seq_length=32",
-    "--train.micro_batch_size=2", "--train.global_batch_size=8", f"--train.train_iters={STEPS}",
-    "--train.eval_interval=0", "--train.eval_iters=1", "--train.log_interval=1",
-    "--optimizer.warmup_iters=1", "--checkpoint.save_interval=0", "--logging.tensorboard=false",
-    "--parallel.expert=2",
-]
-# The ranks' environment: one thread each (two ranks share this machine's cores).
-JOB_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable}
+from tests.slurm_cluster import STEPS, TRAIN_ARGS, submit_waiting
 
 
 def _submit_helper(*args, timeout=120, **kw):
@@ -85,39 +73,26 @@ def test_layout_that_does_not_fit_the_nodes_is_refused_before_queueing():
     assert proc.returncode == 2 and "one GPU" in proc.stderr
 
 
+def test_help_names_the_module_command_and_a_layout_error_names_the_gpu_default():
+    proc = _submit_helper("submit", "--help")
+    assert proc.stdout.startswith("usage: python -m mmoe_megatron.slurm submit ")
+    # 8 GPUs per node by default: a CPU user who forgot --gpus-per-node 0 is told so.
+    proc = _submit_helper("submit", "--config", TINY, "--dry-run")
+    assert proc.returncode == 2
+    assert "4 x 8" in proc.stderr and "--gpus-per-node 8 (the default)" in proc.stderr
+    assert "on CPU nodes pass --gpus-per-node 0 --tasks-per-node N" in proc.stderr
+
+
 def test_sbatch_scripts_print_their_steps_in_a_dry_run():
     proc = subprocess.run(["bash", "slurm/train.sbatch", "--dry-run", TINY, "--train.lr=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("srun --export=ALL ")
+    # A failed task ends the step (--kill-on-bad-exit), and so does a lost node (--wait).
+    assert proc.stdout.startswith("srun --export=ALL --kill-on-bad-exit=1 --wait=10 ")
     assert f"-m mmoe_megatron.train --config {TINY} --train.lr=1" in proc.stdout
 
 
 # --- a real cluster -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    why_not = ensure_installed()
-    if why_not:
-        pytest.skip(f"Slurm cannot be installed here: {why_not}")
-    with SlurmCluster(str(tmp_path_factory.mktemp("slurm"))) as c:
-        c.env.update(JOB_ENV)
-        yield c
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same training under torchrun: 2 local processes, expert parallel 2."""
-    run = str(tmp_path_factory.mktemp("torchrun") / "run")
-    env = {**os.environ, **JOB_ENV, "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(["bash", "launchers/torchrun.sh", "--nproc", "2", "--config", TINY, *TRAIN_ARGS,
-                           f"--logging.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    losses = logged_steps(run)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
 
 
 def _read(path) -> str:
@@ -126,23 +101,26 @@ def _read(path) -> str:
 
 
 @pytest.mark.slow
-def test_two_node_job_trains_like_torchrun(cluster, reference, tmp_path):
+def test_two_node_job_trains_like_torchrun(slurm_cluster, slurm_reference, tmp_path):
     run = str(tmp_path / "run")
-    proc = cluster.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out",
+    proc = slurm_cluster.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%j.out",
                         "slurm/train.sbatch", TINY, *TRAIN_ARGS, f"--logging.dir={run}"], check=False, cwd=ROOT)
     job = proc.stdout.split()[-1]
     log = _read(f"{tmp_path}/{job}.out")
-    assert proc.returncode == 0, log[-4000:] + cluster.logs()
+    assert proc.returncode == 0, log[-4000:] + slurm_cluster.logs()
     # One rank on each emulated node; their names do not resolve, so the rendezvous falls back
     # to the first node's NodeAddr.
     assert "SLURM_JOB_NODELIST=node[1-2]" in log and "MASTER_ADDR=127.0.0.1" in log
+    # Each rank says where it runs.
+    assert "rank 0 of 2 started: local rank 0, node node1" in log
+    assert "rank 1 of 2 started: local rank 0, node node2" in log
     assert f"MASTER_PORT={20000 + int(job) % 10000}" in log
     for node in ("node1", "node2"):
-        assert f"launch task StepId={job}.0 " in _read(cluster.path("log", f"slurmd.{node}.log"))
+        assert f"launch task StepId={job}.0 " in _read(slurm_cluster.path("log", f"slurmd.{node}.log"))
     assert "=== resolved config" in log and "num_experts: 8" in log
     assert os.path.isfile(os.path.join(run, "checkpoints", f"step_{STEPS:08d}", "COMPLETE.json"))
     # Same entry point, same ranks: the losses match torchrun's bit for bit (fp32 on CPU).
-    assert logged_steps(run) == reference
+    assert logged_steps(run) == slurm_reference
 
 
 def _wait_for_step(run, step, proc, timeout=300):
@@ -156,37 +134,57 @@ def _wait_for_step(run, step, proc, timeout=300):
 
 
 @pytest.mark.slow
-def test_pre_limit_signal_checkpoints_requeues_and_resumes_exactly(cluster, reference, tmp_path):
+def test_pre_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, slurm_reference, tmp_path):
     run = str(tmp_path / "run")
     # Submitted through the helper (2 CPU nodes x 1 rank); --wait returns when the job is done,
-    # requeues included.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mmoe_megatron.slurm", "submit", "--config", TINY, "--gpus-per-node", "0",
-         "--nodes", "2", "--job-name", "preempted", "--wait", *TRAIN_ARGS, f"--logging.dir={run}"],
-        cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # requeues included, and prints the job id as soon as it is queued (used here while it runs).
+    proc, job = submit_waiting(slurm_cluster, "--config", TINY, "--gpus-per-node", "0", "--nodes", "2",
+                               "--job-name", "preempted", *TRAIN_ARGS, f"--logging.dir={run}")
     try:
         _wait_for_step(run, 2, proc)
-        job = cluster.run(["squeue", "-h", "--name=preempted", "-o", "%i"]).stdout.strip()
         # What Slurm does `--signal` seconds before the time limit: SIGUSR1 to every job step.
-        cluster.run(["scancel", "--signal=USR1", job])
+        slurm_cluster.run(["scancel", "--signal=USR1", job])
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
     log = _read(os.path.join(run, "slurm", f"preempted-{job}.out"))
     assert proc.returncode == 0, out[-2000:] + log[-4000:]
-    assert f"requeueing job {job}" in log and "(restart 1)" in log
+    assert f"preempted: checkpoint written; requeueing job {job}" in log and "(restart 1)" in log
     stopped = re.findall(r"stop signal received: checkpointed step (\d+), exiting", log)
     assert len(stopped) == 1, log[-4000:]
     at = int(stopped[0])
     assert 2 <= at < STEPS
     assert f"resumed from {run}/checkpoints/step_{at:08d} at step {at}" in log
     # The requeued run continues bit for bit from the preemption checkpoint.
-    assert logged_steps(run) == reference
+    assert logged_steps(run) == slurm_reference
+
+
+def test_requests_the_partition_cannot_run_are_refused_and_leave_no_script(slurm_cluster, tmp_path):
+    run = tmp_path / "run"
+
+    def submit(*args):
+        return _submit_helper("submit", "--config", TINY, *TRAIN_ARGS, f"--logging.dir={run}", *args,
+                              env=slurm_cluster.env)
+
+    # The 8-GPU default on CPU nodes (the layout fits 8 ranks, so only the partition can object).
+    proc = submit("--train.global_batch_size=16")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--gpus-per-node 8 (the default): the nodes of partition debug have no GPUs" in proc.stderr
+    assert "pass --gpus-per-node 0 --tasks-per-node N" in proc.stderr
+    # More nodes than the partition has would pend for ever.
+    proc = submit("--gpus-per-node", "0", "--nodes", "3", "--parallel.expert=1", "--train.global_batch_size=6")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--nodes 3: partition debug has 2 node(s)" in proc.stderr
+    assert not run.exists()  # refused before anything was written
+    # sbatch itself refuses (a malformed time limit): the rendered script is removed again.
+    proc = submit("--gpus-per-node", "0", "--nodes", "2", "--time", "soon")
+    assert proc.returncode == 1 and "nothing was queued" in proc.stderr, proc.stdout + proc.stderr
+    assert not (run / "slurm" / "train.sbatch").exists()
 
 
 @pytest.mark.slow
-def test_suite_array_job_and_dependent_report(cluster, tmp_path):
+def test_suite_array_job_and_dependent_report(slurm_cluster, tmp_path):
     from mmoe_megatron.config import load_config, save_config
 
     base = str(tmp_path / "base.yaml")
@@ -207,7 +205,7 @@ def test_suite_array_job_and_dependent_report(cluster, tmp_path):
         ],
     }))
     proc = _submit_helper("suite", "--suite", str(suite), "--gpus-per-node", "0", "--wait",
-                          env=cluster.env, timeout=600)
+                          env=slurm_cluster.env, timeout=600)
     out_dir = tmp_path / "runs" / "s" / "slurm"
     logs = {p.name: p.read_text() for p in out_dir.glob("*.out")} if out_dir.exists() else {}
     assert proc.returncode == 0, proc.stdout + proc.stderr + "\n".join(f"{k}\n{v[-3000:]}" for k, v in logs.items())

@@ -1,0 +1,166 @@
+"""Whether a Slurm training job goes back to the queue after its training step ended.
+
+The sbatch scripts in slurm/ call this around the step (`run_step` in slurm/common.sh):
+
+    python -m mmoe_megatron.requeue begin  --config X.yaml [--section.field=value ...]
+    python -m mmoe_megatron.requeue decide --exit-code N --config X.yaml [...]
+    (or --suite S.yaml --member I instead of --config: one member of a suite's array job)
+
+`begin` notes the newest complete checkpoint of the run as this attempt starts. `decide` prints
+one line saying what happens and why, and exits 0 when the script should requeue the job:
+
+- exit code 75 (the trainer checkpointed on SIGUSR1/SIGTERM, e.g. the pre-limit signal):
+  requeue; these requeues are not counted as retries;
+- any other failure (a crashed or killed rank, a lost node): requeue only while the job has
+  been retried fewer than `--max-retries` times (MMOE_MAX_RETRIES, default 3) and a complete
+  checkpoint newer than the one noted at `begin` exists, i.e. this attempt made progress. A crash
+  that recurs before the next checkpoint would otherwise loop; it stops with the reason instead.
+
+What each attempt started from and each decision are appended to <run dir>/slurm/attempts.jsonl.
+No torch import: this runs between attempts, on the batch host, in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from mmoe_megatron.config import ConfigError, load_config, parse_overrides
+from mmoe_megatron.train import EXIT_PREEMPTED
+from mmoe_megatron.training.checkpoint_names import newest_complete_step, tag_for
+
+DEFAULT_MAX_RETRIES = 3
+MAX_RETRIES_ENV = "MMOE_MAX_RETRIES"
+REQUEUE, STOP = 0, 1  # exit codes of `decide`
+
+
+@dataclass(frozen=True)
+class Decision:
+    requeue: bool
+    counts_as_retry: bool
+    reason: str
+
+
+def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
+           newest_at_start: Optional[int], newest_now: Optional[int], started: bool = True) -> Decision:
+    """Whether job `job`, whose step exited with `exit_code`, goes back to the queue (pure)."""
+    if exit_code == EXIT_PREEMPTED:
+        return Decision(True, False, f"preempted: checkpoint written; requeueing job {job}")
+    failed = f"the training step failed with exit code {exit_code}"
+    if not started:
+        return Decision(False, False, f"not requeueing job {job}: {failed}, and this attempt's start was "
+                                      "not recorded, so it cannot tell whether it made progress")
+    if retries_so_far >= max_retries:
+        return Decision(False, False, (
+            f"not requeueing job {job}: {failed}, and it was already retried {retries_so_far} time(s), "
+            f"the limit (--max-retries / {MAX_RETRIES_ENV}={max_retries})"))
+    if newest_now is None or (newest_at_start is not None and newest_now <= newest_at_start):
+        have = f"the newest is still {tag_for(newest_now)}" if newest_now is not None else "there is none"
+        return Decision(False, False, (
+            f"not requeueing job {job}: {failed} before writing a new checkpoint ({have}), so a "
+            "retry would fail the same way; find the cause above, then resubmit"))
+    since = tag_for(newest_at_start) if newest_at_start is not None else "none"
+    return Decision(True, True, (
+        f"{failed}; requeueing job {job} (retry {retries_so_far + 1} of {max_retries}): "
+        f"{tag_for(newest_now)} was completed during this attempt (at its start: {since})"))
+
+
+# --- the run and its attempt log --------------------------------------------------------------
+
+
+def run_dirs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, str]:
+    """(run directory, checkpoint directory) of the training this job step ran."""
+    if args.suite is not None:
+        from mmoe_megatron.evaluation.suite import load_suite, member_config, select
+
+        if overrides:
+            raise ValueError(f"unexpected arguments {overrides}; a suite's overrides go in its YAML")
+        spec = load_suite(args.suite)
+        cfg = member_config(spec, select(spec, args.member)[0])
+    else:
+        cfg = load_config(args.config, parse_overrides(overrides))
+    return cfg.run_dir, cfg.checkpoint_dir
+
+
+def _log_path(run_dir: str) -> str:
+    return os.path.join(run_dir, "slurm", "attempts.jsonl")
+
+
+def _records(run_dir: str, job: str) -> list[dict]:
+    path = _log_path(run_dir)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("job") == job:
+                out.append(record)
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _append(run_dir: str, record: dict) -> None:
+    os.makedirs(os.path.dirname(_log_path(run_dir)), exist_ok=True)
+    with open(_log_path(run_dir), "a") as f:
+        f.write(json.dumps({**record, "time": _now()}) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmoe_megatron.requeue",
+                                     description=__doc__.strip().splitlines()[0])
+    parser.add_argument("command", choices=["begin", "decide"])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="the experiment YAML the step trained (overrides follow)")
+    which.add_argument("--suite", help="the suite YAML whose --member the step trained")
+    parser.add_argument("--member", default=None, help="with --suite: the member (index or name)")
+    parser.add_argument("--exit-code", type=int, default=None, help="decide: the training step's exit code")
+    parser.add_argument("--max-retries", type=int, default=None,
+                        help=f"retries after failures (default: ${MAX_RETRIES_ENV}, else {DEFAULT_MAX_RETRIES})")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    job = os.environ.get("SLURM_JOB_ID", "")
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    try:
+        if args.suite is not None and args.member is None:
+            raise ValueError("--suite needs --member")
+        max_retries = args.max_retries if args.max_retries is not None else \
+            int(os.environ.get(MAX_RETRIES_ENV, DEFAULT_MAX_RETRIES))
+        if max_retries < 0:
+            raise ValueError(f"the retry limit must be >= 0, got {max_retries}")
+        run_dir, ckpt_dir = run_dirs(args, overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"=== error: {e}; not requeueing", flush=True)
+        return 2
+    newest = newest_complete_step(ckpt_dir)
+    if args.command == "begin":
+        _append(run_dir, {"job": job, "restart": restart, "event": "begin", "newest_checkpoint": newest})
+        print(f"=== {_now()} attempt {restart + 1} of job {job}: newest complete checkpoint "
+              f"{tag_for(newest) if newest is not None else 'none'}", flush=True)
+        return 0
+    if args.exit_code is None:
+        parser.error("decide needs --exit-code")
+    records = _records(run_dir, job)
+    begins = [r for r in records if r["event"] == "begin" and r["restart"] == restart]
+    retries = sum(1 for r in records if r["event"] == "retry")
+    decision = decide(args.exit_code, job, retries, max_retries,
+                      begins[-1]["newest_checkpoint"] if begins else None, newest, started=bool(begins))
+    event = "retry" if decision.counts_as_retry else ("requeue" if decision.requeue else "stop")
+    _append(run_dir, {"job": job, "restart": restart, "event": event, "exit_code": args.exit_code,
+                      "newest_checkpoint": newest, "reason": decision.reason})
+    print(f"=== {_now()} {decision.reason}", flush=True)
+    return REQUEUE if decision.requeue else STOP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The requeue decision of the Slurm scripts (mmoe_megatron/requeue.py): the pure rule, and the
+command as the scripts call it, with the attempt log kept in the run directory. The same
+decisions on the real daemons are in test_slurm_faults.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mmoe_megatron.requeue import decide, main
+from tests.helpers import TINY
+
+
+@pytest.mark.parametrize("code, retries, at_start, now, requeue, words", [
+    (75, 9, 4, 4, True, "preempted: checkpoint written; requeueing job 7"),  # never counted
+    (137, 0, 4, 8, True, "requeueing job 7 (retry 1 of 2): step_00000008 was completed during this attempt"),
+    (137, 0, None, 4, True, "(retry 1 of 2): step_00000004 was completed during this attempt (at its start: none)"),
+    (137, 2, 4, 8, False, "already retried 2 time(s), the limit (--max-retries / MMOE_MAX_RETRIES=2)"),
+    (1, 0, 4, 4, False, "exit code 1 before writing a new checkpoint (the newest is still step_00000004)"),
+    (1, 0, None, None, False, "before writing a new checkpoint (there is none)"),
+])
+def test_requeue_only_what_made_progress_within_the_limit(code, retries, at_start, now, requeue, words):
+    decision = decide(code, "7", retries, 2, at_start, now)
+    assert decision.requeue is requeue
+    assert decision.counts_as_retry is (requeue and code != 75)
+    assert words in decision.reason
+
+
+def _checkpoint(run, step):
+    path = os.path.join(run, "checkpoints", f"step_{step:08d}")
+    os.makedirs(path)
+    with open(os.path.join(path, "COMPLETE.json"), "w") as f:
+        f.write("{}")
+
+
+def test_the_command_counts_retries_per_job_and_logs_each_attempt(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    selector = ["--config", TINY, f"--logging.dir={run}"]
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("MMOE_MAX_RETRIES", "1")
+
+    def attempt(restart, write_step, code):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        assert main(["begin", *selector]) == 0
+        if write_step:
+            _checkpoint(run, write_step)
+        return main(["decide", "--exit-code", str(code), *selector])
+
+    assert attempt(0, 4, 137) == 0  # progress: retry 1 of 1
+    assert attempt(1, 8, 75) == 0  # a preemption is always requeued, and not counted
+    assert attempt(2, 12, 137) == 1  # progress, but the one retry is spent
+    out = capsys.readouterr().out
+    assert "attempt 1 of job 42: newest complete checkpoint none" in out
+    assert "attempt 3 of job 42: newest complete checkpoint step_00000008" in out
+    assert "already retried 1 time(s), the limit (--max-retries / MMOE_MAX_RETRIES=1)" in out
+    with open(os.path.join(run, "slurm", "attempts.jsonl")) as f:
+        events = [(r["restart"], r["event"], r["newest_checkpoint"]) for r in map(json.loads, f)]
+    assert events == [(0, "begin", None), (0, "retry", 4), (1, "begin", 4), (1, "requeue", 8),
+                      (2, "begin", 8), (2, "stop", 12)]
+    # Another job (a resubmission) starts with its own count; a flag beats the environment.
+    monkeypatch.setenv("SLURM_JOB_ID", "43")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert main(["begin", *selector]) == 0
+    _checkpoint(run, 16)
+    assert main(["decide", "--exit-code", "1", "--max-retries", "0", *selector]) == 1
+    assert main(["decide", "--exit-code", "1", "--max-retries", "5", *selector]) == 0
+
+
+def test_a_failure_without_a_recorded_start_is_not_retried(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    _checkpoint(run, 4)
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    assert main(["decide", "--exit-code", "137", "--config", TINY, f"--logging.dir={run}"]) == 1
+    assert "this attempt's start was not recorded" in capsys.readouterr().out
+    assert main(["decide", "--exit-code", "1", "--config", TINY, "--no.such=1"]) == 2
+    assert "not requeueing" in capsys.readouterr().out
