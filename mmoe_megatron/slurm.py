@@ -136,10 +136,10 @@ def _gpus(gres: str) -> int:
     return sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
 
 
-def query_partition(name: Optional[str], env=None) -> tuple[Optional[Partition], str]:
+def query_partition(name: Optional[str]) -> tuple[Optional[Partition], str]:
     """(the partition `name`, or the default one; None and why if the cluster cannot be asked)."""
     def ask(cmd):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise OSError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
         return proc.stdout
