@@ -202,14 +202,31 @@ class Submitter:
         self.env = {"PYTHON": sys.executable, "MMOE_SLURM_DIR": SLURM_DIR}
         if max_retries is not None:
             self.env[MAX_RETRIES_ENV] = str(max_retries)
+        self._made: dict[str, Optional[str]] = {}
 
     def write(self, path: str, text: str) -> None:
         if self.dry_run:
             print(f"# ---- {path}\n{text}# ----")
             return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        # The topmost folder this creates, removed again with the script if sbatch refuses it.
+        top = folder
+        while not os.path.exists(os.path.dirname(top)):
+            top = os.path.dirname(top)
+        self._made[path] = None if os.path.exists(folder) else top
+        os.makedirs(folder, exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
+
+    def _remove(self, path: str) -> None:
+        if os.path.exists(path):
+            os.remove(path)
+        top = self._made.get(path)
+        if top:
+            folder = os.path.dirname(os.path.abspath(path))
+            while folder != os.path.dirname(top) and os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+                folder = os.path.dirname(folder)
 
     def sbatch(self, args: list[str], placeholder: str, script: str, wait: bool = False) -> str:
         """Submit `script` (the rendered file, removed again if sbatch refuses it) with `args`;
@@ -231,8 +248,7 @@ class Submitter:
         proc.stdout.read()
         code = proc.wait()
         if not job:
-            if os.path.exists(script):
-                os.remove(script)
+            self._remove(script)
             raise RuntimeError(f"sbatch exited with {code} (its message is above); nothing was queued "
                                f"and {script} was removed")
         if code != 0:
