@@ -76,3 +76,23 @@ def test_a_failure_without_a_recorded_start_is_not_retried(tmp_path, monkeypatch
     assert "this attempt's start was not recorded" in capsys.readouterr().out
     assert main(["decide", "--exit-code", "1", "--config", TINY, "--no.such=1"]) == 2
     assert "not requeueing" in capsys.readouterr().out
+
+
+def test_a_suite_member_is_found_by_its_index(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "s", "base": TINY, "runs_dir": str(tmp_path / "runs"),
+        "members": [{"name": "elastic", "role": "elastic"},
+                    {"name": "k2", "role": "specialist",
+                     "overrides": {"matryoshka.strategy": "fixed", "matryoshka.ks": [2]}}],
+    }))
+    monkeypatch.setenv("SLURM_JOB_ID", "5")
+    assert main(["begin", "--suite", str(suite), "--member", "1"]) == 0
+    _checkpoint(str(tmp_path / "runs" / "s" / "k2"), 3)
+    assert main(["decide", "--exit-code", "9", "--suite", str(suite), "--member", "1"]) == 0
+    assert "step_00000003 was completed during this attempt" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "runs" / "s" / "k2" / "slurm" / "attempts.jsonl")
+    assert not (tmp_path / "runs" / "s" / "elastic").exists()
+    assert main(["decide", "--exit-code", "9", "--suite", str(suite)]) == 2  # which member?
