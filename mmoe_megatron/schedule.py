@@ -9,11 +9,18 @@ and a resumed run draws the same ks as an uninterrupted one as long as the step 
 
 Indices:
   step        optimizer step (0-based)
+  sample      index of the sample (sequence) within the global batch (0-based)
   microbatch  index of the micro-batch within the step (0-based); only `microbatch` uses it
   layer       index of the MoE layer among the model's MoE layers (0-based)
   token       index of the token within the global batch:
               sample_in_global_batch * seq_length + position. It does not depend on the
               data-parallel layout, so per-token ks are the same for any DP/micro-batch split.
+
+Sample plans (`sandwich`, `coupled`): on top of the strategy, a fixed share of the samples of
+every global batch is routed with one k in every MoE layer and at every token: `sandwich` splits
+its share evenly between k_min and k_max, `coupled` draws one k per sample from the distribution.
+Which samples they are is a hash-ordered permutation of (seed, step, sample), so the shares are
+exact in every step and the samples chosen are unrelated to their place in the batch.
 
 The hash is 32-bit arithmetic done in int64 with 16-bit partial products, so the Python
 scalar path and the vectorised torch path give identical results (tested).
@@ -33,7 +40,8 @@ STRATEGIES: tuple[str, ...] = ("fixed", "global", "microbatch", "layerwise", "to
 
 _MASK32 = 0xFFFFFFFF
 # Domain separators so that e.g. (step=1, layer=2) and (step=2, layer=1) hash apart.
-_SALT = {"step": 0x9E3779B9, "microbatch": 0x85EBCA6B, "layer": 0xC2B2AE35, "token": 0x27D4EB2F}
+_SALT = {"step": 0x9E3779B9, "microbatch": 0x85EBCA6B, "layer": 0xC2B2AE35, "token": 0x27D4EB2F,
+         "sample": 0x165667B1, "coupled": 0xD3A2646C}
 
 
 def _mul32(x, c: int):
@@ -70,6 +78,12 @@ class KSchedule:
     ks: tuple[int, ...]
     probs: tuple[float, ...]
     seed: int
+    sandwich: float = 0.0
+    """Share of each global batch's samples routed at k_min (half) and k_max (half) everywhere."""
+    coupled: float = 0.0
+    """Share of each global batch's samples routed everywhere at one k drawn per sample."""
+    global_batch_size: int = 0
+    """Samples per step; needed to place the sample plan (sandwich, coupled)."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -80,6 +94,13 @@ class KSchedule:
             raise ValueError(f"probs must give one probability per k and sum to 1: {self.probs}")
         if self.strategy == "fixed" and len(self.ks) != 1:
             raise ValueError(f"the fixed strategy needs exactly one k, got {self.ks}")
+        if self.has_sample_plan:
+            if self.strategy == "fixed":
+                raise ValueError("sandwich and coupled samples need more than one k")
+            if self.sandwich < 0 or self.coupled < 0 or self.sandwich + self.coupled > 1:
+                raise ValueError(f"sandwich + coupled must be a share in [0, 1], got "
+                                 f"{self.sandwich} + {self.coupled}")
+            _ = self.plan_counts()  # whole numbers of samples, or a ValueError
         # Cumulative thresholds on the 32-bit hash: k = ks[first i with h < cut[i]].
         cuts, acc = [], 0.0
         for p in self.probs[:-1]:
@@ -88,8 +109,9 @@ class KSchedule:
         object.__setattr__(self, "_cuts", tuple(cuts))
 
     @classmethod
-    def from_config(cls, mat, seed: int) -> "KSchedule":
-        """From a `MatryoshkaConfig` (its strategy, ks, distribution) and the resolved seed."""
+    def from_config(cls, mat, seed: int, global_batch_size: int = 0) -> "KSchedule":
+        """From a `MatryoshkaConfig` (its strategy, ks, distribution, sample plan), the resolved
+        seed and the global batch size (samples per step, for the sample plan)."""
         ks = tuple(mat.ks)
         if mat.distribution == "uniform":
             probs = tuple(1.0 / len(ks) for _ in ks)
@@ -97,15 +119,46 @@ class KSchedule:
             probs = tuple(capacity_probs(ks, mat.tau))
         else:
             probs = tuple(mat.probs)
-        return cls(strategy=mat.strategy, ks=ks, probs=probs, seed=seed)
+        return cls(strategy=mat.strategy, ks=ks, probs=probs, seed=seed, sandwich=mat.sandwich,
+                   coupled=mat.coupled, global_batch_size=global_batch_size)
 
     @property
     def k_max(self) -> int:
         return self.ks[-1]
 
     @property
+    def k_min(self) -> int:
+        return self.ks[0]
+
+    @property
     def per_token(self) -> bool:
-        return self.strategy == "token"
+        """Whether ks can differ between the tokens of one micro-batch (set per token)."""
+        return self.strategy == "token" or self.has_sample_plan
+
+    @property
+    def has_sample_plan(self) -> bool:
+        return self.sandwich > 0 or self.coupled > 0
+
+    def plan_counts(self) -> tuple[int, int, int]:
+        """Samples per global batch at k_min, at k_max (sandwich) and coupled; whole numbers."""
+        counts = []
+        for share in (self.sandwich / 2, self.sandwich / 2, self.coupled):
+            n = share * self.global_batch_size
+            if abs(n - round(n)) > 1e-6:
+                raise ValueError(
+                    f"a share of {share:g} of a global batch of {self.global_batch_size} samples "
+                    f"is {n:g} samples; choose shares that give whole samples"
+                )
+            counts.append(int(round(n)))
+        return tuple(counts)
+
+    def marginal_probs(self) -> tuple[float, ...]:
+        """P(k) of one token in one MoE layer, sample plan included (what training compute sees)."""
+        free = 1.0 - self.sandwich
+        probs = [free * p for p in self.probs]
+        probs[0] += self.sandwich / 2
+        probs[-1] += self.sandwich / 2
+        return tuple(probs)
 
     def fingerprint(self) -> int:
         """A 32-bit digest of everything that determines the draws (compared across ranks)."""
@@ -113,6 +166,10 @@ class KSchedule:
         h = _absorb(h, STRATEGIES.index(self.strategy), 1)
         for k, cut in itertools.zip_longest(self.ks, self._cuts, fillvalue=0):
             h = _absorb(_absorb(h, k, 2), cut, 3)
+        if self.has_sample_plan:  # without a plan the digest is what it always was
+            for i, n in enumerate(self.plan_counts()):
+                h = _absorb(h, n, 4 + i)
+            h = _absorb(h, self.global_batch_size, 7)
         return h
 
     # --- draws -------------------------------------------------------------------------------
@@ -155,6 +212,43 @@ class KSchedule:
         cuts = torch.tensor(self._cuts, dtype=torch.int64, device=token_ids.device)
         ks = torch.tensor(self.ks, dtype=torch.int64, device=token_ids.device)
         return ks[torch.bucketize(h, cuts, right=True)]
+
+    def layer_token_ks(self, step: int, microbatch: int, layer: int, token_ids: torch.Tensor,
+                       seq_length: int) -> torch.Tensor:
+        """The k of every token of a micro-batch in one MoE layer: the strategy's draw (per token,
+        or the layer's k) with the sample plan on top. `token_ids` are global token ids
+        (`global_token_ids`), so the sample of a token is token_id // seq_length."""
+        if self.strategy == "token":
+            ks = self.token_ks(step, layer, token_ids)
+        else:
+            ks = torch.full_like(token_ids, self.k(step, microbatch, layer))
+        if self.has_sample_plan:
+            plan = self.sample_ks(step).to(token_ids.device)[token_ids // seq_length]
+            ks = torch.where(plan > 0, plan, ks)
+        return ks
+
+    def sample_ks(self, step: int) -> torch.Tensor:
+        """[global_batch_size] int64: the k every token of sample i uses in every MoE layer at
+        `step`, or 0 where the strategy decides (all zeros without a sample plan)."""
+        G = self.global_batch_size
+        out = torch.zeros(G, dtype=torch.int64)
+        if not self.has_sample_plan:
+            return out
+        n_min, n_max, n_coupled = self.plan_counts()
+        samples = torch.arange(G, dtype=torch.int64)
+        key = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
+        order_hash = _absorb(torch.full_like(samples, key), samples, _SALT["sample"])
+        # A stable sort of distinct-enough hashes: a permutation of the samples that is the same
+        # on every rank; the first n_min take k_min, the next n_max k_max, the next n_coupled a draw.
+        order = torch.sort(order_hash, stable=True).indices
+        out[order[:n_min]] = self.k_min
+        out[order[n_min:n_min + n_max]] = self.k_max
+        coupled = order[n_min + n_max:n_min + n_max + n_coupled]
+        if n_coupled:
+            h = _absorb(torch.full_like(coupled, key), coupled, _SALT["coupled"])
+            cuts = torch.tensor(self._cuts, dtype=torch.int64)
+            out[coupled] = torch.tensor(self.ks, dtype=torch.int64)[torch.bucketize(h, cuts, right=True)]
+        return out
 
 
 def global_token_ids(

@@ -150,7 +150,7 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
     sizes = [train_samples, valid_samples, test_samples]
     ratios = _split_ratios(d.split)
     common = dict(
-        random_seed=cfg.train.seed,
+        random_seed=cfg.train.seed if d.seed is None else d.seed,
         sequence_length=d.seq_length,
         reset_position_ids=False,
         reset_attention_mask=False,
