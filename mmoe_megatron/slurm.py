@@ -150,10 +150,11 @@ def submit_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def submit_suite(args: argparse.Namespace) -> int:
-    from mmoe_megatron.evaluation.suite import load_suite, member_config
+    from mmoe_megatron.evaluation.suite import load_suite, run_config, runs
 
     spec = load_suite(args.suite)
-    configs = [member_config(spec, m) for m in spec.members]
+    suite_runs = runs(spec)
+    configs = [run_config(spec, r) for r in suite_runs]
     res = resources_for(configs[0], args)
     for cfg in configs[1:]:
         check_world(cfg, res.world_size)
@@ -163,7 +164,7 @@ def submit_suite(args: argparse.Namespace) -> int:
 
     member_script = os.path.join(out_dir, "suite_member.sbatch")
     sub.write(member_script, render("suite_member.sbatch", [
-        f"--job-name={name}", *res.directives(), f"--array=0-{len(spec.members) - 1}",
+        f"--job-name={name}", *res.directives(), f"--array=0-{len(suite_runs) - 1}",
         f"--output={out_dir}/%x-%A_%a.out"]))
     array = sub.sbatch([member_script, args.suite], "<array job id>")
 
@@ -174,7 +175,7 @@ def submit_suite(args: argparse.Namespace) -> int:
         f"--job-name={name}-report", *res.directives(signal=False), f"--dependency=afterok:{array}",
         "--kill-on-invalid-dep=yes", f"--output={out_dir}/%x-%j.out"]))
     report = sub.sbatch((["--wait"] if args.wait else []) + [report_script, args.suite], "<report job id>")
-    members = ", ".join(f"{i}={m.name}" for i, m in enumerate(spec.members))
+    members = ", ".join(f"{i}={r.label}" for i, r in enumerate(suite_runs))
     print(f"array job {array} trains {members}; job {report} evaluates and compares them into "
           f"{os.path.join(spec.runs_dir, spec.name, 'report')}/; logs in {out_dir}/")
     return 0
