@@ -14,7 +14,7 @@ import pytest
 from mmoe_megatron.data import demo
 from mmoe_megatron.data.corpus import expand_inputs, iter_documents
 from mmoe_megatron.data.errors import DataError
-from tests.data_fixtures import SONNETS, VERSES, make_documents, write_jsonl
+from tests.data_fixtures import SONNETS, VERSES, make_documents, small_tokenizer, write_jsonl  # noqa: F401
 
 # --- inputs ----------------------------------------------------------------------------------
 
@@ -227,3 +227,54 @@ def test_prepare_demo_builds_everything_then_skips_complete_steps(tmp_path, monk
     monkeypatch.setattr(tokenizer, "train_tokenizer", lambda *a, **k: pytest.fail("retrained"))
     assert demo.prepare_demo(out, vocab_size=400, num_workers=1, progress=False) == manifest
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
+
+
+def _fake_doc_archives(root) -> dict[str, str]:
+    """Sphinx and Docutils archives with documentation files where the real ones keep them."""
+    from mmoe_megatron.data import heldout
+
+    long_text = "Directives\n==========\n\n.. note::   \r\n   Use ``toctree`` to link pages.\n\n\n\n" + "Text. " * 120
+    files = {"sphinx": [("sphinx-8.2.3/doc/usage/quickstart.rst", long_text),
+                        ("sphinx-8.2.3/doc/index.rst", "short stub"),          # under 500 bytes
+                        ("sphinx-8.2.3/sphinx/locale/messages.rst", long_text)],  # not documentation
+             "docutils": [("docutils-0.21.2/docs/user/rst/quickref.txt", long_text),
+                          ("docutils-0.21.2/docutils/parsers/rst/README.txt", long_text)]}
+    paths = {}
+    for name, members in files.items():
+        path = os.path.join(root, heldout.HELDOUT_SOURCES[name].archive)
+        with tarfile.open(path, "w:gz") as tar:
+            for member, text in members:
+                data = text.encode()
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        paths[name] = path
+    return paths
+
+
+def test_heldout_documents_are_documentation_files_only(tmp_path):
+    from mmoe_megatron.data import heldout
+
+    docs = heldout.heldout_documents(_fake_doc_archives(str(tmp_path)))
+    assert [(d["source"], d["title"]) for d in docs] == [
+        ("sphinx", "doc/usage/quickstart.rst"), ("docutils", "docs/user/rst/quickref.txt")]
+    text = docs[0]["text"]
+    assert "\r" not in text and "\n\n\n" not in text and "note::\n" in text
+
+
+def test_prepare_heldout_tokenizes_with_the_given_tokenizer_and_skips_when_done(tmp_path, monkeypatch,
+                                                                                small_tokenizer):
+    from mmoe_megatron.data import check_indexed_dataset, heldout
+
+    downloads = tmp_path / "heldout" / "_downloads"
+    downloads.mkdir(parents=True)
+    for name, path in _fake_doc_archives(str(downloads)).items():
+        src = heldout.HELDOUT_SOURCES[name]
+        monkeypatch.setitem(heldout.HELDOUT_SOURCES, name,
+                            demo.Source(src.requirement, src.archive, demo._sha256(path), src.license))
+    out = str(tmp_path / "heldout")
+    manifest = heldout.prepare_heldout(small_tokenizer, out, num_workers=1, progress=False)
+    assert manifest["num_documents"] == 2 == check_indexed_dataset(manifest["prefix"]).num_documents
+    assert manifest["num_documents_per_source"] == {"sphinx": 1, "docutils": 1}
+    monkeypatch.setattr(heldout, "heldout_documents", lambda *a: pytest.fail("rebuilt"))
+    assert heldout.prepare_heldout(small_tokenizer, out, num_workers=1, progress=False) == manifest

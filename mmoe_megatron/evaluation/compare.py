@@ -88,7 +88,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                     spec_recs = {r["seed"]: r for r in by_member[name]}
                     seeds = sorted(set(elastic) & set(spec_recs), key=lambda s: (s is None, s))
                     label = str(k)
-                    if not seeds or label not in columns:
+                    if not seeds or label not in losses(elastic[seeds[0]], f, domain):
                         continue
                     gaps = [losses(elastic[s], f, domain)[label] - losses(spec_recs[s], f, domain)[label]
                             for s in seeds]
@@ -104,7 +104,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                             entry["fraction_of_gain"] = entry["mean"] / gain if gain > 0 else None
                     per_k[label] = entry
                 curve = [statistics.fmean(losses(r, f, domain)[str(k)] for r in elastic.values())
-                         for k in trained_ks if str(k) in columns]
+                         for k in trained_ks if str(k) in losses(next(iter(elastic.values())), f, domain)]
                 tax[m.name][domain][f] = {
                     "by_k": per_k, "elastic_loss_over_trained_ks": curve,
                     "monotone": all(b <= a for a, b in zip(curve, curve[1:])) if len(curve) > 1 else None,

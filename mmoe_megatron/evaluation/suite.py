@@ -82,6 +82,9 @@ class EvalSpec:
     num_samples: Optional[int] = None
     fractions: list[float] = field(default_factory=lambda: [1.0])
     """Points of training whose checkpoints are kept and evaluated (1.0 = the end)."""
+    curve_ks: Optional[list[int]] = None
+    """ks evaluated at the fractions before the end (the learning curve); null: all of `ks` and
+    `layer_ks`. The end of training is always evaluated at all of them."""
     data_seed: Optional[int] = None
     """Shuffle seed of the evaluation samples; set it so that runs of every seed are evaluated on
     the same samples (null: each run's own data seed)."""
@@ -279,7 +282,7 @@ def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
 def eval_settings(spec: SuiteSpec) -> dict:
     """What an evaluation depends on besides the weights (a changed value re-evaluates)."""
     return {"ks": spec.eval.ks, "layer_ks": spec.eval.layer_ks, "num_samples": spec.eval.num_samples,
-            "fractions": spec.eval.fractions, "data_seed": spec.eval.data_seed,
+            "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
             "heldout": [asdict(h) for h in spec.eval.heldout]}
 
 
@@ -337,7 +340,8 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                 for domain, overrides in domains(spec):
                     dcfg = saved_config(out, overrides)
                     last = step == steps[-1] and domain == VALID
-                    points, summary = evaluate_checkpoint(dcfg, checkpoint, ks, spec.eval.num_samples,
+                    at = ks if step == steps[-1] or spec.eval.curve_ks is None else list(spec.eval.curve_ks)
+                    points, summary = evaluate_checkpoint(dcfg, checkpoint, at, spec.eval.num_samples,
                                                           analysis=last)
                     results[str(step)][domain] = {p.label: p.loss for p in points}
                     if last:
