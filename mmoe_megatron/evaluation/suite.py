@@ -232,7 +232,8 @@ def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
     from mmoe_megatron.config.derive import flops_per_token
     from mmoe_megatron.schedule import KSchedule
 
-    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size)
+    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size,
+                                      cfg.train.train_iters)
     per_token = 3.0 * sum(p * flops_per_token(cfg, vocab_size, k)
                           for k, p in zip(schedule.ks, schedule.marginal_probs()))
     if cfg.matryoshka.distill_coeff > 0:
