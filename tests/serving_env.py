@@ -79,7 +79,7 @@ def _train_config(run_dir: str, tokenizer: str, prefix: str):
         "data.tokenizer": tokenizer, "data.blend": [{"prefix": prefix, "weight": 1.0}],
         "data.cache_dir": os.path.join(run_dir, "cache"), "data.seq_length": 64,
         "moe.layer_freq": PATTERN, "parallel.expert": 2,
-        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_iters": 30,
+        "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_iters": 20,
         "train.eval_interval": 0, "train.log_interval": 10, "optimizer.warmup_iters": 3,
         "matryoshka.eval_ks": [4], "checkpoint.save_interval": 0,
         "logging.dir": run_dir, "logging.tensorboard": False,
@@ -97,7 +97,7 @@ def _train(rank, world_size, run_dir, tokenizer, prefix):
 
 def export_ep2_model(tmp_dir: str, tokenizer: str, prefix: str) -> str:
     """Train the tiny model (2 heads of 32, 8 experts, k drawn from 1..4) with expert parallelism
-    2 on two gloo processes for 30 steps, and export it at k=2 with one per-layer budget."""
+    2 on two gloo processes for 20 steps, and export it at k=2 with one per-layer budget."""
     from tests.dist import run_distributed
     from tools import export_hf
 
