@@ -74,13 +74,14 @@ def test_pyproject_registers_the_plugin_entry_point():
     ({"model.kv_channels": 20}, ["CPU", "GPU"]),  # neither a multiple of 8 nor 32 or more
 ])
 def test_export_warns_when_vllm_cannot_run_the_head_size(tmp_path, overrides, warned):
+    from mmoe_megatron.export import ExportError
     from mmoe_megatron.export.convert import export_to_hf
     from mmoe_megatron.export.engines import ServingCompatibilityWarning
 
     cfg = tiny_config(**{"data.mock": True, **overrides})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(Exception):  # no weights given: the export stops after its checks
+        with pytest.raises(ExportError, match="weights missing"):  # no weights: it stops after its checks
             export_to_hf(cfg, {}, str(tmp_path / "x"), k=2)
     messages = [str(w.message) for w in caught if issubclass(w.category, ServingCompatibilityWarning)]
     assert [("CPU" if "CPU" in m else "GPU") for m in messages] == warned, messages

@@ -140,7 +140,8 @@ def test_plugin_serves_a_per_layer_k_like_transformers(export, prompts, offline)
 @pytest.mark.parametrize("name, message", [
     ("wrong length", r"matryoshka_layer_ks=\[1, 2\] has 2 entries but the model has 3 MoE layers "
                      r"\(layers \[0, 2, 3\]\); give one k per MoE layer"),
-    ("k above experts", r"matryoshka_layer_ks=\[1, 9, 2\]: every k must be an int in 1\.\.8 \(the experts per MoE layer\); got \[9\]"),
+    ("k above experts", r"matryoshka_layer_ks=\[1, 9, 2\]: every k must be an int in 1\.\.8 "
+                        r"\(the experts per MoE layer\); got \[9\]"),
     ("unknown budget", r"matryoshka_budget='mean_k=9': this export records no such budget .*"
                        r"\['mean_k=2\.33'\]\); name one of those"),
 ])
@@ -182,7 +183,7 @@ def serve_and_complete(export, overrides: dict, prompt: str, log_path: str) -> d
                     time.sleep(2)
             return _post(f"http://127.0.0.1:{port}/v1/completions", {
                 "model": "mmoe", "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
-                "logprobs": 0, "ignore_eos": True})
+                "logprobs": 0, "ignore_eos": True, "return_tokens_as_token_ids": True})
         finally:
             stop_process_group(server)
 
@@ -210,8 +211,10 @@ def test_vllm_server_completion_and_logprobs(export, prompts, tmp_path, k, overr
     ref = hf_reference(export, k, prompts[:1])
     reply = serve_and_complete(export, overrides, TEXTS[0], str(tmp_path / "server.log"))
     choice = reply["choices"][0]
+    # The tokens come back as "token_id:N" (return_tokens_as_token_ids): compared exactly.
+    assert [int(t.split(":")[1]) for t in choice["logprobs"]["tokens"]] == ref["generated"][0]
     tokenizer = AutoTokenizer.from_pretrained(export)
-    assert choice["text"] == tokenizer.decode(ref["generated"][0])
+    assert choice["text"].strip() == tokenizer.decode(ref["generated"][0], skip_special_tokens=True).strip()
     diff = max(abs(a - b) for a, b in zip(choice["logprobs"]["token_logprobs"], ref["generated_logprobs"][0]))
     print(f"server k={k}: max |vLLM - transformers| completion log-prob {diff:.2e}")
     assert len(choice["logprobs"]["token_logprobs"]) == NEW_TOKENS and diff < TOL
@@ -223,12 +226,13 @@ TASK = "mmoe_sonnet_lines"
 
 
 def write_local_task(directory) -> str:
-    """A loglikelihood task over local JSONL (no network): two lines of a sonnet, then the next.
-    Returns the folder to pass as --include_path."""
+    """A loglikelihood task over local JSONL (no network): a line of a sonnet, then the first words
+    of the next (under 40 tokens together: the export's context is 64, and a longer document
+    would be truncated, differently by each backend). Returns the folder to pass as --include_path."""
     from tests.data_fixtures import SONNETS
 
     lines = [line.strip() for line in SONNETS.splitlines() if line.strip()]
-    docs = [{"context": "\n".join(lines[i:i + 2]) + "\n", "target": lines[i + 2]} for i in range(0, 24, 3)]
+    docs = [{"context": lines[i] + "\n", "target": " ".join(lines[i + 1].split()[:4])} for i in range(0, 24, 3)]
     data = directory / "lines.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
     (directory / f"{TASK}.yaml").write_text(
@@ -245,7 +249,7 @@ def write_local_task(directory) -> str:
 
 def lm_eval(backend: str, model_args: str, task_dir: str, out_dir) -> tuple[dict, list[float]]:
     """The `lm_eval` command of the serving venv; (the task's metrics, each document's log-likelihood)."""
-    proc = run_serving([serving_bin("lm_eval"), "--model", backend, "--model_args", model_args,
+    proc = run_serving([serving_bin("lm_eval"), "run", "--model", backend, "--model_args", model_args,
                         "--include_path", task_dir, "--tasks", TASK, "--batch_size", "4",
                         "--output_path", str(out_dir), "--log_samples"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
