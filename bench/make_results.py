@@ -13,8 +13,8 @@ import os
 
 from bench.common import RESULTS, ROOT
 
-ORDER = ["elasticity_ladder_cpu", "router_overhead", "cost_vs_k", "elasticity_cpu", "ablations_cpu",
-         "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu"]
+ORDER = ["elasticity_ladder_cpu", "router_overhead", "cost_vs_k", "serving_speed", "elasticity_cpu",
+         "ablations_cpu", "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu"]
 GPU_SECTIONS = ("elasticity_gpu", "router_overhead_gpu")
 # One factor at a time around the base member `layerwise` (strategy layerwise, normalization
 # topk_softmax, distribution uniform): axis -> {ablation member: the value it tests}.
