@@ -27,3 +27,39 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) runs .cache
+
+# --- GPU check; the second stack (Python 3.12, newest megatron-core) -----------------------------
+#   make gpu-check    the GPU check (bench/gpu_check.py) with this venv's torch, then RESULTS.md
+#   make gpu-wheels   wheels for a GPU machine without network (.cache/gpu_wheels, see README)
+#   make test-py312   the megatron-core-facing tests on Python 3.12 with megatron-core 0.19.2
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12 2>/dev/null))
+VENV312 := .venv312
+STAMP312 := $(VENV312)/.installed
+# torch==2.13.0 for Python 3.12 comes from PyPI as its CUDA build (~1.4 GB with its NVIDIA
+# libraries; it runs on CPU): downloaded once into this folder, installed from it afterwards.
+PY312_WHEELS ?= $(HOME)/.cache/mmoe_megatron/py312-wheels
+PY312_TESTS := tests/test_router.py tests/test_model.py tests/test_compat.py tests/test_baselines.py \
+	tests/test_elastic_distributed.py tests/test_training_distributed.py tests/test_export_hf.py
+
+.PHONY: gpu-check gpu-wheels setup-py312 test-py312
+
+gpu-check: setup
+	$(BIN)/python -m bench.gpu_check; status=$$?; $(BIN)/python -m bench.make_results; exit $$status
+
+gpu-wheels: setup
+	$(BIN)/python -m tools.gpu_wheels download
+
+setup-py312: $(STAMP312)
+
+# --no-build-isolation: DeepSpeed's source package imports torch to build; it builds against the
+# torch just installed instead of fetching another into an isolated build environment.
+$(STAMP312): pyproject.toml constraints.txt
+	@test -n "$(PY312)" || { echo "Python 3.12 not found: install it or pass PY312=/path/to/python3.12" >&2; exit 1; }
+	$(PY312) -m venv $(VENV312)
+	$(VENV312)/bin/pip download --quiet -d $(PY312_WHEELS) torch==2.13.0
+	$(VENV312)/bin/pip install --quiet --no-index --find-links $(PY312_WHEELS) torch==2.13.0
+	$(VENV312)/bin/pip install --quiet --no-build-isolation -e ".[test]"
+	touch $(STAMP312)
+
+test-py312: setup-py312
+	$(VENV312)/bin/python -m pytest -q $(PY312_TESTS)

@@ -245,3 +245,12 @@ def record_moe_metric(name: str, value: "torch.Tensor", layer_number: int, num_l
         save_to_aux_losses_tracker(name, value, layer_number, num_layers)
         return
     get_moe_metrics_tracker().record(name, value, layer_number, num_layers)
+
+
+def null_tokenizer_library() -> str:
+    """The `library` name of megatron-core's NullTokenizer in tokenizer metadata: "null" in
+    0.16.1 (tokenizers/megatron_tokenizer.py:21), "null-text" in 0.19.2 (megatron_tokenizer.py:29;
+    "null" is refused at :84)."""
+    from megatron.core.tokenizers import megatron_tokenizer
+
+    return "null-text" if "null-text" in getattr(megatron_tokenizer, "TEXT_LIBRARIES", ()) else "null"
