@@ -138,7 +138,7 @@ class GpuCheck:
             row = {"candidate": name, "case": case, **runs.compare_losses(reference[case], candidate[case])}
             rows.append(row)
             self.parity.append(row)
-        bad = [f"{r['case']} (mean {r['mean_loss_diff']:.2e}, per token {r['token_loss_diff']:.2e})"
+        bad = [f"{r['case']} (mean {r['mean_rel']:.1%}, per token {r['token_rel']:.1%} of the spread)"
                for r in rows if not r["passed"]]
         detail = (f"all {len(rows)} cases within tolerance" if not bad
                   else "outside tolerance at k = " + ", ".join(bad))
@@ -199,7 +199,7 @@ class GpuCheck:
         return {
             "mode": self.setup.mode, "environment": self.env, "steps": self.setup.steps,
             "warmup": self.setup.warmup, "peak_tflops": self.setup.peak_flops / 1e12 if self.setup.peak_flops else None,
-            "tolerances": {"mean_loss": runs.MEAN_LOSS_TOL, "token_loss": runs.TOKEN_LOSS_TOL,
+            "tolerances": {"mean_loss_rel": runs.MEAN_LOSS_TOL, "token_loss_rel": runs.TOKEN_LOSS_TOL,
                            "first_loss": runs.FIRST_LOSS_TOL},
             "goals": {"router_overhead": ROUTER_OVERHEAD_GOAL, "elastic_vs_fixed": ELASTIC_GOAL},
             "checks": [o.__dict__ for o in self.outcomes],

@@ -9,8 +9,10 @@ Parity. The reference is the local layer spec in fp32 on the same device; each c
 local spec in bf16, and Transformer Engine's spec, with and without grouped GEMM, when they are
 installed) is built with the same weights (`model.init_weights` draws every parameter from its
 name, which is the same in every spec) and scored on the same tokens at each k and with per-token
-ks. At random initialisation the mean loss is close to ln(vocabulary) whatever the layers do, so
-parity also compares the loss of every token: a wrong layer changes those by about their spread.
+ks. The parity models are initialised with std 1/sqrt(hidden): at the usual 0.02 the experts add
+a few per cent to the residual stream of a random model, and a wrong expert would hardly move the
+loss. Besides the mean loss, which at random initialisation depends little on what the layers
+compute, parity compares the loss of every token.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ import torch
 
 from bench.common import ROOT
 
-# bf16 tolerances against the fp32 local spec, per case (k or per-token ks). The local spec in
-# bf16 differed from fp32 by ~1e-4 nats on the mean and ~7e-4 nats per token (the tiny CPU
-# model; a deeper, wider model rounds more). A layer that computes something else moves tokens
-# by about their spread (~0.15 nats on the tiny model, more on the GPU model).
-MEAN_LOSS_TOL = 0.01
-"""|mean loss (candidate) - mean loss (reference)|, in nats."""
+# bf16 tolerances against the fp32 local spec, per case (k or per-token ks), as fractions of the
+# spread (standard deviation) of the reference's per-token losses, which sets the scale of what a
+# layer can change. Measured on the tiny CPU model: the local spec in bf16 stays within 0.4 % (mean)
+# and 1.1 % (per token) of the spread; routing one expert too many at k = 2 moves them by 3.9 % and
+# 21 %. A deeper model rounds more in bf16 (~2 % per token expected for 12 layers), hence the margin.
+MEAN_LOSS_TOL = 0.02
+"""|mean loss (candidate) - mean loss (reference)| / spread."""
 TOKEN_LOSS_TOL = 0.05
-"""mean over tokens of |loss (candidate) - loss (reference)|, in nats."""
+"""mean over tokens of |loss (candidate) - loss (reference)| / spread."""
 FIRST_LOSS_TOL = 0.02
 """|first-step loss of the Matryoshka router at fixed k - that of megatron's stock router|."""
 
@@ -170,9 +173,11 @@ def parity_losses(setup: Setup, overrides: dict, dtype, corrupt_case=None) -> di
     from mmoe_megatron.model import build_model, set_topk
     from mmoe_megatron.training.trainer import causal_mask
 
+    hidden = SIZES[setup.mode]["model.hidden_size"]
     cfg = setup.config("parity", {
         "matryoshka.strategy": "token", "matryoshka.ks": list(FIXED_KS), "train.precision":
-        "bf16" if dtype == torch.bfloat16 else "fp32", **overrides})
+        "bf16" if dtype == torch.bfloat16 else "fp32", "model.init_method_std": hidden ** -0.5,
+        **overrides})
     vocab = cfg.model.vocab_size
     model = build_model(cfg, vocab).to(device=setup.device, dtype=dtype).eval()
     batch = _parity_batch(cfg, vocab, setup.device)
@@ -190,13 +195,15 @@ def parity_losses(setup: Setup, overrides: dict, dtype, corrupt_case=None) -> di
 
 
 def compare_losses(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    """Differences of two [tokens] loss vectors, in nats and relative to the reference's spread."""
+    spread = float(reference.std())
     mean_diff = abs(float(candidate.mean()) - float(reference.mean()))
     token_diff = float((candidate - reference).abs().mean())
     return {
         "reference_loss": float(reference.mean()), "candidate_loss": float(candidate.mean()),
-        "mean_loss_diff": mean_diff, "token_loss_diff": token_diff,
-        "token_loss_spread": float(reference.std()),
-        "passed": mean_diff <= MEAN_LOSS_TOL and token_diff <= TOKEN_LOSS_TOL,
+        "mean_loss_diff": mean_diff, "token_loss_diff": token_diff, "token_loss_spread": spread,
+        "mean_rel": mean_diff / spread, "token_rel": token_diff / spread,
+        "passed": mean_diff <= MEAN_LOSS_TOL * spread and token_diff <= TOKEN_LOSS_TOL * spread,
     }
 
 
@@ -297,6 +304,9 @@ def _sync(setup: Setup) -> None:
 
 
 def _free() -> None:
+    # DeepSpeed binds methods of its optimizer to every parameter (a reference cycle through the
+    # parameter itself): the first collection breaks the engine, the second frees the weights.
+    gc.collect()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
