@@ -96,18 +96,21 @@ def apply_cpu_compat() -> None:
 
     # utils.py:631, transformer/moe/router.py:90-92,169-198, tensor_parallel/mappings.py:91,141,
     # 148,181,442 allocate with `device=torch.cuda.current_device()`; the router also moves its
-    # weight there in `gating`. Answer with the CPU device.
+    # weight there in `gating` (0.19.2: utils.py:715, router.py:98-100,184-247, mappings.py:95-447).
+    # Answer with the CPU device.
     torch.cuda.current_device = lambda: torch.device("cpu")
 
     # transformer/moe/token_dispatcher.py:445 creates a torch.cuda.Stream in __init__, and
-    # :871-895 use current_stream / stream() / record_event around the DtoH copies.
+    # :871-895 use current_stream / stream() / record_event around the DtoH copies (0.19.2: :469
+    # and :920-945).
     torch.cuda.Stream = _NoStream
     torch.cuda.Event = _NoStream
     torch.cuda.current_stream = lambda device=None: _CURRENT_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
 
     # tensor_parallel/random.py:55 and :84-111 read and write the CUDA generator when forking
-    # the model-parallel RNG tracker (dropout, expert init); random.py:422-431 seeds it.
+    # the model-parallel RNG tracker (dropout, expert init); random.py:422-431 seeds it
+    # (0.19.2: :104-150, :305, :490).
     # On CPU the tracker keeps CPU generator states instead.
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -119,8 +122,8 @@ def apply_cpu_compat() -> None:
 
     mcore_random._get_cuda_rng_state = _get_rng_state
     mcore_random._set_cuda_rng_state = _set_rng_state
-    # random.py:264-266 warns when the CPU generator changed inside a CUDA-RNG fork; here the
-    # forked state *is* the CPU generator's, so every dropout inside a fork would warn.
+    # random.py:264-266 (0.19.2: :333) warns when the CPU generator changed inside a CUDA-RNG
+    # fork; here the forked state *is* the CPU generator's, so every dropout inside a fork would warn.
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
@@ -128,9 +131,10 @@ def apply_cpu_compat() -> None:
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = torch.manual_seed
 
-    # transformer/moe/moe_utils.py:1093 turns split sizes into numpy only for CUDA tensors;
-    # left as CPU tensors, gloo's all_to_all_single (tensor_parallel/mappings.py, `all_to_all`)
-    # rejects them. token_dispatcher.py:31 imported the function by name, so rebind it there.
+    # transformer/moe/moe_utils.py:1093 (0.19.2: :1185) turns split sizes into numpy only for CUDA
+    # tensors; left as CPU tensors, gloo's all_to_all_single (tensor_parallel/mappings.py,
+    # `all_to_all`) rejects them. token_dispatcher.py:31 (0.19.2: :39) imported the function by
+    # name, so rebind it there.
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     def _move_to_cpu(tensor, as_numpy=False, record_stream=False):
