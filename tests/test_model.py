@@ -92,3 +92,15 @@ def test_both_forms_of_the_moe_entry_are_recognised_and_rebuilt(single_process_m
     # Dense MLP entries are not MoE entries.
     assert compat.moe_mlp_entry(functools.partial(dict)) is None
     assert compat.moe_mlp_entry(ModuleSpec(module=dict)) is None
+
+
+def test_grouped_gemm_experts_draw_their_weights_from_the_sequential_names():
+    from mmoe_megatron.layout import sequential_name
+
+    assert sequential_name("decoder.layers.3.mlp.experts.linear_fc1.weight12") == \
+        "decoder.layers.3.mlp.experts.local_experts.12.linear_fc1.weight"
+    assert sequential_name("decoder.layers.0.mlp.experts.linear_fc2.weight0") == \
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"
+    for unchanged in ("decoder.layers.3.mlp.experts.local_experts.2.linear_fc2.weight",
+                      "decoder.layers.3.self_attention.linear_qkv.weight", "output_layer.weight"):
+        assert sequential_name(unchanged) == unchanged
