@@ -22,7 +22,7 @@ def faulty_run(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "--mode", "cpu", "--steps", "3", "--warmup", "1",
-         "--fault", "parity", "--fault", "train", "--results-dir", str(out)],
+         "--fault", "parity", "--fault", "train", "--results-dir", str(out), "--budget-s", "3600"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     path = out / "gpu_check_cpu.json"
     assert path.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
