@@ -122,3 +122,17 @@ def test_carried_wheels_install_beside_the_machine_packages_and_damage_is_refuse
     assert gpu_wheels.install(str(wheels), str(tmp_path / "other")) == 1
     assert not (tmp_path / "other").exists()
     assert gpu_wheels.install(str(tmp_path / "nowhere"), str(target)) == 1
+
+
+def test_a_spent_time_budget_skips_the_measurements_and_fails_the_check(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--mode", "cpu", "--budget-s", "0", "--results-dir", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu_check_cpu.json").read_text())["data"]
+    status = {c["name"]: c["status"] for c in data["checks"]}
+    measurements = [n for n in status if n.startswith(("parity:", "train:"))]
+    assert len(measurements) == 10 and all(status[n] == "skipped" for n in measurements)
+    assert status["verdict:router overhead"] == "error" and data["training"] == []
+    assert "FAILED train:elastic per-token k in [2, 4, 6]: time budget of 0 s spent" in proc.stdout
