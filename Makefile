@@ -35,9 +35,13 @@ clean:
 PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12 2>/dev/null))
 VENV312 := .venv312
 STAMP312 := $(VENV312)/.installed
-# torch==2.13.0 for Python 3.12 comes from PyPI as its CUDA build (~1.4 GB with its NVIDIA
-# libraries; it runs on CPU): downloaded once into this folder, installed from it afterwards.
-PY312_WHEELS ?= $(HOME)/.cache/mmoe_megatron/py312-wheels
+# PyPI has torch==2.13.0 for Python 3.12 only as its CUDA build (1.35 GB to download with its
+# NVIDIA libraries, 4.3 GB installed; it runs on CPU). It is installed once into an environment
+# of its own under PY312_CACHE, shared read-only by every checkout's .venv312 through a .pth file
+# and built under a lock; .venv312 itself holds the other dependencies and the editable package.
+PY312_CACHE ?= $(HOME)/.cache/mmoe_megatron
+PY312_TORCH_PIN := $(shell grep -m1 '^torch==' constraints.txt)
+PY312_TORCH := $(PY312_CACHE)/$(subst ==,-,$(PY312_TORCH_PIN))-py312
 PY312_TESTS := tests/test_router.py tests/test_model.py tests/test_compat.py tests/test_baselines.py \
 	tests/test_elastic_distributed.py tests/test_training_distributed.py tests/test_export_hf.py
 
@@ -51,13 +55,19 @@ gpu-wheels: setup
 
 setup-py312: $(STAMP312)
 
-# --no-build-isolation: DeepSpeed's source package imports torch to build; it builds against the
-# torch just installed instead of fetching another into an isolated build environment.
-$(STAMP312): pyproject.toml constraints.txt
+$(PY312_TORCH)/.installed:
 	@test -n "$(PY312)" || { echo "Python 3.12 not found: install it or pass PY312=/path/to/python3.12" >&2; exit 1; }
+	mkdir -p $(PY312_CACHE)
+	flock $(PY312_CACHE)/torch-py312.lock sh -c 'test -f $@ || { rm -rf $(PY312_TORCH) && \
+		$(PY312) -m venv $(PY312_TORCH) && $(PY312_TORCH)/bin/pip install --quiet $(PY312_TORCH_PIN) && touch $@; }'
+
+# --no-build-isolation: DeepSpeed's source package imports torch to build; it builds against the
+# shared torch instead of fetching another into an isolated build environment.
+$(STAMP312): pyproject.toml constraints.txt $(PY312_TORCH)/.installed
+	rm -rf $(VENV312)
 	$(PY312) -m venv $(VENV312)
-	$(VENV312)/bin/pip download --quiet -d $(PY312_WHEELS) torch==2.13.0
-	$(VENV312)/bin/pip install --quiet --no-index --find-links $(PY312_WHEELS) torch==2.13.0
+	$(PY312_TORCH)/bin/python -c "import site; print(site.getsitepackages()[0])" \
+		> $$($(VENV312)/bin/python -c "import site; print(site.getsitepackages()[0])")/shared-torch.pth
 	$(VENV312)/bin/pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP312)
 

@@ -235,8 +235,8 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """The alltoall dispatcher with its output size taken from the realised routing.
 
     megatron-core sizes the dropless permutation buffer as tokens * config.moe_router_topk
-    (token_dispatcher.py:524 in 0.16.1, :550 in 0.19.2); that is k_max here. The count only matters for fused
-    permutation (Transformer Engine), but must then be exact.
+    (token_dispatcher.py:524 in 0.16.1, :550 in 0.19.2); that is k_max here. The count only
+    matters for fused permutation (Transformer Engine), but must then be exact.
     """
 
     num_out_tokens_hint: Optional[int] = None

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 
-def moe_aux_losses(num_microbatches: int, moe_layer_numbers: list[int], dp_group=None) -> dict[str, float]:
+def moe_aux_losses(num_microbatches: int, moe_layer_numbers: list[int],
+                   dp_group=None) -> dict[str, float]:
     """Each MoE auxiliary loss of the last step, then reset: the mean over micro-batches, over the
     MoE layers and over data-parallel ranks, so the figure does not depend on the layout.
 
