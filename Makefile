@@ -71,5 +71,8 @@ $(STAMP312): pyproject.toml constraints.txt $(PY312_TORCH)/.installed
 	$(VENV312)/bin/pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP312)
 
+# The ZeRO-1 case of the 4-rank equality test is left to the 3.11 lane; ZeRO-2 covers equality
+# and resume here.
 test-py312: setup-py312
-	$(VENV312)/bin/python -m pytest -q $(PY312_TESTS)
+	$(VENV312)/bin/python -m pytest -q $(PY312_TESTS) \
+		--deselect "tests/test_training_distributed.py::test_zero_with_expert_parallel_matches_single_process[1]"
