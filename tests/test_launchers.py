@@ -113,16 +113,18 @@ def _dry_run_command(root, env_extra, launcher="torchrun.sh"):
 @pytest.mark.parametrize("launcher", ["torchrun.sh", "deepspeed.sh"])
 def test_launchers_prefer_the_project_venv_over_python_on_path(tmp_path, launcher):
     _copy_launchers(tmp_path)
+    port = {"MASTER_PORT": "12345"}  # no interpreter needed to pick one
     # No .venv: whatever `python` is on PATH.
-    assert _dry_run_command(tmp_path, {}, launcher)[0] == "python"
+    assert _dry_run_command(tmp_path, port, launcher)[0] == "python"
     venv_python = tmp_path / ".venv" / "bin" / "python"
     venv_python.parent.mkdir(parents=True)
     venv_python.symlink_to(sys.executable)
-    assert _dry_run_command(tmp_path, {}, launcher)[0] == str(venv_python)
+    assert _dry_run_command(tmp_path, port, launcher)[0] == str(venv_python)
     # An explicit interpreter, or an activated environment, still wins.
-    assert _dry_run_command(tmp_path, {"PYTHON": sys.executable}, launcher)[0] == sys.executable
+    assert _dry_run_command(tmp_path, {**port, "PYTHON": sys.executable}, launcher)[0] == sys.executable
     active = os.path.dirname(os.path.dirname(sys.executable))
-    assert _dry_run_command(tmp_path, {"VIRTUAL_ENV": active}, launcher)[0] == os.path.join(active, "bin", "python")
+    assert _dry_run_command(tmp_path, {**port, "VIRTUAL_ENV": active}, launcher)[0] == \
+        os.path.join(active, "bin", "python")
 
 
 def _port_of(command):
