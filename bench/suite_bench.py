@@ -1,12 +1,15 @@
-"""Run a suite (train every member, evaluate all at every k, compare) as a benchmark and record
-its comparison table, plot and wall time in bench/results/<suite name>.json.
+"""Run a suite (train its members on every seed, evaluate them at every k, compare) as a benchmark,
+and record the comparison in bench/results/<suite name>.json (plus its plots).
 
     python -m bench.suite_bench --suite bench/suites/elasticity_cpu.yaml [--nproc 2]
-    python -m bench.suite_bench --suite bench/suites/ablations_cpu.yaml
+    python -m bench.suite_bench --suite S.yaml --member k2 --seed 3     # one run; the table grows
+    python -m bench.suite_bench --suite S.yaml --report-only             # re-assemble the table
 
-The suite's members resume if interrupted: rerunning the command finishes the remaining work.
-For an ablation suite (every member elastic) the summary names the member with the lowest mean
-loss over the uniform ks.
+A suite can be built in parts: each evaluated run's results (losses at every k, checkpoint and
+domain, with the code version and CPU it was trained on) are kept as a small JSON file in
+bench/results/<suite name>/, and the table is assembled from every such file there, so runs
+made at different times (or on different machines, which the table then says) add up. Runs
+resume if interrupted, and a run already evaluated is not evaluated again.
 """
 
 from __future__ import annotations
@@ -22,59 +25,78 @@ import time
 from bench.common import RESULTS, ROOT, write_result
 
 
+def _suite_cmd(command: str, suite: str, extra: list[str], env: dict) -> int:
+    return subprocess.call([sys.executable, "-m", "mmoe_megatron.evaluation.suite", command, "--suite", suite,
+                            *extra], cwd=ROOT, env=env)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
-    p.add_argument("--nproc", type=int, default=2, help="training processes per member")
+    p.add_argument("--nproc", type=int, default=2, help="training processes per run")
+    p.add_argument("--member", default=None, help="only this member's runs")
+    p.add_argument("--seed", type=int, default=None, help="only the runs of this seed")
+    p.add_argument("--report-only", action="store_true", help="only assemble the table from the kept results")
     args = p.parse_args(argv)
 
-    from mmoe_megatron.evaluation.suite import load_suite
+    from mmoe_megatron.evaluation.compare import markdown, write_comparison
+    from mmoe_megatron.evaluation.suite import load_suite, result_file_name, run_dir, select
 
     spec = load_suite(args.suite)
-    launcher = f"{sys.executable} -m torch.distributed.run --nproc-per-node {args.nproc}"
+    slug = spec.name.replace("-", "_")
+    kept = os.path.join(RESULTS, slug)
+    os.makedirs(kept, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   os.path.join(ROOT, ".cache", "torch_extensions"))}
-    start = time.time()
-    code = subprocess.call([sys.executable, "-m", "mmoe_megatron.evaluation.suite", "run", "--suite",
-                            args.suite, "--launcher", launcher], cwd=ROOT, env=env)
-    wall = time.time() - start
-    if code != 0:
-        print(f"suite failed with exit code {code}", file=sys.stderr)
-        return code
+    if not args.report_only:
+        launcher = f"{sys.executable} -m torch.distributed.run --nproc-per-node {args.nproc}"
+        for run in select(spec, args.member, args.seed):
+            which = ["--member", run.member.name] + ([] if run.seed is None else ["--seed", str(run.seed)])
+            start = time.time()
+            code = _suite_cmd("train", args.suite, which + ["--launcher", launcher], env)
+            wall = time.time() - start
+            if code == 0:
+                code = _suite_cmd("evaluate", args.suite, which, env)
+            if code != 0:
+                print(f"{run.label} failed with exit code {code}", file=sys.stderr)
+                return code
+            with open(os.path.join(ROOT, run_dir(spec, run), "eval", "results.json")) as f:
+                record = json.load(f)
+            record.setdefault("bench", {}).setdefault("train_wall_s", []).append(
+                {"seconds": wall, "nproc": args.nproc})
+            with open(os.path.join(kept, result_file_name(run)), "w") as f:
+                json.dump(record, f, indent=2)
 
+    records = []
+    for name in sorted(os.listdir(kept)):
+        if name.endswith(".json"):
+            with open(os.path.join(kept, name)) as f:
+                records.append(json.load(f))
+    members = {m.name for m in spec.members}
+    records = [r for r in records if r["member"] in members]
+    if not records:
+        print(f"no evaluated run of {spec.name} in {kept}", file=sys.stderr)
+        return 1
     report = os.path.join(ROOT, spec.runs_dir, spec.name, "report")
-    with open(os.path.join(report, "comparison.json")) as f:
-        comparison = json.load(f)
-    with open(os.path.join(report, "comparison.md")) as f:
-        table = f.read()
-    slug = spec.name.replace("-", "_")
-    png = os.path.join(RESULTS, f"{slug}.png")
-    shutil.copyfile(os.path.join(report, "comparison.png"), png)
-
-    analysis = ""
-    elastic = next(m for m in spec.members if m.role == "elastic")
-    with open(os.path.join(ROOT, spec.runs_dir, spec.name, elastic.name, "eval", "eval.md")) as f:
-        text = f.read()
-    if "### Expert ranking" in text:
-        analysis = "\n#### " + text[text.index("### Expert ranking") + 4:]
-
-    lines = [table.replace("## ", "#### ", 1)]
-    ranked = sorted((r for r in comparison["rows"] if r["mean_loss_uniform_k"] is not None),
-                    key=lambda r: r["mean_loss_uniform_k"])
-    if all(m.role == "elastic" for m in spec.members):
-        best = ranked[0]
-        lines.append(f"Lowest mean loss over uniform ks: **{best['name']}** ({best['mean_loss_uniform_k']:.4f}); "
-                     "order: " + " < ".join(f"{r['name']} ({r['mean_loss_uniform_k']:.4f})" for r in ranked) + ".")
-    gaps = comparison["elastic_gap_to_specialist"]
-    if gaps:
-        lines.append("Elastic minus specialist at each specialist's k: "
-                     + ", ".join(f"k={k}: {v:+.4f}" for k, v in gaps.items()) + ".")
-    lines += [f"Wall time of the whole suite (train {len(spec.members)} models, evaluate, compare): "
-              f"{wall / 60:.1f} min with {args.nproc} training processes per model.",
-              "", f"![{spec.name}](bench/results/{slug}.png)", analysis]
+    paths = write_comparison(spec, records, out=report)
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    images = []
+    for key, path in paths.items():
+        if key.startswith("png"):
+            name = f"{slug}{os.path.basename(path)[len('comparison'):-4]}.png"
+            shutil.copyfile(path, os.path.join(RESULTS, name))
+            images.append(f"![{spec.name} {key}](bench/results/{name})")
+    expected = len(spec.members) * max(1, len(spec.seeds))
+    walls = [w["seconds"] for r in records for w in r.get("bench", {}).get("train_wall_s", [])]
+    lines = [markdown(data, level=4),
+             f"Runs evaluated: {len(records)} of {expected}"
+             + (f"; training wall time per run {min(walls) / 60:.1f}-{max(walls) / 60:.1f} min "
+                f"(each on {args.nproc} processes, on a machine possibly shared with other work)" if walls else "")
+             + ".", "", *images]
     write_result(slug, f"Suite: {spec.name}", "\n".join(lines),
-                 {"comparison": comparison, "wall_s": wall, "suite": os.path.relpath(args.suite, ROOT)})
+                 {"comparison": data, "suite": os.path.relpath(os.path.abspath(args.suite), ROOT)})
     return 0
 
 

@@ -8,7 +8,8 @@ ks. Per-token ks are indexed by each token's place in the global batch:
     sample_in_global_batch = microbatch * (dp_size * micro_batch_size) + dp_rank * micro_batch_size + b
 
 which is the order megatron's pretraining sampler hands out samples, so the per-token ks do not
-depend on how the global batch is split over ranks and micro-batches.
+depend on how the global batch is split over ranks and micro-batches. The schedule's sample plan
+(sandwich and coupled samples) is indexed the same way.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ElasticK:
     def from_config(cls, model, cfg, dp_rank: int = 0, dp_size: int = 1) -> "ElasticK":
         return cls(
             model,
-            KSchedule.from_config(cfg.matryoshka, cfg.k_seed),
+            KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size, cfg.train.train_iters),
             moe_layer_numbers(cfg),
             cfg.data.seq_length,
             cfg.train.micro_batch_size,
@@ -78,7 +79,7 @@ class ElasticK:
             )
             self._token_ids = ids_SB
             for router, layer in zip(self.routers, self.layer_of):
-                ks_SB = self.schedule.token_ks(step, layer, ids_SB)
+                ks_SB = self.schedule.layer_token_ks(step, microbatch, layer, ids_SB, self.seq_length)
                 router.set_token_ks(ks_SB, width=self.schedule.k_max)
             self.layer_ks = []
             return
@@ -112,7 +113,8 @@ class ElasticK:
             if isinstance(used, int):
                 record[3 + layer] = used if not self.schedule.per_token else -2
             else:
-                expected = self.schedule.token_ks(self.step, layer, self._token_ids).reshape(-1)
+                expected = self.schedule.layer_token_ks(
+                    self.step, self.microbatch, layer, self._token_ids, self.seq_length).reshape(-1)
                 record[3 + layer] = int((used.cpu() != expected.cpu()).sum())
         return record
 

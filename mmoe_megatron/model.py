@@ -2,7 +2,8 @@
 
 The elastic router enters through megatron-core's layer spec: every MoE layer spec gets
 `MatryoshkaMoELayer` as its module and `MatryoshkaRouter` as `MoESubmodules.router`. Nothing
-in megatron-core is patched.
+in megatron-core is patched. `build_model` refuses a model in which any MoE layer of the config
+did not get them (`check_elastic_layers`).
 
 Inference API:
     set_topk(model, 2)             every MoE layer routes to its top-2
@@ -23,7 +24,7 @@ import torch
 from mmoe_megatron import compat
 from mmoe_megatron.config import ExperimentConfig
 from mmoe_megatron.config.derive import padded_vocab_size, transformer_config, use_transformer_engine
-from mmoe_megatron.layout import global_name, is_expert_param
+from mmoe_megatron.layout import global_name, is_expert_param, sequential_name
 from mmoe_megatron.router import MatryoshkaMoELayer, MatryoshkaRouter
 
 
@@ -60,7 +61,6 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
     the reference that fixed-k training and the router-overhead benchmark compare against.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
-    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     specs = get_gpt_decoder_layer_specs(
         tconfig, use_transformer_engine=use_transformer_engine(cfg),
@@ -72,15 +72,53 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
     out = []
     for spec in specs:
         mlp = spec.submodules.mlp
-        if getattr(mlp, "module", None) is MoELayer:
-            mlp = dataclasses.replace(
-                mlp,
-                module=MatryoshkaMoELayer,
-                submodules=dataclasses.replace(mlp.submodules, router=router),
+        entry = compat.moe_mlp_entry(mlp)
+        if entry is not None:
+            mlp = compat.with_moe_mlp(
+                mlp, MatryoshkaMoELayer, dataclasses.replace(entry.submodules, router=router)
             )
             spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
         out.append(spec)
     return out
+
+
+class ElasticRoutingError(RuntimeError):
+    """A model whose config has MoE layers was built with a layer that is not elastic."""
+
+
+def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router.
+
+    Whatever the installed megatron-core returns for a layer spec, a silent fallback to its
+    stock MoELayer or TopKRouter would train a fixed-k model that is not elastic.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    wanted = set(moe_layer_numbers(cfg))
+    layers = list(getattr(getattr(model, "decoder", None), "layers", []))
+    problems = [] if layers else ["the model has no transformer layers (model.decoder.layers)"]
+    for layer in layers:
+        number, mlp = layer.layer_number, getattr(layer, "mlp", None)
+        router = getattr(mlp, "router", None)
+        if number not in wanted:
+            if isinstance(mlp, MoELayer):
+                problems.append(f"layer {number} is an MoE layer but the config makes it dense")
+        elif not isinstance(mlp, MatryoshkaMoELayer):
+            problems.append(f"layer {number}: MLP is {type(mlp).__module__}.{type(mlp).__name__}, "
+                            "not MatryoshkaMoELayer")
+        elif not isinstance(router, MatryoshkaRouter):
+            problems.append(f"layer {number}: router is {type(router).__module__}."
+                            f"{type(router).__name__}, not an elastic MatryoshkaRouter")
+    if problems:
+        from megatron.core import package_info
+
+        raise ElasticRoutingError(
+            "the model's MoE layers did not all get the elastic router, so it would train at "
+            f"a fixed k (megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
+            + "\nThe layer spec megatron-core returned was not recognised by "
+            "mmoe_megatron.compat.moe_mlp_entry; use a supported release (0.16.1 on Python 3.11, "
+            "0.19.2 on Python 3.12) or extend that function for this one"
+        )
 
 
 def build_model(
@@ -114,6 +152,8 @@ def build_model(
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         parallel_output=True,
     )
+    if not stock_routing:
+        check_elastic_layers(model, cfg)
     init_weights(model, cfg, cfg.train.seed if seed is None else seed)
     return model
 
@@ -137,7 +177,9 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases.
+    weights, zeros for biases. Grouped-GEMM experts draw from their SequentialMLP names and
+    Transformer Engine's linears share the local spec's names, so every layer spec of a config
+    starts from the same weights too.
     """
     from megatron.core import parallel_state as ps
 
@@ -158,7 +200,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
         shape = list(param.shape)
         if sharded:
             shape[param.partition_dim] *= tp_world
-        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        gen = torch.Generator().manual_seed(_param_seed(seed, sequential_name(name)))
         scale = out_std if (".linear_proj." in name or ".linear_fc2." in name) else std
         full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
         param.copy_(_shard(full, param, tp_rank, tp_world) if sharded else full)

@@ -4,7 +4,8 @@ The sbatch scripts in slurm/ call this around the step (`run_step` in slurm/comm
 
     python -m mmoe_megatron.requeue begin  --config X.yaml [--section.field=value ...]
     python -m mmoe_megatron.requeue decide --exit-code N --config X.yaml [...]
-    (or --suite S.yaml --member I instead of --config: one member of a suite's array job)
+    (or --suite S.yaml --member I instead of --config: run I of a suite's array job, a
+    (member, seed) counted as the suite's `runs` are)
 
 `begin` notes the newest complete checkpoint of the run as this attempt starts. `decide` prints
 one line saying what happens and why, and exits 0 when the script should requeue the job:
@@ -76,14 +77,18 @@ def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
 def run_dirs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, str]:
     """(run directory, checkpoint directory) of the training this job step ran."""
     if args.suite is not None:
-        from mmoe_megatron.evaluation.suite import load_suite, member_config, select
+        from mmoe_megatron.evaluation.suite import load_suite, run_config, run_dir, select
 
         if overrides:
             raise ValueError(f"unexpected arguments {overrides}; a suite's overrides go in its YAML")
         spec = load_suite(args.suite)
-        cfg = member_config(spec, select(spec, args.member)[0])
-    else:
-        cfg = load_config(args.config, parse_overrides(overrides))
+        chosen = select(spec, args.member)
+        if len(chosen) != 1:
+            labels = ", ".join(r.label for r in chosen)
+            raise ValueError(f"--member {args.member} names {len(chosen)} runs ({labels}); "
+                             "pass one run's index, as an array task does")
+        return run_dir(spec, chosen[0]), run_config(spec, chosen[0]).checkpoint_dir
+    cfg = load_config(args.config, parse_overrides(overrides))
     return cfg.run_dir, cfg.checkpoint_dir
 
 
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="the experiment YAML the step trained (overrides follow)")
     which.add_argument("--suite", help="the suite YAML whose --member the step trained")
-    parser.add_argument("--member", default=None, help="with --suite: the member (index or name)")
+    parser.add_argument("--member", default=None,
+                        help="with --suite: the run's index (or the name of a member with one run)")
     parser.add_argument("--exit-code", type=int, default=None, help="decide: the training step's exit code")
     parser.add_argument("--max-retries", type=int, default=None,
                         help=f"retries after failures (default: ${MAX_RETRIES_ENV}, else {DEFAULT_MAX_RETRIES})")

@@ -6,9 +6,9 @@ lines rendered from the experiment config and the flags given here.
     python -m mmoe_megatron.slurm suite --suite configs/suites/S.yaml [same flags] [--dry-run]
 
 `submit` runs slurm/train.sbatch: N nodes x G tasks, one task (one GPU) per rank. `suite` submits
-slurm/suite_member.sbatch as an array job (task i trains member i) and slurm/suite_report.sbatch
-with `--dependency=afterok:<array job id>`, which evaluates every member at every k and writes the
-comparison. The rendered scripts are written beside the runs (`<run dir>/slurm/`) and submitted
+slurm/suite_member.sbatch as an array job (task i trains the suite's run i, a member and seed) and
+slurm/suite_report.sbatch with `--dependency=afterok:<array job id>`, which evaluates every run at
+every k and writes the comparison. The rendered scripts are written beside the runs (`<run dir>/slurm/`) and submitted
 from the current directory; `--dry-run` prints them and the sbatch commands and submits nothing.
 
 Before queueing, the request is checked against the partition (`scontrol show partition`,
@@ -286,10 +286,11 @@ def submit_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def submit_suite(args: argparse.Namespace) -> int:
-    from mmoe_megatron.evaluation.suite import load_suite, member_config
+    from mmoe_megatron.evaluation.suite import load_suite, run_config, runs
 
     spec = load_suite(args.suite)
-    configs = [member_config(spec, m) for m in spec.members]
+    suite_runs = runs(spec)
+    configs = [run_config(spec, r) for r in suite_runs]
     res = resources_for(configs[0], args)
     for cfg in configs[1:]:
         check_world(cfg, res.world_size, world_from(res, args))
@@ -300,7 +301,7 @@ def submit_suite(args: argparse.Namespace) -> int:
 
     member_script = os.path.join(out_dir, "suite_member.sbatch")
     sub.write(member_script, render("suite_member.sbatch", [
-        f"--job-name={name}", *res.directives(), f"--array=0-{len(spec.members) - 1}",
+        f"--job-name={name}", *res.directives(), f"--array=0-{len(suite_runs) - 1}",
         f"--output={out_dir}/%x-%A_%a.out"]))
     array = sub.sbatch([member_script, args.suite], "<array job id>", member_script)
 
@@ -314,7 +315,7 @@ def submit_suite(args: argparse.Namespace) -> int:
         report = sub.sbatch([report_script, args.suite], "<report job id>", report_script, wait=args.wait)
     except RuntimeError as e:
         raise RuntimeError(f"{e}; the array job {array} is queued (scancel {array} to stop it)") from None
-    members = ", ".join(f"{i}={m.name}" for i, m in enumerate(spec.members))
+    members = ", ".join(f"{i}={r.label}" for i, r in enumerate(suite_runs))
     print(f"array job {array} trains {members}; job {report} evaluates and compares them into "
           f"{os.path.join(spec.runs_dir, spec.name, 'report')}/; logs in {out_dir}/")
     return 0

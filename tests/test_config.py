@@ -159,3 +159,23 @@ def test_every_shipped_config_loads():
     assert names
     for name in names:
         load_config(os.path.join(root, name))
+
+
+@pytest.mark.parametrize("overrides, field, message", [
+    ({"matryoshka.sandwich": 0.3}, "matryoshka.sandwich", "whole samples"),     # 0.15 x 16 samples
+    ({"matryoshka.coupled": 0.1}, "matryoshka.coupled", "whole samples"),
+    ({"matryoshka.sandwich": 0.5, "matryoshka.strategy": "fixed", "matryoshka.ks": [2]},
+     "matryoshka.sandwich", "only for an elastic model"),
+    ({"matryoshka.distill_coeff": 0.5, "matryoshka.method": "top_p", "matryoshka.strategy": "fixed",
+      "matryoshka.ks": [4]}, "matryoshka.distill_coeff", "only for an elastic model"),
+    ({"matryoshka.distill_coeff": 0.5, "parallel.tensor": 2}, "matryoshka.distill_coeff", "tensor parallel"),
+    ({"matryoshka.distill_coeff": 1.0}, "matryoshka.distill_coeff", "< 1"),
+    ({"matryoshka.shrink_fraction": 0.5, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
+     "matryoshka.shrink_fraction", "only for an elastic model"),
+])
+def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides, field, message):
+    from mmoe_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tiny_config_path, list(overrides.items()))
+    assert err.value.path == field

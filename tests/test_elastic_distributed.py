@@ -3,7 +3,8 @@
 Each rank takes its half of one global batch (data parallel for dense weights, experts split
 over the two ranks). The reference runs the same two halves as two micro-batches on one
 process with all eight experts. Losses and every gradient must agree, for the layer-wise and
-the per-token strategies, under both dispatchers; the ks must agree across ranks, and the sync
+the per-token strategies and for a sample plan (sandwich and coupled samples on top of
+layer-wise draws), under both dispatchers; the ks must agree across ranks, and the sync
 check must catch a rank that routes with different ks.
 """
 
@@ -19,9 +20,18 @@ MBS = 2
 STEP = 5
 
 
-def config(dispatcher, strategy, expert):
+# Variant -> matryoshka overrides. "plan": of the 4 samples of the global batch, one at k_min and
+# one at k_max in every layer (sandwich 0.5), one at a per-sample draw (coupled 0.25), one free.
+VARIANTS = {
+    "layerwise": {"matryoshka.strategy": "layerwise"},
+    "token": {"matryoshka.strategy": "token"},
+    "plan": {"matryoshka.strategy": "layerwise", "matryoshka.sandwich": 0.5, "matryoshka.coupled": 0.25},
+}
+
+
+def config(dispatcher, variant, expert):
     return tiny_config(**{
-        "moe.dispatcher": dispatcher, "matryoshka.strategy": strategy, "parallel.expert": expert,
+        "moe.dispatcher": dispatcher, "parallel.expert": expert, **VARIANTS[variant],
         "train.micro_batch_size": MBS, "train.global_batch_size": 2 * MBS,
         "data.seq_length": 32, "moe.z_loss_coeff": 1e-3,
     })
@@ -43,7 +53,7 @@ def _ep_worker(rank, world_size, dispatcher):
 
     out = {}
     distributed.init_distributed(config(dispatcher, "layerwise", expert=2))
-    for strategy in ("layerwise", "token"):
+    for strategy in VARIANTS:
         cfg = config(dispatcher, strategy, expert=2)
         model = build_model(cfg, VOCAB)
         tokens, labels = tiny_batch(cfg, 2 * MBS, seed=3)  # the global batch, same on all ranks
@@ -108,7 +118,7 @@ def reference(dispatcher, strategy):
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_expert_parallel_matches_single_process(single_process_mcore, dispatcher):
     ranks = run_distributed(_ep_worker, world_size=2, dispatcher=dispatcher)
-    for strategy in ("layerwise", "token"):
+    for strategy in VARIANTS:
         ref_losses, ref_grads, ref_used = reference(dispatcher, strategy)
         for rank, result in enumerate(ranks):
             r = result[strategy]
@@ -120,6 +130,15 @@ def test_expert_parallel_matches_single_process(single_process_mcore, dispatcher
         else:
             # Per-token ks: each rank's tokens got their own ks (not a copy of the other's).
             assert ranks[0][strategy]["used"] != ranks[1][strategy]["used"]
+        if strategy == "plan":
+            # Planned samples use one k at every token of every layer: k_min and k_max once each.
+            per_sample = []
+            for result in ranks:
+                for b in range(MBS):
+                    ks = {k for layer in result[strategy]["used"] for k in torch.tensor(layer).view(-1, MBS)[:, b].tolist()}
+                    per_sample.append(ks)
+            assert {1} in per_sample and {4} in per_sample
+            assert sum(len(ks) == 1 for ks in per_sample) >= 3
         merged = {**ranks[0][strategy]["grads"], **ranks[1][strategy]["grads"]}
         assert set(merged) == set(ref_grads)
         experts = {n for n in merged if ".local_experts." in n}

@@ -176,9 +176,11 @@ def _nonfinite_worker(rank, world_size, tmp, zero_stage):
             self._step_now = step
             return super().train_step(step, microbatches)
 
-        def loss(self, batch):
-            loss = super().loss(batch)
-            return loss + float("inf") if self._step_now == self.inf_step and self.rank == 0 else loss
+        def loss(self, batch, step=0, microbatch=0):
+            loss, ce = super().loss(batch, step, microbatch)
+            if self._step_now == self.inf_step and self.rank == 0:
+                return loss + float("inf"), ce + float("inf")
+            return loss, ce
 
     cfg = config(tmp, **{"optimizer.zero_stage": zero_stage, "train.nonfinite_policy": "skip",
                          "train.max_nonfinite_steps": 2})

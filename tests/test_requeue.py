@@ -78,21 +78,30 @@ def test_a_failure_without_a_recorded_start_is_not_retried(tmp_path, monkeypatch
     assert "not requeueing" in capsys.readouterr().out
 
 
-def test_a_suite_member_is_found_by_its_index(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("seeds, index, where", [([], "1", ("k2",)), ([1, 2], "3", ("k2", "seed2"))])
+def test_a_suite_array_task_finds_its_run_by_its_index(tmp_path, monkeypatch, capsys, seeds, index, where):
     import yaml
+
+    from mmoe_megatron.evaluation.suite import load_suite, run_dir, runs
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({
-        "name": "s", "base": TINY, "runs_dir": str(tmp_path / "runs"),
+        "name": "s", "base": TINY, "runs_dir": str(tmp_path / "runs"), "seeds": seeds,
         "members": [{"name": "elastic", "role": "elastic"},
                     {"name": "k2", "role": "specialist",
                      "overrides": {"matryoshka.strategy": "fixed", "matryoshka.ks": [2]}}],
     }))
+    run = os.path.join(tmp_path, "runs", "s", *where)
+    spec = load_suite(str(suite))
+    assert run_dir(spec, runs(spec)[int(index)]) == run  # where the suite itself trains this run
     monkeypatch.setenv("SLURM_JOB_ID", "5")
-    assert main(["begin", "--suite", str(suite), "--member", "1"]) == 0
-    _checkpoint(str(tmp_path / "runs" / "s" / "k2"), 3)
-    assert main(["decide", "--exit-code", "9", "--suite", str(suite), "--member", "1"]) == 0
+    assert main(["begin", "--suite", str(suite), "--member", index]) == 0
+    _checkpoint(run, 3)
+    assert main(["decide", "--exit-code", "9", "--suite", str(suite), "--member", index]) == 0
     assert "step_00000003 was completed during this attempt" in capsys.readouterr().out
-    assert os.path.isfile(tmp_path / "runs" / "s" / "k2" / "slurm" / "attempts.jsonl")
+    assert os.path.isfile(os.path.join(run, "slurm", "attempts.jsonl"))
     assert not (tmp_path / "runs" / "s" / "elastic").exists()
-    assert main(["decide", "--exit-code", "9", "--suite", str(suite)]) == 2  # which member?
+    assert main(["decide", "--exit-code", "9", "--suite", str(suite)]) == 2  # which run?
+    if seeds:  # a member's name names one run per seed
+        assert main(["decide", "--exit-code", "9", "--suite", str(suite), "--member", "k2"]) == 2
+        assert "names 2 runs (k2/seed1, k2/seed2)" in capsys.readouterr().out

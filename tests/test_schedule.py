@@ -145,3 +145,110 @@ def test_fingerprint_changes_with_anything_that_changes_draws():
     assert make("global").fingerprint() != base
     assert make(ks=(1, 2, 3, 5)).fingerprint() != base
     assert make(probs=(0.1, 0.2, 0.3, 0.4)).fingerprint() != base
+
+
+# --- sample plans: sandwich and coupled samples ---------------------------------------------------
+
+
+def planned(sandwich=0.0, coupled=0.0, strategy="token", ks=(1, 2, 4, 8), batch=32, seed=7):
+    return KSchedule(strategy=strategy, ks=tuple(ks), probs=tuple(1 / len(ks) for _ in ks), seed=seed,
+                     sandwich=sandwich, coupled=coupled, global_batch_size=batch)
+
+
+def test_sandwich_gives_exact_shares_every_step():
+    """sandwich 0.25 of 32 samples: exactly 4 at k_min and 4 at k_max in every step, the rest free,
+    and not always the same samples."""
+    s = planned(sandwich=0.25)
+    chosen = set()
+    for step in range(200):
+        plan = s.sample_ks(step)
+        assert (plan == 1).sum() == 4 and (plan == 8).sum() == 4 and (plan == 0).sum() == 24
+        chosen.add(tuple((plan > 0).nonzero().view(-1).tolist()))
+    assert len(chosen) > 150
+
+
+def test_coupled_samples_draw_from_the_distribution():
+    s = KSchedule(strategy="token", ks=(1, 2, 4), probs=(0.5, 0.3, 0.2), seed=3, coupled=0.5,
+                  global_batch_size=20)
+    counts = collections.Counter()
+    for step in range(400):
+        plan = s.sample_ks(step)
+        assert (plan > 0).sum() == 10
+        counts.update(plan[plan > 0].tolist())
+    assert chi_square_ok(counts, (1, 2, 4), (0.5, 0.3, 0.2), 4000)
+
+
+def test_plan_is_pure_and_depends_on_seed_and_step():
+    a, b = planned(sandwich=0.5, coupled=0.25), planned(sandwich=0.5, coupled=0.25)
+    assert all(torch.equal(a.sample_ks(t), b.sample_ks(t)) for t in reversed(range(30)))
+    assert not torch.equal(a.sample_ks(0), a.sample_ks(1))
+    assert not torch.equal(a.sample_ks(0), planned(sandwich=0.5, coupled=0.25, seed=8).sample_ks(0))
+
+
+def test_planned_samples_use_one_k_in_every_layer_and_token():
+    seq = 16
+    s = planned(sandwich=0.25, coupled=0.25, strategy="token")
+    ids = global_token_ids(0, 32, seq)  # [seq, 32]: the whole global batch
+    plan = s.sample_ks(11)
+    layers = [s.layer_token_ks(11, 0, layer, ids, seq) for layer in range(4)]
+    for b in range(32):
+        values = {k for ks in layers for k in ks[:, b].tolist()}
+        if plan[b] > 0:
+            assert values == {int(plan[b])}
+        else:
+            assert layers[0][:, b].tolist() == s.token_ks(11, 0, ids[:, b]).tolist()
+    # The same tokens seen as two micro-batches of 16 give the same ks (layout independence).
+    halves = [s.layer_token_ks(11, m, 2, global_token_ids(16 * m, 16, seq), seq) for m in range(2)]
+    assert torch.equal(torch.cat(halves, dim=1), layers[2])
+
+
+def test_plan_over_a_per_layer_strategy():
+    seq = 4
+    s = planned(sandwich=0.5, strategy="layerwise", batch=8)
+    ids = global_token_ids(0, 8, seq)
+    plan = s.sample_ks(5)
+    for layer in range(3):
+        ks = s.layer_token_ks(5, 0, layer, ids, seq)
+        free = plan == 0
+        assert set(ks[:, free].reshape(-1).tolist()) == {s.k(5, 0, layer)}
+        assert torch.equal(ks[:, ~free], plan[~free].expand(seq, -1))
+
+
+def test_marginal_probabilities_count_the_sandwich():
+    # Worked by hand: half the samples are free (0.25 per k of them), a quarter at k=1, a quarter at k=8.
+    assert planned(sandwich=0.5).marginal_probs() == pytest.approx((0.375, 0.125, 0.125, 0.375))
+    assert planned(coupled=0.5).marginal_probs() == pytest.approx((0.25,) * 4)
+
+
+def test_plan_enters_the_fingerprint():
+    assert planned().fingerprint() != planned(sandwich=0.25).fingerprint()
+    assert planned(sandwich=0.25).fingerprint() != planned(coupled=0.25).fingerprint()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"sandwich": 0.3}, "whole samples"),            # 0.15 x 32 = 4.8 samples per side
+    ({"coupled": 0.1}, "whole samples"),
+    ({"sandwich": 0.75, "coupled": 0.5}, r"share in \[0, 1\]"),
+])
+def test_plan_refuses_fractional_samples(kw, message):
+    with pytest.raises(ValueError, match=message):
+        planned(**kw)
+
+
+def test_progressive_shrinking_introduces_ks_from_the_largest_down():
+    """ks (1, 2, 4, 8) over 30 shrinking steps: steps 0-9 only 8, 10-19 also 4, 20-29 also 2, then all."""
+    s = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, shrink_steps=30, train_iters=60)
+    ids = torch.arange(4096)
+    seen = {step: set(s.token_ks(step, 0, ids).tolist()) for step in (0, 9, 10, 19, 20, 29, 30, 59)}
+    assert seen == {0: {8}, 9: {8}, 10: {4, 8}, 19: {4, 8}, 20: {2, 4, 8}, 29: {2, 4, 8},
+                    30: {1, 2, 4, 8}, 59: {1, 2, 4, 8}}
+    # After shrinking, the draws are those of a schedule that never shrank.
+    plain = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3)
+    assert torch.equal(s.token_ks(45, 2, ids), plain.token_ks(45, 2, ids))
+    layerwise = KSchedule(strategy="layerwise", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, shrink_steps=30)
+    assert {layerwise.k(step, 0, layer) for step in range(10) for layer in range(4)} == {8}
+    # Over the run: 10 steps at {8}, 10 at {4, 8}, 10 at {2, 4, 8}, 30 at all four (worked by hand).
+    expected = [(30 * 0.25) / 60, (10 / 3 + 30 * 0.25) / 60, (10 / 2 + 10 / 3 + 30 * 0.25) / 60,
+                (10 + 10 / 2 + 10 / 3 + 30 * 0.25) / 60]
+    assert s.marginal_probs() == pytest.approx(expected)
+    assert s.fingerprint() != plain.fingerprint()

@@ -40,8 +40,9 @@ def suite(tmp_path_factory, small_tokenizer, small_datasets):
     })
     save_config(base, str(tmp / "base.yaml"))
     spec = {
-        "name": "t", "base": str(tmp / "base.yaml"), "runs_dir": str(tmp / "runs"),
-        "eval": {"ks": KS, "layer_ks": [[1, 2, 3, 4]], "num_samples": 16},
+        "name": "t", "base": str(tmp / "base.yaml"), "runs_dir": str(tmp / "runs"), "seeds": [5],
+        "eval": {"ks": KS, "layer_ks": [[1, 2, 3, 4]], "num_samples": 16, "fractions": [0.5, 1.0],
+                 "data_seed": 11, "heldout": [{"name": "verses", "prefix": small_datasets["verses"][0]}]},
         "members": [
             {"name": "elastic", "role": "elastic"},
             {"name": "k1", "role": "specialist",
@@ -57,8 +58,8 @@ def suite(tmp_path_factory, small_tokenizer, small_datasets):
     return {"path": str(path), "runs": str(tmp / "runs" / "t"), "stdout": proc.stdout}
 
 
-def _eval_json(suite, member):
-    with open(os.path.join(suite["runs"], member, "eval", "eval.json")) as f:
+def _eval_json(suite, member, name="eval.json"):
+    with open(os.path.join(suite["runs"], member, "seed5", "eval", name)) as f:
         return json.load(f)
 
 
@@ -84,6 +85,25 @@ def test_comparison_report_carries_every_members_evaluation(suite):
         assert all(f"{v:.4f}" in table for v in row["loss"].values())
     with open(os.path.join(suite["runs"], "report", "comparison.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(os.path.join(suite["runs"], "report", "comparison_verses.png"))
+
+
+def test_every_kept_checkpoint_is_evaluated_on_every_domain(suite):
+    results = _eval_json(suite, "elastic", "results.json")
+    assert results["seed"] == 5 and set(results["losses"]) == {"3", "6"}
+    labels = [str(k) for k in KS] + ["[1,2,3,4]"]
+    for step in ("3", "6"):
+        assert set(results["losses"][step]) == {"valid", "verses"}
+        valid, verses = results["losses"][step]["valid"], results["losses"][step]["verses"]
+        assert list(valid) == labels and list(verses) == labels
+        assert all(valid[c] != verses[c] for c in labels)
+    # The final validation numbers are those of eval.json; the half-way checkpoint was kept.
+    assert results["losses"]["6"]["valid"] == {r["label"]: r["loss"] for r in _eval_json(suite, "elastic")["results"]}
+    assert os.path.isdir(os.path.join(suite["runs"], "elastic", "seed5", "checkpoints", "step_00000003"))
+    assert results["launches"] and results["launches"][0]["code_version"]
+    with open(os.path.join(suite["runs"], "elastic", "seed5", "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert saved["train"]["seed"] == 5 and saved["checkpoint"]["keep_steps"] == [3]
 
 
 def _reference(rank, world_size, run):
@@ -96,12 +116,13 @@ def _reference(rank, world_size, run):
     cfg = run_config(run)
     distributed.init_distributed(cfg)
     model = load_model(cfg, latest_checkpoint(cfg), resolve_vocab_size(cfg))
+    cfg = run_config(run, [("data.seed", 11)])
     dataset = build_datasets(cfg, train_samples=1, valid_samples=16, test_samples=0)[1]
     return _reference_losses(model, dataset, list(range(16)), KS + [[1, 2, 3, 4]])
 
 
 def test_evaluated_losses_are_those_of_the_trained_checkpoint(suite):
-    run = os.path.join(suite["runs"], "elastic")
+    run = os.path.join(suite["runs"], "elastic", "seed5")
     (reference,) = run_distributed(_reference, world_size=1, run=run)
     evaluated = [r["loss"] for r in _eval_json(suite, "elastic")["results"]]
     assert evaluated == pytest.approx(reference, rel=1e-6)
@@ -114,7 +135,7 @@ def test_evaluated_losses_are_those_of_the_trained_checkpoint(suite):
 
 
 def test_budget_search_command_writes_a_vector_within_budget(suite):
-    run = os.path.join(suite["runs"], "elastic")
+    run = os.path.join(suite["runs"], "elastic", "seed5")
     proc = _run(["mmoe_megatron.evaluation.budget", "--run", run, "--mean-k", "2", "--ks", "1,2,3,4",
                  "--num-samples", "8"])
     with open(os.path.join(run, "budgets.json")) as f:
@@ -125,3 +146,123 @@ def test_budget_search_command_writes_a_vector_within_budget(suite):
     assert details["layer_ks"] == budgets["mean_k=2"]
     assert details["loss"] <= details["uniform_loss"] and details["uniform_k"] == 2
     assert "mean_k=2" in proc.stdout
+
+
+# --- seeds, learning-curve checkpoints, held-out text, equal compute --------------------------------
+
+
+def _record(member, seed, role, trained_k, losses_by_fraction, iters=8, trained_ks=(1, 2, 4)):
+    """A results.json as `suite evaluate` writes it, with hand-chosen losses."""
+    steps = {str(max(1, round(f * iters))): {d: dict(v) for d, v in by_domain.items()}
+             for f, by_domain in losses_by_fraction.items()}
+    labels = list(next(iter(next(iter(steps.values())).values())))
+    return {"member": member, "seed": seed, "role": role, "trained_k": trained_k, "train_iters": iters,
+            "training_flops": 1e12, "trained_ks": list(trained_ks), "losses": steps,
+            "flops_per_token": {c: 1.0 for c in labels}, "active_params": {c: 1 for c in labels}}
+
+
+def test_comparison_aggregates_seeds_and_pairs_the_tax():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, HeldoutSpec, MemberSpec, SuiteSpec
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(fractions=[0.5, 1.0],
+                     heldout=[HeldoutSpec("docs", "p")]), members=[
+        MemberSpec("elastic", "elastic"),
+        MemberSpec("k1", "specialist", {"matryoshka.strategy": "fixed", "matryoshka.ks": [1]}),
+        MemberSpec("k4", "specialist", {"matryoshka.strategy": "fixed", "matryoshka.ks": [4]})])
+
+    def L(a, b, c):  # losses at k = 1, 2, 4 on both domains (held-out 1.0 higher)
+        return {"valid": {"1": a, "2": b, "4": c}, "docs": {"1": a + 1, "2": b + 1, "4": c + 1}}
+
+    records = [
+        _record("elastic", 1, "elastic", None, {0.5: L(6.0, 5.9, 5.8), 1.0: L(5.0, 4.9, 4.80)}),
+        _record("elastic", 2, "elastic", None, {0.5: L(6.0, 5.9, 5.8), 1.0: L(5.2, 4.9, 4.92)}),
+        _record("k1", 1, "specialist", 1, {0.5: L(6.1, 6.2, 6.3), 1.0: L(5.1, 5.2, 5.3)}),
+        _record("k1", 2, "specialist", 1, {0.5: L(6.1, 6.2, 6.3), 1.0: L(5.1, 5.2, 5.3)}),
+        _record("k4", 1, "specialist", 4, {0.5: L(6.5, 6.0, 5.7), 1.0: L(5.6, 5.0, 4.70)}),
+        _record("k4", 2, "specialist", 4, {0.5: L(6.5, 6.0, 5.7), 1.0: L(5.6, 5.0, 4.74)}),
+    ]
+    data = comparison(spec, records)
+    elastic = next(r for r in data["rows"] if r["name"] == "elastic")
+    assert elastic["loss"]["1"] == pytest.approx(5.1) and elastic["std"]["1"] == pytest.approx(0.1414214, rel=1e-5)
+    tax = data["tax"]["elastic"]
+    # k=4: gaps 4.80-4.70=0.10 and 4.92-4.74=0.18 -> mean 0.14, std 0.0565685; the k4 specialist's
+    # gain over the k1 specialist's own k: (5.1-4.70, 5.1-4.74) -> 0.38; 0.14/0.38 of it.
+    k4 = tax["valid"]["1"]["by_k"]["4"]
+    assert k4["mean"] == pytest.approx(0.14) and k4["std"] == pytest.approx(0.0565685, rel=1e-5)
+    assert k4["fraction_of_gain"] == pytest.approx(0.14 / 0.38)
+    assert tax["valid"]["1"]["by_k"]["1"]["mean"] == pytest.approx(0.0)  # (5.0-5.1 + 5.2-5.1) / 2
+    assert tax["docs"]["1"]["by_k"]["4"]["mean"] == pytest.approx(0.14)
+    assert tax["valid"]["0.5"]["by_k"]["4"]["mean"] == pytest.approx(0.1)
+    # Elastic means over k=1,2,4 at the end: 5.1, 4.9, 4.86: monotone; at half: 6.0, 5.9, 5.8 too.
+    assert tax["valid"]["1"]["monotone"] is True
+    assert data["largest_seed_std"]["valid"] == {"std": pytest.approx(0.1414214, rel=1e-5),
+                                                 "member": "elastic", "k": "1"}
+    text = markdown(data)
+    assert "+0.1400 ± 0.0566 (37%)" in text and "held-out loss (docs" in text
+    assert data["variants"] == {}  # one elastic model: nothing to compare it with
+    assert "Learning curve of the tax" in text
+
+
+def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(), members=[
+        MemberSpec("elastic", "elastic"), MemberSpec("sandwich", "elastic"), MemberSpec("distill", "elastic")])
+
+    def L(a, b, c):
+        return {1.0: {"valid": {"1": a, "2": b, "4": c}}}
+
+    records = [_record("elastic", 1, "elastic", None, L(5.0, 4.9, 4.8)),
+               _record("elastic", 2, "elastic", None, L(5.1, 5.0, 4.9)),
+               _record("sandwich", 1, "elastic", None, L(4.9, 4.9, 4.8)),   # -0.1/3 and -0.3/3
+               _record("sandwich", 2, "elastic", None, L(5.0, 4.9, 4.8)),
+               _record("distill", 1, "elastic", None, L(4.9, 4.9, 4.8)),    # -0.1/3 and +0.3/3
+               _record("distill", 2, "elastic", None, L(5.2, 5.1, 5.0))]
+    v = comparison(spec, records)["variants"]
+    assert v["reference"] == "elastic" and v["ks"] == ["1", "2", "4"]
+    sandwich, distill = v["by_variant"]["sandwich"]["valid"], v["by_variant"]["distill"]["valid"]
+    assert sandwich["per_seed"] == {"1": pytest.approx(-0.1 / 3), "2": pytest.approx(-0.1)}
+    assert sandwich["better_on_every_seed"] is True and distill["better_on_every_seed"] is False
+    assert distill["mean"] == pytest.approx((-0.1 / 3 + 0.1) / 2)
+    assert "| sandwich | valid | -0.0667 ± 0.0471 | -0.0333, -0.1000 | yes |" in markdown(comparison(spec, records))
+
+
+def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):
+    from mmoe_megatron.config.derive import flops_per_token
+    from mmoe_megatron.evaluation.suite import load_suite, member_config
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "ec", "base": os.path.join(ROOT, "configs", "tiny.yaml"), "seeds": [3],
+        "overrides": {"model.vocab_size": 512, "data.mock": True, "train.train_iters": 400, "optimizer.warmup_iters": 10,
+                      "matryoshka.ks": [1, 2, 4, 8]},
+        "eval": {"fractions": [0.25, 1.0]},
+        "members": [{"name": "elastic", "role": "elastic"},
+                    {"name": "distill", "role": "elastic", "equal_compute_to": "elastic",
+                     "overrides": {"matryoshka.distill_coeff": 0.5}}]}))
+    spec = load_suite(str(path))
+    base = member_config(spec, spec.members[0], 3)
+    distill = member_config(spec, spec.members[1], 3)
+    f = {k: flops_per_token(base, 512, k) for k in (1, 2, 4, 8)}
+    student = 3 * sum(f.values()) / 4
+    assert distill.train.train_iters == int(400 * student // (student + f[8]))
+    assert distill.train.seed == base.train.seed == 3
+    assert base.checkpoint.keep_steps == [100]
+    assert distill.checkpoint.keep_steps == [round(0.25 * distill.train.train_iters)]
+
+
+def test_data_seed_fixes_the_samples_whatever_the_train_seed(single_process_mcore, small_tokenizer, small_datasets,
+                                                             tmp_path):
+    from mmoe_megatron.data import build_datasets
+
+    def first_valid(train_seed, data_seed):
+        cfg = data_config(tmp_path / f"{train_seed}-{data_seed}", small_tokenizer,
+                          [(small_datasets["sonnets"][0], 1.0)], **{
+                              "data.seq_length": 32, "data.split": "80,20,0", "train.seed": train_seed,
+                              "data.seed": data_seed})
+        return torch.as_tensor(build_datasets(cfg, 4, 8, 0)[1][0]["tokens"])
+
+    assert torch.equal(first_valid(1, 7), first_valid(2, 7))
+    assert not torch.equal(first_valid(1, None), first_valid(2, None))

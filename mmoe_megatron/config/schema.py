@@ -142,6 +142,28 @@ class MatryoshkaConfig:
     uniform in [k, emoe_pool_k] and uses k of them chosen at random (compute stays at k)."""
     emoe_sharpen_coeff: float = field(1e-3, ge=0)
     """method emoe: weight of the router sharpening loss -KL(q || uniform)."""
+    sandwich: float = field(0.0, ge=0, le=1)
+    """Share of the samples of every global batch routed at the smallest k (half of the share) and
+    at the largest k (the other half) in every MoE layer, as the sandwich rule of slimmable
+    networks trains the smallest and widest network every step; the rest are drawn by `strategy`.
+    Exact in every step: share x global_batch_size / 2 must be a whole number of samples."""
+    coupled: float = field(0.0, ge=0, le=1)
+    """Share of the samples of every global batch routed at one k, drawn per sample from the
+    distribution, in every MoE layer and at every token: the configurations served at a uniform
+    k, which independent per-layer draws almost never produce. share x global_batch_size must be
+    a whole number of samples."""
+    shrink_fraction: float = field(0.0, ge=0, lt=1)
+    """Progressive shrinking (Once-for-All): during this fraction of training the ks are
+    introduced from the largest down in len(ks) - 1 equal stages (first only k_max, then also the
+    next smaller k, ...), every k afterwards; the widest routing is learned before narrower ones
+    share it. 0 = every k from the start."""
+    distill_coeff: float = field(0.0, ge=0, lt=1)
+    """Self-distillation from the widest routing: a teacher forward of the same weights at k_max
+    in every MoE layer (no gradient, eval mode) precedes each micro-batch, and the training loss
+    becomes (1 - c) * cross-entropy + c * T^2 * KL(teacher || student) per token. Costs one extra
+    forward per micro-batch (counted in the training compute). 0 = off."""
+    distill_temperature: float = field(1.0, gt=0)
+    """Softmax temperature T of the distillation targets and student."""
 
     def check(self, path: str) -> None:
         if not self.ks:
@@ -171,6 +193,18 @@ class MatryoshkaConfig:
                 f"{path}.emoe_pool_k",
                 f"method emoe needs a pool larger than k={self.k_max}, e.g. {2 * self.k_max}",
             )
+        if self.sandwich + self.coupled > 1:
+            raise ConfigError(
+                f"{path}.coupled", f"sandwich ({self.sandwich}) + coupled ({self.coupled}) exceed 1"
+            )
+        single_k = self.strategy == "fixed" or len(self.ks) < 2
+        for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction"):
+            if getattr(self, name) > 0 and (single_k or self.method != "matryoshka"):
+                raise ConfigError(
+                    f"{path}.{name}",
+                    "only for an elastic model (method matryoshka, more than one k, strategy not "
+                    "fixed); set it to 0",
+                )
         if self.k_max == 1 and self.normalization == "topk_softmax":
             # megatron-core refuses this at build time (transformer_config.py:1633-1641).
             raise ConfigError(
@@ -234,6 +268,10 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where megatron-core caches sample indices; null means <run dir>/data_cache."""
     eod_mask_loss: bool = False
+    seed: Optional[int] = field(None, ge=0)
+    """Seed of megatron-core's document and sample shuffling (the training order and which
+    validation samples are drawn); null means train.seed. Fix it to compare models trained with
+    different train.seed values on the same tokens, or to evaluate them on the same samples."""
 
     def check(self, path: str) -> None:
         if not self.mock:
@@ -307,6 +345,9 @@ class CheckpointConfig:
     save_interval: int = field(0, ge=0)
     """Save every N steps (0 = only at the end)."""
     keep_last: int = field(2, ge=1)
+    keep_steps: list[int] = field([], ge=1)
+    """Steps whose checkpoints are also saved (whatever save_interval says) and never pruned,
+    e.g. to evaluate one run at several points of training."""
     load: Optional[str] = "auto"
     """auto: resume from the latest complete checkpoint in `dir` if there is one;
     a path: start from that checkpoint; null: always start fresh."""
@@ -377,6 +418,22 @@ class ExperimentConfig:
                 "train.global_batch_size",
                 f"{self.train.global_batch_size} is not a multiple of "
                 f"micro_batch_size={self.train.micro_batch_size}",
+            )
+        mat = self.matryoshka
+        for name, share in (("sandwich", mat.sandwich / 2), ("coupled", mat.coupled)):
+            samples = share * self.train.global_batch_size
+            if abs(samples - round(samples)) > 1e-6:
+                raise ConfigError(
+                    f"matryoshka.{name}",
+                    f"{share:g} of train.global_batch_size={self.train.global_batch_size} is "
+                    f"{samples:g} samples{' per side' if name == 'sandwich' else ''}; choose a share "
+                    "that gives whole samples",
+                )
+        if mat.distill_coeff > 0 and self.parallel.tensor > 1:
+            raise ConfigError(
+                "matryoshka.distill_coeff",
+                "self-distillation computes the KL over the full vocabulary on each rank; with "
+                "tensor parallelism the logits are split over ranks. Use parallel.tensor: 1",
             )
         if self.optimizer.warmup_iters > self.train.train_iters:
             raise ConfigError(

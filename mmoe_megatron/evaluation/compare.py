@@ -1,103 +1,278 @@
-"""The suite's comparison report: rows = models, columns = k, read from each member's eval.json.
+"""The suite's comparison report, assembled from every run's eval/results.json.
 
-Adds, for the elastic model, its gap to the specialist trained at each k (elastic loss minus
-specialist loss at that k; negative = the elastic model is better), and the training compute
-each model used (3 x forward FLOPs at its expected k x tokens trained).
+Rows are models, columns ks. With several seeds each cell is the mean over seeds with the
+standard deviation across seeds (sample std) beside it, so a difference can be read against the
+noise. For every elastic model, the tax against the specialists: elastic loss minus the
+specialist's at the specialist's k, paired by seed (same tokens, same order, same initial-weight
+seed), its mean and std over seeds, the same as a fraction of the specialists' gain from k_min to
+k, and whether the elastic curve is non-increasing over its trained ks; at the end of training
+and at every evaluated fraction of it (the learning curve of the tax), on the validation split and
+on each held-out domain. Training compute is 3 x forward FLOPs at the expected k x tokens (plus
+the teacher forwards of self-distillation).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+from collections import Counter
+from typing import Optional
 
-from mmoe_megatron.evaluation.core import EvalPoint
-
-
-def _load_points(path: str) -> tuple[dict, list[EvalPoint]]:
-    with open(path) as f:
-        data = json.load(f)
-    points = [EvalPoint(k=r["k"], loss=r["loss"], tokens=r["tokens"], active_params=r["active_params"],
-                        flops_per_token=r["flops_per_token"]) for r in data["results"]]
-    return data, points
+from mmoe_megatron.evaluation.core import EvalPoint, parse_spec
 
 
-def _mean(values):
-    return sum(values) / len(values) if values else None
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
 
 
-def specialist_k(member_overrides: dict, meta: dict) -> int | None:
-    ks = member_overrides.get("matryoshka.ks")
-    return ks[0] if isinstance(ks, list) and len(ks) == 1 else None
+def _fraction_steps(record: dict, fractions: list[float]) -> dict[str, str]:
+    """fraction label -> step (as the string key of record["losses"])."""
+    iters = record["train_iters"]
+    return {f"{f:g}": str(max(1, round(f * iters))) for f in fractions}
 
 
-def comparison(spec) -> dict:
+def _is_uniform(label: str) -> bool:
+    return not label.startswith("[")
+
+
+def comparison(spec, records: Optional[list[dict]] = None) -> dict:
     """Everything the report shows, as plain data."""
-    from mmoe_megatron.evaluation.suite import member_dir
+    from mmoe_megatron.evaluation.suite import VALID, load_results
 
-    rows, series = [], {}
-    for member in spec.members:
-        path = os.path.join(member_dir(spec, member), "eval", "eval.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} missing: evaluate the suite first (suite evaluate)")
-        meta, points = _load_points(path)
-        series[member.name] = points
-        rows.append({
-            "name": member.name, "role": member.role,
-            "trained_k": specialist_k(member.overrides, meta),
-            "training_flops": meta.get("training_flops"),
-            "loss": {p.label: p.loss for p in points},
-            "mean_loss_uniform_k": _mean([p.loss for p in points if isinstance(p.k, int)]),
-        })
-    labels = [p.label for p in next(iter(series.values()))]
+    records = load_results(spec) if records is None else records
+    if not records:
+        raise FileNotFoundError(f"no run of suite {spec.name} is evaluated yet: run `suite evaluate` first")
+    fractions = sorted(spec.eval.fractions)
+    final = f"{fractions[-1]:g}"
+    by_member: dict[str, list[dict]] = {}
+    for r in records:
+        by_member.setdefault(r["member"], []).append(r)
+    members = [m for m in spec.members if m.name in by_member]
+    domain_names = [VALID] + [h.name for h in spec.eval.heldout]
+    columns = list(next(iter(records))["losses"][_fraction_steps(records[0], fractions)[final]][VALID])
+
+    def losses(record, fraction, domain) -> dict[str, float]:
+        return record["losses"][_fraction_steps(record, fractions)[fraction]][domain]
+
+    tables = {}
+    for domain in domain_names:
+        rows = []
+        for m in members:
+            recs = by_member[m.name]
+            cells = {c: _stats([losses(r, final, domain)[c] for r in recs]) for c in columns}
+            uniform = [cells[c]["mean"] for c in columns if _is_uniform(c)]
+            rows.append({"name": m.name, "role": m.role, "trained_k": recs[0]["trained_k"],
+                         "training_flops": recs[0]["training_flops"], "seeds": sorted(
+                             (r["seed"] for r in recs if r["seed"] is not None)),
+                         "loss": {c: cells[c]["mean"] for c in columns},
+                         "std": {c: cells[c]["std"] for c in columns},
+                         "mean_loss_uniform_k": statistics.fmean(uniform) if uniform else None})
+        tables[domain] = rows
+
+    specialists = {m.name: by_member[m.name][0]["trained_k"] for m in members
+                   if m.role == "specialist" and by_member[m.name][0]["trained_k"] is not None}
+    k_min_member = min(specialists, key=specialists.get) if specialists else None
+    tax = {}
+    for m in (m for m in members if m.role == "elastic"):
+        elastic = {r["seed"]: r for r in by_member[m.name]}
+        trained_ks = by_member[m.name][0].get("trained_ks") or []
+        tax[m.name] = {}
+        for domain in domain_names:
+            tax[m.name][domain] = {}
+            for fraction in fractions:
+                f = f"{fraction:g}"
+                per_k = {}
+                for name, k in sorted(specialists.items(), key=lambda item: item[1]):
+                    spec_recs = {r["seed"]: r for r in by_member[name]}
+                    seeds = sorted(set(elastic) & set(spec_recs), key=lambda s: (s is None, s))
+                    label = str(k)
+                    if not seeds or label not in losses(elastic[seeds[0]], f, domain):
+                        continue
+                    gaps = [losses(elastic[s], f, domain)[label] - losses(spec_recs[s], f, domain)[label]
+                            for s in seeds]
+                    entry = _stats(gaps)
+                    if k_min_member is not None and name != k_min_member:
+                        base = {r["seed"]: r for r in by_member[k_min_member]}
+                        k0 = str(specialists[k_min_member])
+                        gains = [losses(base[s], f, domain)[k0] - losses(spec_recs[s], f, domain)[label]
+                                 for s in seeds if s in base]
+                        if gains:
+                            gain = statistics.fmean(gains)
+                            entry["specialist_gain"] = gain
+                            entry["fraction_of_gain"] = entry["mean"] / gain if gain > 0 else None
+                    per_k[label] = entry
+                curve = [statistics.fmean(losses(r, f, domain)[str(k)] for r in elastic.values())
+                         for k in trained_ks if str(k) in losses(next(iter(elastic.values())), f, domain)]
+                tax[m.name][domain][f] = {
+                    "by_k": per_k, "elastic_loss_over_trained_ks": curve,
+                    "monotone": all(b <= a for a, b in zip(curve, curve[1:])) if len(curve) > 1 else None,
+                }
+
+    variants = _variants(members, by_member, domain_names, final, losses)
+    stds = {d: [(s, row["name"], c) for row in tables[d] for c, s in row["std"].items() if s is not None]
+            for d in domain_names}
+    spread = {d: (max(v) if v else None) for d, v in stds.items()}
+    primary = next((m.name for m in members if m.role == "elastic"), None)
     gaps = {}
-    elastic = next(r for r in rows if r["role"] == "elastic")
-    for row in rows:
-        if row["role"] == "specialist" and row["trained_k"] is not None:
-            label = str(row["trained_k"])
-            if label in elastic["loss"] and label in row["loss"]:
-                gaps[label] = elastic["loss"][label] - row["loss"][label]
-    return {"suite": spec.name, "columns": labels, "rows": rows, "elastic_gap_to_specialist": gaps,
-            "series": series}
+    if primary is not None:
+        gaps = {k: v["mean"] for k, v in tax[primary][VALID][final]["by_k"].items()}
+    provenance = Counter((launch.get("code_version"), launch.get("cpu")) for r in records
+                         for launch in r.get("launches", [])[:1])
+    return {"suite": spec.name, "columns": columns, "domains": domain_names, "fractions": fractions,
+            "rows": tables[VALID], "tables": tables, "tax": tax, "elastic_gap_to_specialist": gaps,
+            "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
+                                 for d, s in spread.items()},
+            "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
+            "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
 
 
-def markdown(data: dict) -> str:
+def _variants(members, by_member, domain_names, final, losses) -> dict:
+    """Every other elastic model against the first (the reference elastic model), paired by seed:
+    the difference of their mean loss over the reference's trained uniform ks at the end of
+    training (negative: the variant is better), per seed and domain."""
+    elastic = [m for m in members if m.role == "elastic"]
+    if len(elastic) < 2:
+        return {}
+    reference = {r["seed"]: r for r in by_member[elastic[0].name]}
+    ks = [str(k) for k in next(iter(reference.values())).get("trained_ks", [])]
+    out = {"reference": elastic[0].name, "ks": ks, "by_variant": {}}
+    for m in elastic[1:]:
+        runs = {r["seed"]: r for r in by_member[m.name]}
+        seeds = sorted(set(runs) & set(reference), key=lambda s: (s is None, s))
+        entry = {}
+        for domain in domain_names:
+            diffs = {str(s): statistics.fmean(losses(runs[s], final, domain)[k] for k in ks)
+                     - statistics.fmean(losses(reference[s], final, domain)[k] for k in ks) for s in seeds}
+            if diffs:
+                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())),
+                                 "better_on_every_seed": all(d < 0 for d in diffs.values())}
+        out["by_variant"][m.name] = entry
+    return out
+
+
+def _cell(mean: float, std: Optional[float], bold: bool = False) -> str:
+    text = f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    return f"**{text}**" if bold else text
+
+
+def markdown(data: dict, level: int = 2) -> str:
+    """The report as Markdown; `level` is the heading level of its tables (sub-headings one deeper)."""
+    h1, h2 = "#" * level, "#" * (level + 1)
     cols = data["columns"]
-    lines = [f"## {data['suite']}: validation loss of every model at every k", "",
-             "| model | role | trained at | train PFLOP | " + " | ".join(f"k={c}" for c in cols)
-             + " | mean over uniform k |",
-             "|---|---|---|---:|" + "---:|" * (len(cols) + 1)]
-    for r in data["rows"]:
-        trained = "schedule" if r["role"] == "elastic" else (str(r["trained_k"]) if r["trained_k"] else "-")
-        flops = f"{r['training_flops'] / 1e15:.3f}" if r["training_flops"] else "-"
-        cells = []
-        for c in cols:
-            value = f"{r['loss'][c]:.4f}"
-            if r["trained_k"] is not None and c == str(r["trained_k"]):
-                value = f"**{value}**"
-            cells.append(value)
-        mean = "-" if r["mean_loss_uniform_k"] is None else f"{r['mean_loss_uniform_k']:.4f}"
-        lines.append(f"| {r['name']} | {r['role']} | {trained} | {flops} | " + " | ".join(cells) + f" | {mean} |")
-    gaps = data["elastic_gap_to_specialist"]
-    if gaps:
-        lines.append("| elastic - specialist | gap | | | " + " | ".join(
-            f"{gaps[c]:+.4f}" if c in gaps else "" for c in cols) + " | |")
-    lines += ["", "Bold: a specialist at the k it was trained for. Gap: elastic loss minus the "
-              "specialist's at that k (negative: the elastic model is better)."]
+    seeded = bool(data["seeds"])
+    lines = []
+    for domain in data["domains"]:
+        what = "validation loss" if domain == "valid" else f"held-out loss ({domain}, never trained on)"
+        lines += [f"{h1} {data['suite']}: {what} of every model at every k", "",
+                  "| model | role | trained at | train PFLOP | " + ("seeds | " if seeded else "")
+                  + " | ".join(f"k={c}" for c in cols) + " | mean over uniform k |",
+                  "|---|---|---|---:|" + ("---:|" if seeded else "") + "---:|" * (len(cols) + 1)]
+        for r in data["tables"][domain]:
+            trained = "schedule" if r["role"] == "elastic" else (str(r["trained_k"]) if r["trained_k"] else "-")
+            flops = f"{r['training_flops'] / 1e15:.3f}" if r["training_flops"] else "-"
+            cells = [_cell(r["loss"][c], r["std"][c], r["trained_k"] is not None and c == str(r["trained_k"]))
+                     for c in cols]
+            mean = "-" if r["mean_loss_uniform_k"] is None else f"{r['mean_loss_uniform_k']:.4f}"
+            lines.append(f"| {r['name']} | {r['role']} | {trained} | {flops} | "
+                         + (f"{len(r['seeds'])} | " if seeded else "") + " | ".join(cells) + f" | {mean} |")
+        lines.append("")
+    lines += ["Bold: a specialist at the k it was trained for. "
+              + ("Cells: mean ± standard deviation over seeds. " if seeded else ""), ""]
+    final = f"{data['fractions'][-1]:g}"
+    if data["tax"]:
+        lines += [f"{h2} Tax of each elastic model", "",
+                  "Elastic loss minus the specialist's at the specialist's k (negative: the elastic model "
+                  "is better), paired by seed; in brackets, the tax as a share of the specialists' own gain "
+                  "from the smallest k to that k. Monotone: the elastic loss does not rise with k over its "
+                  "trained ks.", ""]
+        ks = sorted({k for t in data["tax"].values() for d in t.values() for k in d[final]["by_k"]}, key=int)
+        lines += ["| model | domain | " + " | ".join(f"k={k}" for k in ks) + " | monotone |",
+                  "|---|---|" + "---:|" * len(ks) + "---|"]
+        for name, per_domain in data["tax"].items():
+            for domain, per_f in per_domain.items():
+                row = per_f[final]
+                cells = [_tax_cell(row["by_k"].get(k)) for k in ks]
+                mono = {True: "yes", False: "no", None: "-"}[row["monotone"]]
+                lines.append(f"| {name} | {domain} | " + " | ".join(cells) + f" | {mono} |")
+        lines.append("")
+        if len(data["fractions"]) > 1:
+            lines += [f"{h2} Learning curve of the tax", "",
+                      "The same tax at checkpoints of the same runs (fraction of each run's training; a "
+                      "run matched to another's compute reaches each fraction at the same compute).", "",
+                      "| model | domain | fraction | " + " | ".join(f"k={k}" for k in ks) + " | monotone |",
+                      "|---|---|---:|" + "---:|" * len(ks) + "---|"]
+            for name, per_domain in data["tax"].items():
+                for domain, per_f in per_domain.items():
+                    for f, row in per_f.items():
+                        cells = [_tax_cell(row["by_k"].get(k), share=False) for k in ks]
+                        mono = {True: "yes", False: "no", None: "-"}[row["monotone"]]
+                        lines.append(f"| {name} | {domain} | {f} | " + " | ".join(cells) + f" | {mono} |")
+            lines.append("")
+    if data.get("variants"):
+        v = data["variants"]
+        lines += [f"{h2} Elastic variants against {v['reference']}", "",
+                  f"Mean loss over k = {', '.join(v['ks'])} minus {v['reference']}'s, paired by seed "
+                  "(negative: the variant is better), at the end of training.", "",
+                  "| variant | domain | mean ± std | per seed | better on every seed |", "|---|---|---:|---|---|"]
+        for name, per_domain in v["by_variant"].items():
+            for domain, e in per_domain.items():
+                std = "" if e["std"] is None else f" ± {e['std']:.4f}"
+                seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
+                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | "
+                             f"{'yes' if e['better_on_every_seed'] else 'no'} |")
+        lines.append("")
+    if seeded:
+        parts = []
+        for domain, s in data["largest_seed_std"].items():
+            if s is not None:
+                parts.append(f"{domain}: {s['std']:.4f} ({s['member']}, k={s['k']})")
+        lines += ["Largest seed-to-seed standard deviation of any model at any k: " + "; ".join(parts) + ".", ""]
+    if len(data["provenance"]) > 1:
+        lines += ["Runs of this table were trained with different code versions or CPUs: "
+                  + "; ".join(f"{p['runs']} run(s) at {p['code_version']} on {p['cpu']}" for p in data["provenance"])
+                  + ".", ""]
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(spec) -> dict[str, str]:
-    from mmoe_megatron.evaluation.report import plot
+def _tax_cell(entry: Optional[dict], share: bool = True) -> str:
+    if entry is None:
+        return ""
+    text = f"{entry['mean']:+.4f}" + ("" if entry["std"] is None else f" ± {entry['std']:.4f}")
+    if share and entry.get("fraction_of_gain") is not None:
+        text += f" ({entry['fraction_of_gain']:.0%})"
+    return text
 
-    data = comparison(spec)
-    out = os.path.join(spec.runs_dir, spec.name, "report")
+
+def series(data: dict, records: list[dict], domain: str) -> dict[str, list[EvalPoint]]:
+    """Mean loss per model at every k as EvalPoints (for the plots)."""
+    flops = {r["member"]: r["flops_per_token"] for r in records}
+    params = {r["member"]: r["active_params"] for r in records}
+    out = {}
+    for row in data["tables"][domain]:
+        out[row["name"]] = [EvalPoint(k=parse_spec(c), loss=row["loss"][c], tokens=0,
+                                      active_params=params[row["name"]][c],
+                                      flops_per_token=flops[row["name"]][c]) for c in data["columns"]]
+    return out
+
+
+def write_comparison(spec, records: Optional[list[dict]] = None, out: Optional[str] = None) -> dict[str, str]:
+    from mmoe_megatron.evaluation.report import plot
+    from mmoe_megatron.evaluation.suite import load_results
+
+    records = load_results(spec) if records is None else records
+    data = comparison(spec, records)
+    out = out or os.path.join(spec.runs_dir, spec.name, "report")
     os.makedirs(out, exist_ok=True)
     paths = {"json": os.path.join(out, "comparison.json"), "md": os.path.join(out, "comparison.md"),
              "png": os.path.join(out, "comparison.png")}
-    series = data.pop("series")
     with open(paths["json"], "w") as f:
         json.dump(data, f, indent=2)
     with open(paths["md"], "w") as f:
         f.write(markdown(data))
-    plot(series, paths["png"], title=f"{spec.name}: loss by k")
+    plot(series(data, records, "valid"), paths["png"], title=f"{spec.name}: validation loss by k")
+    for domain in data["domains"][1:]:
+        paths[f"png_{domain}"] = os.path.join(out, f"comparison_{domain}.png")
+        plot(series(data, records, domain), paths[f"png_{domain}"], title=f"{spec.name}: held-out {domain}")
     return paths

@@ -1,35 +1,50 @@
 """A suite: one elastic model, fixed-k specialists and a standard top-k model (and optionally
-baselines), trained by the same code on the same data and token budget, then all evaluated at
-every k and compared.
+baselines and other elastic variants), trained by the same code on the same data and token
+budget, on one or several seeds, then all evaluated at every k (at several points of training,
+on the validation split and on held-out text) and compared.
 
 Suite file (YAML):
     name: demo-suite
     base: configs/tiny.yaml            # shared model, data, training budget
     overrides: {train.train_iters: 300} # applied to every member
-    eval: {ks: [1, 2, 3, 4, 6, 8], layer_ks: [[1, 2, 3, 4]], num_samples: 256}
+    seeds: [1, 2, 3]                   # optional: every member trained once per train.seed
+    eval:
+      ks: [1, 2, 3, 4, 6, 8]
+      layer_ks: [[1, 2, 3, 4]]
+      num_samples: 256
+      fractions: [0.25, 0.5, 1.0]      # checkpoints evaluated, as fractions of training
+      data_seed: 1234                  # every run is evaluated on the same validation samples
+      heldout: [{name: docs, prefix: data/heldout/docs_text_document}]   # text never trained on
     members:
       - {name: elastic, role: elastic}                       # the base config as is
       - {name: k1, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [1],
                                                  matryoshka.normalization: softmax_topk}}
-      - {name: top2, role: standard, overrides: {...}}
+      - {name: distill, role: elastic, overrides: {matryoshka.distill_coeff: 0.5},
+         equal_compute_to: elastic}       # as many steps as give the elastic member's compute
+
+A run is one (member, seed). Runs go to runs/<suite>/<member> (no seeds) or
+runs/<suite>/<member>/seed<S>; the report to runs/<suite>/report.
 
 Commands (each runs the same entry points a user would):
-    python -m mmoe_megatron.evaluation.suite train  --suite S.yaml [--member NAME|INDEX]
-    python -m mmoe_megatron.evaluation.suite evaluate --suite S.yaml
+    python -m mmoe_megatron.evaluation.suite train  --suite S.yaml [--member NAME|INDEX] [--seed S]
+    python -m mmoe_megatron.evaluation.suite evaluate --suite S.yaml [--member NAME] [--force]
     python -m mmoe_megatron.evaluation.suite report --suite S.yaml
     python -m mmoe_megatron.evaluation.suite run --suite S.yaml      # all three, in turn
-Runs go to runs/<suite name>/<member>; the report to runs/<suite name>/report.
+An INDEX counts runs (member-major, then seed), as Slurm array tasks do. Evaluation skips runs
+already evaluated with the same evaluation settings, so a suite can be completed in parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import yaml
@@ -39,6 +54,7 @@ from mmoe_megatron.config.base import from_dict
 from mmoe_megatron.train import EXIT_PREEMPTED
 
 ROLES = ("elastic", "specialist", "standard", "baseline")
+VALID = "valid"
 
 
 @dataclass
@@ -46,6 +62,17 @@ class MemberSpec:
     name: str
     role: str = "elastic"
     overrides: dict[str, Any] = field(default_factory=dict)
+    equal_compute_to: Optional[str] = None
+    """Another member's name: train for as many steps as give that member's training compute
+    (forward and backward FLOPs, teacher forwards of self-distillation counted)."""
+
+
+@dataclass
+class HeldoutSpec:
+    name: str
+    """Label of the domain in reports (e.g. docs)."""
+    prefix: str
+    """Indexed dataset of text no member trained on, tokenized with the suite's tokenizer."""
 
 
 @dataclass
@@ -53,6 +80,15 @@ class EvalSpec:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     layer_ks: list[list[int]] = field(default_factory=list)
     num_samples: Optional[int] = None
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Points of training whose checkpoints are kept and evaluated (1.0 = the end)."""
+    curve_ks: Optional[list[int]] = None
+    """ks evaluated at the fractions before the end (the learning curve); null: all of `ks` and
+    `layer_ks`. The end of training is always evaluated at all of them."""
+    data_seed: Optional[int] = None
+    """Shuffle seed of the evaluation samples; set it so that runs of every seed are evaluated on
+    the same samples (null: each run's own data seed)."""
+    heldout: list[HeldoutSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +99,19 @@ class SuiteSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     runs_dir: str = "runs"
+    seeds: list[int] = field(default_factory=list)
+    """train.seed of each run of every member (initial weights, k draws, data order unless
+    data.seed is fixed); empty: one run per member with the base config's seed."""
+
+
+@dataclass(frozen=True)
+class Run:
+    member: MemberSpec
+    seed: Optional[int]
+
+    @property
+    def label(self) -> str:
+        return self.member.name if self.seed is None else f"{self.member.name}/seed{self.seed}"
 
 
 def load_suite(path: str) -> SuiteSpec:
@@ -74,12 +123,20 @@ def load_suite(path: str) -> SuiteSpec:
     names = [m.name for m in spec.members]
     if len(set(names)) != len(names):
         raise ConfigError("members", f"member names must be unique, got {names}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ConfigError("seeds", f"seeds must be distinct, got {spec.seeds}")
+    for i, f in enumerate(spec.eval.fractions):
+        if not 0 < f <= 1:
+            raise ConfigError(f"eval.fractions[{i}]", f"got {f}; a fraction of training in (0, 1]")
     for i, m in enumerate(spec.members):
         if m.role not in ROLES:
             raise ConfigError(f"members[{i}].role", f"got {m.role!r}; allowed: {', '.join(ROLES)}")
-        member_config(spec, m)  # fail now, not after hours of training the previous members
+        if m.equal_compute_to is not None and m.equal_compute_to not in names:
+            raise ConfigError(f"members[{i}].equal_compute_to", f"no member {m.equal_compute_to!r}")
     if not any(m.role == "elastic" for m in spec.members):
         raise ConfigError("members", "a suite needs one member with role: elastic")
+    for run in runs(spec):
+        run_config(spec, run)  # fail now, not after hours of training the previous members
     return spec
 
 
@@ -94,100 +151,282 @@ def _repo_root(suite_path: str) -> str:
     return os.getcwd()
 
 
-def member_dir(spec: SuiteSpec, member: MemberSpec) -> str:
-    return os.path.join(spec.runs_dir, spec.name, member.name)
+def runs(spec: SuiteSpec, member: Optional[MemberSpec] = None) -> list[Run]:
+    members = [member] if member is not None else spec.members
+    return [Run(m, s) for m in members for s in (spec.seeds or [None])]
 
 
-def member_overrides(spec: SuiteSpec, member: MemberSpec) -> list[tuple[str, object]]:
-    return ([(k, v) for k, v in spec.overrides.items()] + [(k, v) for k, v in member.overrides.items()]
-            + [("name", f"{spec.name}-{member.name}"), ("logging.dir", member_dir(spec, member))])
+def member_dir(spec: SuiteSpec, member: MemberSpec, seed: Optional[int] = None) -> str:
+    path = os.path.join(spec.runs_dir, spec.name, member.name)
+    return path if seed is None else os.path.join(path, f"seed{seed}")
 
 
-def member_config(spec: SuiteSpec, member: MemberSpec) -> ExperimentConfig:
-    return load_config(spec.base, member_overrides(spec, member))
+def run_dir(spec: SuiteSpec, run: Run) -> str:
+    return member_dir(spec, run.member, run.seed)
 
 
-def select(spec: SuiteSpec, which: Optional[str]) -> list[MemberSpec]:
-    if which is None:
-        return list(spec.members)
-    if which.isdigit():
+def _base_overrides(spec: SuiteSpec, member: MemberSpec, seed: Optional[int]) -> list[tuple[str, object]]:
+    out = list(spec.overrides.items()) + list(member.overrides.items())
+    if seed is not None:
+        out.append(("train.seed", seed))
+    return out + [("name", f"{spec.name}-{member.name}" + ("" if seed is None else f"-s{seed}")),
+                  ("logging.dir", member_dir(spec, member, seed))]
+
+
+def member_overrides(spec: SuiteSpec, member: MemberSpec, seed: Optional[int] = None) -> list[tuple[str, object]]:
+    """Everything a run sets on top of the base config: the suite's and the member's overrides,
+    the seed, the steps that give equal compute, and the checkpoints kept for evaluation."""
+    out = _base_overrides(spec, member, seed)
+    if member.equal_compute_to is not None:
+        reference = next(m for m in spec.members if m.name == member.equal_compute_to)
+        ref_cfg = load_config(spec.base, _base_overrides(spec, reference, seed))
+        cfg = load_config(spec.base, out)
+        vocab = _vocab_size(cfg)
+        per_step = training_flops(cfg, vocab) / cfg.train.train_iters
+        out.append(("train.train_iters", max(1, int(training_flops(ref_cfg, vocab) // per_step))))
+    iters = load_config(spec.base, out).train.train_iters
+    keep = sorted({max(1, round(f * iters)) for f in spec.eval.fractions if f < 1})
+    if keep:
+        out.append(("checkpoint.keep_steps", keep))
+    return out
+
+
+def member_config(spec: SuiteSpec, member: MemberSpec, seed: Optional[int] = None) -> ExperimentConfig:
+    return load_config(spec.base, member_overrides(spec, member, seed))
+
+
+def run_config(spec: SuiteSpec, run: Run) -> ExperimentConfig:
+    return member_config(spec, run.member, run.seed)
+
+
+def select(spec: SuiteSpec, which: Optional[str], seed: Optional[int] = None) -> list[Run]:
+    """The runs named by `--member` (a name, or an index into all runs) and `--seed`."""
+    all_runs = runs(spec)
+    if which is not None and which.isdigit():
         index = int(which)
-        if index >= len(spec.members):
-            raise ConfigError("member", f"index {index} out of range (suite has {len(spec.members)})")
-        return [spec.members[index]]
-    found = [m for m in spec.members if m.name == which]
-    if not found:
-        raise ConfigError("member", f"no member {which!r}; members: {[m.name for m in spec.members]}")
-    return found
+        if index >= len(all_runs):
+            raise ConfigError("member", f"index {index} out of range (suite has {len(all_runs)} runs)")
+        chosen = [all_runs[index]]
+    elif which is not None:
+        chosen = [r for r in all_runs if r.member.name == which]
+        if not chosen:
+            raise ConfigError("member", f"no member {which!r}; members: {[m.name for m in spec.members]}")
+    else:
+        chosen = all_runs
+    if seed is not None:
+        chosen = [r for r in chosen if r.seed == seed]
+        if not chosen:
+            raise ConfigError("seed", f"no run with seed {seed}; the suite's seeds are {spec.seeds}")
+    return chosen
 
 
-def train_member(spec: SuiteSpec, member: MemberSpec, launcher: str) -> int:
-    """Train one member with the user-facing entry point (resumes if it was interrupted)."""
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in member_overrides(spec, member)]
+def _vocab_size(cfg: ExperimentConfig) -> int:
+    from mmoe_megatron.data import resolve_vocab_size
+
+    return resolve_vocab_size(cfg)
+
+
+def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
+    """Training FLOPs of a run: 3 x forward FLOPs at its expected k (sample plan included), plus
+    one forward at k_max per token for a self-distillation teacher, times tokens trained."""
+    from mmoe_megatron.config.derive import flops_per_token
+    from mmoe_megatron.schedule import KSchedule
+
+    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size,
+                                      cfg.train.train_iters)
+    per_token = 3.0 * sum(p * flops_per_token(cfg, vocab_size, k)
+                          for k, p in zip(schedule.ks, schedule.marginal_probs()))
+    if cfg.matryoshka.distill_coeff > 0:
+        per_token += flops_per_token(cfg, vocab_size, schedule.k_max)
+    tokens = cfg.train.train_iters * cfg.train.global_batch_size * cfg.data.seq_length
+    return per_token * tokens
+
+
+def provenance() -> dict:
+    """The code version and machine of a launch (results of different ones are told apart)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        version = commit[:12] + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        version = "unknown"
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"code_version": version, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
+    """Train one run with the user-facing entry point (resumes if it was interrupted)."""
+    out = run_dir(spec, run)
+    os.makedirs(out, exist_ok=True)
+    launches = os.path.join(out, "launches.jsonl")
+    with open(launches, "a") as f:
+        f.write(json.dumps(provenance()) + "\n")
+    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}"
+            for k, v in member_overrides(spec, run.member, run.seed)]
     cmd = shlex.split(launcher) + ["-m", "mmoe_megatron.train", "--config", spec.base] + args
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.call(cmd)
 
 
-def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
-    """Training FLOPs of a member: 3 x forward FLOPs at its expected k, times tokens trained."""
-    from mmoe_megatron.config.derive import flops_per_token
-    from mmoe_megatron.schedule import KSchedule
-
-    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed)
-    per_token = sum(p * flops_per_token(cfg, vocab_size, k) for k, p in zip(schedule.ks, schedule.probs))
-    tokens = cfg.train.train_iters * cfg.train.global_batch_size * cfg.data.seq_length
-    return 3.0 * per_token * tokens
+# --- evaluation ---------------------------------------------------------------------------------
 
 
-def evaluate_members(spec: SuiteSpec) -> None:
-    """Evaluate every member at every k (collective under a launcher); writes <member>/eval."""
+def eval_settings(spec: SuiteSpec) -> dict:
+    """What an evaluation depends on besides the weights (a changed value re-evaluates)."""
+    return {"ks": spec.eval.ks, "layer_ks": spec.eval.layer_ks, "num_samples": spec.eval.num_samples,
+            "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
+            "heldout": [asdict(h) for h in spec.eval.heldout]}
+
+
+def domains(spec: SuiteSpec) -> list[tuple[str, list[tuple[str, object]]]]:
+    """(name, config overrides) of every evaluation domain: the validation split, then held-out."""
+    seed = [] if spec.eval.data_seed is None else [("data.seed", spec.eval.data_seed)]
+    out = [(VALID, seed)]
+    for h in spec.eval.heldout:
+        out.append((h.name, seed + [("data.valid_blend", [{"prefix": h.prefix, "weight": 1.0}])]))
+    return out
+
+
+def _evaluated(path: str, settings: dict) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f).get("eval_settings") == settings
+    except (OSError, ValueError):
+        return False
+
+
+def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> None:
+    """Evaluate runs at every k, at each kept checkpoint, on every domain (collective under a
+    launcher). Writes <run>/eval/results.json (everything) and eval.{json,md,png} (the last
+    checkpoint on the validation split, with the expert-ranking analysis)."""
     import torch.distributed as dist
 
     from mmoe_megatron import distributed
-    from mmoe_megatron.data import resolve_vocab_size
     from mmoe_megatron.evaluation.report import write_report
-    from mmoe_megatron.evaluation.run import evaluate_checkpoint, latest_checkpoint, run_config
+    from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
+    from mmoe_megatron.training.checkpoint import complete_checkpoints, tag_for
 
     ks = list(spec.eval.ks) + [list(v) for v in spec.eval.layer_ks]
-    first = run_config(member_dir(spec, spec.members[0]))
-    distributed.init_distributed(first)
+    settings = eval_settings(spec)
+    todo = [r for r in chosen if force or not _evaluated(os.path.join(run_dir(spec, r), "eval", "results.json"), settings)]
+    if not todo:
+        return
+    distributed.init_distributed(saved_config(run_dir(spec, todo[0])))
     try:
-        for member in spec.members:
-            cfg = run_config(member_dir(spec, member))
-            checkpoint = latest_checkpoint(cfg)
-            points, analysis = evaluate_checkpoint(cfg, checkpoint, ks, spec.eval.num_samples)
+        for run in todo:
+            out = run_dir(spec, run)
+            cfg = saved_config(out)
+            iters = cfg.train.train_iters
+            steps = sorted({max(1, round(f * iters)) for f in spec.eval.fractions})
+            available = set(complete_checkpoints(cfg.checkpoint_dir))
+            missing = [s for s in steps if tag_for(s) not in available]
+            if missing:
+                raise FileNotFoundError(
+                    f"{run.label}: no complete checkpoint for step(s) {missing} in {cfg.checkpoint_dir}; "
+                    "train the run (suite train) before evaluating it")
+            results: dict[str, dict[str, dict[str, float]]] = {}
+            final_points = analysis = None
+            for step in steps:
+                checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(step))
+                results[str(step)] = {}
+                for domain, overrides in domains(spec):
+                    dcfg = saved_config(out, overrides)
+                    last = step == steps[-1] and domain == VALID
+                    at = ks if step == steps[-1] or spec.eval.curve_ks is None else list(spec.eval.curve_ks)
+                    points, summary = evaluate_checkpoint(dcfg, checkpoint, at, spec.eval.num_samples,
+                                                          analysis=last)
+                    results[str(step)][domain] = {p.label: p.loss for p in points}
+                    if last:
+                        final_points, analysis = points, summary
             if dist.get_rank() == 0:
-                meta = {"checkpoint": checkpoint, "role": member.role,
-                        "training_flops": training_flops(cfg, resolve_vocab_size(cfg))}
-                write_report(points, os.path.join(member_dir(spec, member), "eval"), member.name, meta,
-                             analysis)
-                print(f"evaluated {member.name}", flush=True)
+                meta = {"checkpoint": os.path.join(cfg.checkpoint_dir, tag_for(steps[-1])),
+                        "role": run.member.role, "seed": run.seed,
+                        "training_flops": training_flops(cfg, _vocab_size(cfg))}
+                write_report(final_points, os.path.join(out, "eval"), run.member.name, meta, analysis)
+                record = {
+                    "suite": spec.name, "member": run.member.name, "role": run.member.role,
+                    "seed": run.seed, "trained_k": specialist_k(run.member),
+                    "trained_ks": list(cfg.matryoshka.ks),
+                    "train_iters": iters, "training_flops": meta["training_flops"],
+                    "flops_per_token": {p.label: p.flops_per_token for p in final_points},
+                    "active_params": {p.label: p.active_params for p in final_points},
+                    "losses": results, "eval_settings": settings, "launches": _launches(out),
+                    "evaluated": provenance(),
+                }
+                with open(os.path.join(out, "eval", "results.json"), "w") as f:
+                    json.dump(record, f, indent=2)
+                print(f"evaluated {run.label}", flush=True)
     finally:
         distributed.shutdown()
+
+
+def _launches(out: str) -> list[dict]:
+    path = os.path.join(out, "launches.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def specialist_k(member: MemberSpec) -> Optional[int]:
+    """The k a specialist or standard member trains at (one k in its overrides), else None."""
+    ks = member.overrides.get("matryoshka.ks")
+    fixed = member.overrides.get("matryoshka.strategy") == "fixed"
+    return ks[0] if fixed and isinstance(ks, list) and len(ks) == 1 else None
+
+
+def load_results(spec: SuiteSpec, results_dir: Optional[str] = None) -> list[dict]:
+    """results.json of every evaluated run, from the runs directory or from `results_dir` (where
+    `bench.suite_bench` keeps a copy per run); runs not evaluated yet are left out."""
+    found = []
+    for run in runs(spec):
+        if results_dir is not None:
+            path = os.path.join(results_dir, result_file_name(run))
+        else:
+            path = os.path.join(run_dir(spec, run), "eval", "results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append(json.load(f))
+    return found
+
+
+def result_file_name(run: Run) -> str:
+    return f"{run.member.name}.json" if run.seed is None else f"{run.member.name}-s{run.seed}.json"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train, evaluate and compare a suite of models.")
     parser.add_argument("command", choices=["train", "evaluate", "report", "run"])
     parser.add_argument("--suite", required=True)
-    parser.add_argument("--member", default=None, help="train only this member (name or index)")
+    parser.add_argument("--member", default=None, help="only this member (name), or run (index)")
+    parser.add_argument("--seed", type=int, default=None, help="only the runs of this seed")
+    parser.add_argument("--force", action="store_true", help="evaluate again runs already evaluated")
     parser.add_argument("--launcher", default=f"{sys.executable} -m torch.distributed.run --nproc-per-node 1",
                         help="command that starts the training processes")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     spec = load_suite(args.suite)
+    chosen = select(spec, args.member, args.seed)
     if args.command in ("train", "run"):
-        for member in select(spec, args.member):
-            code = train_member(spec, member, args.launcher)
+        for run in chosen:
+            code = train_run(spec, run, args.launcher)
             if code == EXIT_PREEMPTED:
-                print(f"training {member.name} stopped on a signal after a checkpoint (exit code "
+                print(f"training {run.label} stopped on a signal after a checkpoint (exit code "
                       f"{code}); run the same command again to resume it", file=sys.stderr)
                 return code
             if code != 0:
-                print(f"training {member.name} failed with exit code {code}", file=sys.stderr)
+                print(f"training {run.label} failed with exit code {code}", file=sys.stderr)
                 return code
     if args.command in ("evaluate", "run"):
-        evaluate_members(spec)
+        evaluate_runs(spec, chosen, force=args.force)
     if args.command in ("report", "run"):
         from mmoe_megatron.evaluation.compare import write_comparison
 

@@ -340,16 +340,19 @@ def save_checkpoint(engine, cfg, ckpt_dir: str, step: int, trainer_state: dict,
     raise_if_any(error, f"writing the manifest of {path} failed; 'latest' still names the previous "
                         f"checkpoint. Check that {ckpt_dir} has room", remove=path)
     if rank == 0:
-        prune(ckpt_dir, keep_last=cfg.checkpoint.keep_last)
+        prune(ckpt_dir, keep_last=cfg.checkpoint.keep_last, keep_steps=cfg.checkpoint.keep_steps)
     _barrier()
     return path
 
 
-def prune(ckpt_dir: str, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest `keep_last`, and stale incomplete ones."""
+def prune(ckpt_dir: str, keep_last: int, keep_steps=()) -> None:
+    """Delete complete checkpoints older than the newest `keep_last` (except those of
+    `keep_steps`), and stale incomplete ones."""
     tags = complete_checkpoints(ckpt_dir)
+    kept = {tag_for(step) for step in keep_steps}
     for tag in tags[:-keep_last]:
-        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        if tag not in kept:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
     newest = tags[-1] if tags else None
     for name in os.listdir(ckpt_dir):
         full = os.path.join(ckpt_dir, name)

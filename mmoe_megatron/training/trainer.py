@@ -47,7 +47,7 @@ from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.elastic import ElasticK
 from mmoe_megatron.engine import build_engine, set_lr
 from mmoe_megatron.failures import describe_collective_failure, gather_ranks, is_collective_failure, this_rank
-from mmoe_megatron.model import build_model, elastic_routers, named_global_parameters
+from mmoe_megatron.model import build_model, elastic_routers, moe_layer_numbers, named_global_parameters
 from mmoe_megatron.training import checkpoint as ckpt
 from mmoe_megatron.training.batches import BatchLayout, collate
 from mmoe_megatron.training.lr import lr_at
@@ -97,6 +97,7 @@ class Trainer:
         self.device = next(self.engine.module.parameters()).device
         self.elastic = ElasticK.from_config(self.engine.module, cfg, self.dp_rank, self.dp_size)
         self.routers = elastic_routers(self.engine.module)
+        self.moe_layers = moe_layer_numbers(cfg)
         self.mask = causal_mask(cfg.data.seq_length, self.device)
         self.datasets = datasets
         self.step = 0
@@ -104,6 +105,7 @@ class Trainer:
         self.nonfinite_streak = 0  # consecutive non-finite steps up to the last step
         self._first_step: Optional[int] = None  # the step this launch started (or resumed) at
         self._stop_signal: Optional[int] = None
+        self._distill_kl: list[torch.Tensor] = []  # this step's per-micro-batch KL to the teacher
         self.checkpoint_bytes = ckpt.estimate_checkpoint_bytes(cfg, vocab_size)
         self.metrics = MetricsLogger(cfg.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
         if self.rank == 0:
@@ -138,9 +140,24 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        """The forward of one micro-batch: its mean token loss."""
-        return token_loss(self.engine, batch, self.mask)
+    def loss(self, batch: dict, step: int = 0, microbatch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward of one micro-batch at the ks already set for it: (objective to
+        backpropagate, mean token cross-entropy). They differ only with self-distillation, whose
+        teacher forward runs first (training/distill.py)."""
+        mat = self.cfg.matryoshka
+        if not mat.distill_coeff:
+            loss = token_loss(self.engine, batch, self.mask)
+            return loss, loss
+        from mmoe_megatron.training.distill import distillation_loss, teacher_log_probs
+
+        teacher_logp = teacher_log_probs(self.engine.module, batch, self.mask, self.elastic.schedule.k_max,
+                                         mat.distill_temperature)
+        self.elastic.set_microbatch(step, microbatch)  # the teacher left the routers at k_max
+        logits = self.engine(batch["tokens"], batch["position_ids"], self.mask)
+        objective, ce, kl = distillation_loss(logits, batch["labels"], batch["loss_mask"], teacher_logp,
+                                              mat.distill_coeff, mat.distill_temperature)
+        self._distill_kl.append(kl.detach())
+        return objective, ce
 
     def _sync_check_due(self, step: int) -> bool:
         interval = self.cfg.matryoshka.sync_check_interval
@@ -163,8 +180,8 @@ class Trainer:
         last = len(microbatches) - 1
         for m, batch in enumerate(microbatches):
             self.elastic.set_microbatch(step, m)
-            loss = self.loss(batch)
-            losses.append(loss.detach())
+            loss, ce = self.loss(batch, step, m)
+            losses.append(ce.detach())
             if m == last:
                 mean_loss = torch.stack(losses).mean()
                 if dist.is_initialized():
@@ -179,6 +196,9 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
         result = {"loss": float(mean_loss), "lr": lr, "grad_norm": grad_norm}
+        if self._distill_kl:
+            result["distill_kl"] = float(torch.stack(self._distill_kl).mean())
+            self._distill_kl.clear()
         applied = self.engine.was_step_applied()
         finite = math.isfinite(result["loss"]) and (norm is None or math.isfinite(grad_norm))
         if not finite and applied:
@@ -399,7 +419,8 @@ class Trainer:
     def _fit(self) -> dict:
         cfg = self.cfg
         t = cfg.train
-        ckpt.check_checkpoint_dir(cfg.checkpoint_dir, self.checkpoint_bytes, cfg.checkpoint.keep_last)
+        ckpt.check_checkpoint_dir(cfg.checkpoint_dir, self.checkpoint_bytes,
+                                  cfg.checkpoint.keep_last + len(cfg.checkpoint.keep_steps))
         self._doing = "the resume from a checkpoint"
         self.restore()
         self._first_step = self.step
@@ -414,7 +435,7 @@ class Trainer:
             batches = self.microbatches(self.step)
             result = self.train_step(self.step, batches)
             result["tokens_per_s"] = tokens_per_step / max(time.time() - start, 1e-9)
-            result.update(moe_aux_losses())
+            result.update(moe_aux_losses(self.layout.num_microbatches, self.moe_layers, _dp_group()))
             share = self._expert_share()
             self.step += 1
             if self.step % t.log_interval == 0 or self.step == t.train_iters:
@@ -423,7 +444,8 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 last_eval = self.evaluate(eval_ks)
                 self.metrics.log_eval(self.step, last_eval)
-            save_now = cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0
+            save_now = (cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0) \
+                or self.step in cfg.checkpoint.keep_steps
             exit_now = t.exit_interval and self.step % t.exit_interval == 0 and self.step < t.train_iters
             if self._stop_requested() or exit_now:
                 self.save()
