@@ -5,7 +5,6 @@ number of processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -29,9 +28,9 @@ def _launch(launcher, config, run_dir, *extra, dry_run=False, nproc=2):
 
 
 def _logged(run_dir, field):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return {r["step"]: r[field] for r in records if r.get("kind") == "train"}
+    from mmoe_megatron.training.metrics import read_metrics
+
+    return {step: r[field] for step, r in read_metrics(run_dir)["train"].items()}
 
 
 @pytest.fixture(scope="module")
