@@ -196,7 +196,7 @@ def test_suite_array_job_and_dependent_report(slurm_cluster, tmp_path):
     ]), base)
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({
-        "name": "s", "base": base, "runs_dir": str(tmp_path / "runs"),
+        "name": "s", "base": base, "runs_dir": str(tmp_path / "runs"), "seeds": [1],
         "eval": {"ks": [1, 2], "num_samples": 8},
         "members": [
             {"name": "elastic", "role": "elastic"},
@@ -209,16 +209,19 @@ def test_suite_array_job_and_dependent_report(slurm_cluster, tmp_path):
     out_dir = tmp_path / "runs" / "s" / "slurm"
     logs = {p.name: p.read_text() for p in out_dir.glob("*.out")} if out_dir.exists() else {}
     assert proc.returncode == 0, proc.stdout + proc.stderr + "\n".join(f"{k}\n{v[-3000:]}" for k, v in logs.items())
-    # One array job, one task per member, each training its member; then the report job.
+    # One array job, one task per run (member, seed), each training into its run's directory; then
+    # the report job.
     array = re.search(r"array job (\d+) trains", proc.stdout).group(1)
-    assert f"array job {array} trains 0=elastic, 1=k2" in proc.stdout
+    assert f"array job {array} trains 0=elastic/seed1, 1=k2/seed1" in proc.stdout
     for i, member in enumerate(["elastic", "k2"]):
         log = logs[f"s-{array}_{i}.out"]
         assert f"SLURM_ARRAY_TASK_ID={i}" in log and f"--member {i}" in log
-        assert sorted(logged_steps(tmp_path / "runs" / "s" / member)) == [1, 2, 3]
+        run = tmp_path / "runs" / "s" / member / "seed1"
+        assert sorted(logged_steps(run)) == [1, 2, 3]
+        assert (run / "slurm" / "attempts.jsonl").is_file()  # the requeue check found this run
     comparison = json.loads((tmp_path / "runs" / "s" / "report" / "comparison.json").read_text())
     rows = {r["name"]: r for r in comparison["rows"]}
     assert set(rows) == {"elastic", "k2"} and comparison["columns"] == ["1", "2"]
     for name, row in rows.items():
-        evaluated = json.loads((tmp_path / "runs" / "s" / name / "eval" / "eval.json").read_text())
+        evaluated = json.loads((tmp_path / "runs" / "s" / name / "seed1" / "eval" / "eval.json").read_text())
         assert row["loss"] == {r["label"]: r["loss"] for r in evaluated["results"]}
