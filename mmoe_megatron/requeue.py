@@ -11,7 +11,10 @@ The sbatch scripts in slurm/ call this around the step (`run_step` in slurm/comm
 one line saying what happens and why, and exits 0 when the script should requeue the job:
 
 - exit code 75 (the trainer checkpointed on SIGUSR1/SIGTERM, e.g. the pre-limit signal):
-  requeue; these requeues are not counted as retries;
+  requeue; these requeues are not counted as retries. So is any other exit code when this
+  attempt's newest checkpoint says it was written on a stop signal: srun's --kill-on-bad-exit
+  ends the ranks still shutting down once the first exits 75, and the step then reports theirs
+  (143);
 - any other failure (a crashed or killed rank, a lost node): requeue only while the job has
   been retried fewer than `--max-retries` times (MMOE_MAX_RETRIES, default 3) and a complete
   checkpoint newer than the one noted at `begin` exists, i.e. this attempt made progress. A crash
@@ -33,7 +36,7 @@ from typing import Optional
 
 from mmoe_megatron.config import ConfigError, load_config, parse_overrides
 from mmoe_megatron.train import EXIT_PREEMPTED
-from mmoe_megatron.training.checkpoint_names import newest_complete_step, tag_for
+from mmoe_megatron.training.checkpoint_names import STATE, newest_complete_step, tag_for
 
 DEFAULT_MAX_RETRIES = 3
 MAX_RETRIES_ENV = "MMOE_MAX_RETRIES"
@@ -48,10 +51,18 @@ class Decision:
 
 
 def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
-           newest_at_start: Optional[int], newest_now: Optional[int], started: bool = True) -> Decision:
-    """Whether job `job`, whose step exited with `exit_code`, goes back to the queue (pure)."""
+           newest_at_start: Optional[int], newest_now: Optional[int], started: bool = True,
+           newest_stopped_on_signal: bool = False) -> Decision:
+    """Whether job `job`, whose step exited with `exit_code`, goes back to the queue (pure).
+    `newest_stopped_on_signal`: the checkpoint of `newest_now` was written on a stop signal."""
+    preempted = f"preempted: checkpoint written; requeueing job {job}"
     if exit_code == EXIT_PREEMPTED:
-        return Decision(True, False, f"preempted: checkpoint written; requeueing job {job}")
+        return Decision(True, False, preempted)
+    progress = newest_now is not None and (newest_at_start is None or newest_now > newest_at_start)
+    if started and progress and newest_stopped_on_signal:
+        return Decision(True, False, (
+            f"{preempted} ({tag_for(newest_now)}, written on the stop signal; exit code {exit_code} came "
+            f"from a rank ended while shutting down, as srun does once another rank exited {EXIT_PREEMPTED})"))
     failed = f"the training step failed with exit code {exit_code}"
     if not started:
         return Decision(False, False, f"not requeueing job {job}: {failed}, and this attempt's start was "
@@ -60,7 +71,7 @@ def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
         return Decision(False, False, (
             f"not requeueing job {job}: {failed}, and it was already retried {retries_so_far} time(s), "
             f"the limit (--max-retries / {MAX_RETRIES_ENV}={max_retries})"))
-    if newest_now is None or (newest_at_start is not None and newest_now <= newest_at_start):
+    if not progress:
         have = f"the newest is still {tag_for(newest_now)}" if newest_now is not None else "there is none"
         return Decision(False, False, (
             f"not requeueing job {job}: {failed} before writing a new checkpoint ({have}), so a "
@@ -112,6 +123,17 @@ def _records(run_dir: str, job: str) -> list[dict]:
     return out
 
 
+def stopped_on_signal(ckpt_dir: str, step: Optional[int]) -> bool:
+    """Whether the checkpoint of `step` says it was written on a stop signal (its trainer state)."""
+    if step is None:
+        return False
+    try:
+        with open(os.path.join(ckpt_dir, tag_for(step), STATE)) as f:
+            return json.load(f).get("stopped_on_signal") is True
+    except (OSError, ValueError):
+        return False
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -160,7 +182,8 @@ def main(argv=None) -> int:
     begins = [r for r in records if r["event"] == "begin" and r["restart"] == restart]
     retries = sum(1 for r in records if r["event"] == "retry")
     decision = decide(args.exit_code, job, retries, max_retries,
-                      begins[-1]["newest_checkpoint"] if begins else None, newest, started=bool(begins))
+                      begins[-1]["newest_checkpoint"] if begins else None, newest, started=bool(begins),
+                      newest_stopped_on_signal=stopped_on_signal(ckpt_dir, newest))
     event = "retry" if decision.counts_as_retry else ("requeue" if decision.requeue else "stop")
     _append(run_dir, {"job": job, "restart": restart, "event": event, "exit_code": args.exit_code,
                       "newest_checkpoint": newest, "reason": decision.reason})

@@ -28,11 +28,34 @@ def test_requeue_only_what_made_progress_within_the_limit(code, retries, at_star
     assert words in decision.reason
 
 
-def _checkpoint(run, step):
+def test_a_stop_checkpoint_of_this_attempt_makes_any_exit_code_a_preemption():
+    # srun's --kill-on-bad-exit ends a rank still shutting down once another exits 75: the step
+    # then exits 143, but the attempt did checkpoint on the signal.
+    decision = decide(143, "7", 3, 3, 4, 8, newest_stopped_on_signal=True)
+    assert (decision.requeue, decision.counts_as_retry) == (True, False)
+    assert decision.reason.startswith("preempted: checkpoint written; requeueing job 7 (step_00000008, written on")
+    # A stop checkpoint from before this attempt says nothing about this failure.
+    assert not decide(143, "7", 3, 3, 8, 8, newest_stopped_on_signal=True).requeue
+
+
+def test_the_command_reads_the_stop_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    selector = ["--config", TINY, f"--logging.dir={run}", "--max-retries", "0"]
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
+    assert main(["begin", *selector]) == 0
+    _checkpoint(run, 4, {"step": 4, "stopped_on_signal": True})
+    assert main(["decide", "--exit-code", "143", *selector]) == 0  # no retries allowed, none used
+    assert "preempted: checkpoint written; requeueing job 8 (step_00000004" in capsys.readouterr().out
+
+
+def _checkpoint(run, step, state=None):
     path = os.path.join(run, "checkpoints", f"step_{step:08d}")
     os.makedirs(path)
     with open(os.path.join(path, "COMPLETE.json"), "w") as f:
         f.write("{}")
+    if state is not None:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump(state, f)
 
 
 def test_the_command_counts_retries_per_job_and_logs_each_attempt(tmp_path, monkeypatch, capsys):

@@ -156,6 +156,9 @@ def test_pre_limit_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster
     at = int(stopped[0])
     assert 2 <= at < STEPS
     assert f"resumed from {run}/checkpoints/step_{at:08d} at step {at}" in log
+    # What lets the script tell a preemption from a crash when srun reports another rank's code.
+    state = json.loads(_read(os.path.join(run, "checkpoints", f"step_{at:08d}", "trainer_state.json")))
+    assert state["stopped_on_signal"] is True
     # The requeued run continues bit for bit from the preemption checkpoint.
     assert logged_steps(run) == slurm_reference
 

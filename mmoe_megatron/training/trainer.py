@@ -84,6 +84,7 @@ class Trainer:
         # Every rank's node, device and pid, for the resume records and to name a failed rank.
         self.ranks = gather_ranks(this_rank(self.rank, int(os.environ.get("LOCAL_RANK", 0))))
         self._doing = "start-up"  # what the loop is doing, for the report of a failed collective
+        self.preempted = False  # stopping on a signal (SIGUSR1/SIGTERM) after a checkpoint
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.layout = BatchLayout(cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_size)
@@ -320,6 +321,9 @@ class Trainer:
             "name": self.cfg.name,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_streak": self.nonfinite_streak,
+            # Read by the Slurm retry decision (mmoe_megatron.requeue): the step may end with
+            # another rank's exit code, since srun kills the others once the first exits 75.
+            "stopped_on_signal": self.preempted,
         }
 
     def save(self) -> str:
@@ -448,8 +452,8 @@ class Trainer:
                 or self.step in cfg.checkpoint.keep_steps
             exit_now = t.exit_interval and self.step % t.exit_interval == 0 and self.step < t.train_iters
             if self._stop_requested() or exit_now:
-                self.save()
                 self.preempted = not exit_now
+                self.save()
                 why = "exit_interval reached" if exit_now else "stop signal received"
                 self.metrics.log_text(f"{why}: checkpointed step {self.step}, exiting")
                 return last_eval
