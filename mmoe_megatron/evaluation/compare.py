@@ -128,6 +128,10 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
 
 
+# A variant replaces the default only when it wins on at least this many seeds, every one of them.
+SEEDS_TO_DECIDE = 3
+
+
 def _variants(members, by_member, domain_names, final, losses) -> dict:
     """Every other elastic model against the first (the reference elastic model), paired by seed:
     the difference of their mean loss over the reference's trained uniform ks at the end of
@@ -146,8 +150,9 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
             diffs = {str(s): statistics.fmean(losses(runs[s], final, domain)[k] for k in ks)
                      - statistics.fmean(losses(reference[s], final, domain)[k] for k in ks) for s in seeds}
             if diffs:
-                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())),
-                                 "better_on_every_seed": all(d < 0 for d in diffs.values())}
+                better = all(d < 0 for d in diffs.values())
+                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())), "better_on_every_seed": better,
+                                 "decides": better and len(diffs) >= SEEDS_TO_DECIDE}
         out["by_variant"][m.name] = entry
     return out
 
@@ -220,8 +225,10 @@ def markdown(data: dict, level: int = 2) -> str:
             for domain, e in per_domain.items():
                 std = "" if e["std"] is None else f" ± {e['std']:.4f}"
                 seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
-                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | "
-                             f"{'yes' if e['better_on_every_seed'] else 'no'} |")
+                verdict = "yes" if e["better_on_every_seed"] else "no"
+                if e["better_on_every_seed"] and not e.get("decides"):
+                    verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
+                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
         lines.append("")
     if seeded:
         parts = []
