@@ -1,13 +1,16 @@
 """Build the megatron-core GPT model with Matryoshka MoE layers, and choose its k.
 
 The elastic router enters through megatron-core's layer spec: every MoE layer spec gets
-`MatryoshkaMoELayer` as its module and `MatryoshkaRouter` as `MoESubmodules.router`. Nothing
-in megatron-core is patched.
+`MatryoshkaMoELayer` as its module, `MatryoshkaRouter` as `MoESubmodules.router` and slimmable
+experts (`slimmable.py`) as `MoESubmodules.experts`. Nothing in megatron-core is patched.
 
 Inference API:
     set_topk(model, 2)             every MoE layer routes to its top-2
     set_topk(model, [1, 2, 4, 8])  one k per MoE layer, in layer order
-k may exceed the training range, up to the number of experts.
+    set_width(model, 0.5)          every expert at half its FFN width (slimmable experts)
+    set_point(model, 2, [1, 0.5, 0.5, 0.25])   k and per-layer widths together
+k may exceed the training range, up to the number of experts; a width may be any fraction that
+gives whole columns.
 """
 
 from __future__ import annotations
@@ -53,8 +56,27 @@ def router_builder(cfg: ExperimentConfig):
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad)
 
 
+def experts_spec(cfg: ExperimentConfig, experts):
+    """megatron-core's experts spec with its module replaced by the slimmable experts of the same
+    kind (local or grouped), which run at full width exactly as the stock ones (`slimmable.py`)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mmoe_megatron.slimmable import experts_class
+
+    module = getattr(experts, "module", experts)
+    if module not in (SequentialMLP, TEGroupedMLP):
+        if cfg.matryoshka.elastic_width:
+            raise ValueError(f"slimmable experts replace SequentialMLP or TEGroupedMLP, not {module.__name__}")
+        return experts
+    params = {**getattr(experts, "params", {}), "widths": tuple(cfg.matryoshka.widths)}
+    return ModuleSpec(module=experts_class(module is TEGroupedMLP), submodules=experts.submodules,
+                      params=params)
+
+
 def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:
-    """One ModuleSpec per transformer layer, MoE layers using the elastic router.
+    """One ModuleSpec per transformer layer, MoE layers using the elastic router and slimmable
+    experts.
 
     `stock_routing=True` keeps megatron-core's own MoELayer and TopKRouter (fixed k = k_max):
     the reference that fixed-k training and the router-overhead benchmark compare against.
@@ -76,7 +98,8 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
             mlp = dataclasses.replace(
                 mlp,
                 module=MatryoshkaMoELayer,
-                submodules=dataclasses.replace(mlp.submodules, router=router),
+                submodules=dataclasses.replace(mlp.submodules, router=router,
+                                               experts=experts_spec(cfg, mlp.submodules.experts)),
             )
             spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
         out.append(spec)
@@ -192,6 +215,46 @@ def set_topk(model: torch.nn.Module, k: Union[int, Sequence[int]]) -> None:
         )
     for router, layer_k in zip(routers, ks):
         router.set_k(int(layer_k))
+
+
+def moe_layers(model: torch.nn.Module) -> list[MatryoshkaMoELayer]:
+    """The model's Matryoshka MoE layers in layer order (this pipeline stage's)."""
+    layers = [m for m in model.modules() if isinstance(m, MatryoshkaMoELayer)]
+    return sorted(layers, key=lambda m: m.layer_number)
+
+
+def slimmable_experts(model: torch.nn.Module) -> list:
+    """The slimmable experts of the MoE layers, in layer order (each with `.layer_number` set)."""
+    from mmoe_megatron.slimmable import _WidthState
+
+    out = []
+    for layer in moe_layers(model):
+        if isinstance(layer.experts, _WidthState):
+            layer.experts.layer_number = layer.layer_number
+            out.append(layer.experts)
+    return out
+
+
+def set_width(model: torch.nn.Module, width: Union[float, Sequence[float]]) -> None:
+    """Run every expert at one width fraction, or MoE layer i's experts at `width[i]`."""
+    experts = slimmable_experts(model)
+    if len(experts) != len(moe_layers(model)):
+        raise ValueError("this model's experts are not slimmable (grouped GEMM without Transformer Engine?)")
+    widths = [width] * len(experts) if isinstance(width, (int, float)) else list(width)
+    if len(widths) != len(experts):
+        raise ValueError(
+            f"a per-layer width vector needs one width per MoE layer ({len(experts)}), got {len(widths)}: {widths}"
+        )
+    for module, w in zip(experts, widths):
+        module.set_width(float(w))
+
+
+def set_point(model: torch.nn.Module, k: Union[int, Sequence[int]],
+              width: Union[float, Sequence[float], None] = None) -> None:
+    """Route at `k` with the experts at `width` (full width when None): one point of the grid."""
+    set_topk(model, k)
+    if width is not None or slimmable_experts(model):
+        set_width(model, 1.0 if width is None else width)
 
 
 def current_topk(model: torch.nn.Module) -> list:
