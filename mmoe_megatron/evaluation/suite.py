@@ -94,6 +94,11 @@ class EvalSpec:
     experts; any model can be evaluated there). Empty: full width only."""
     points: list[str] = field(default_factory=list)
     """More points as labels: per-layer k and width vectors, e.g. "[1,2,4,8]@[1,0.5,0.5,0.25]"."""
+    budgets: list[float] = field(default_factory=list)
+    """Forward FLOPs-per-token budgets: for every elastic run, the per-layer (k, width) vector over
+    `ks` x (`widths` and 1) with the lowest loss within each budget (budget_grid.py), on
+    `budget_samples` validation samples, recorded with the run's results."""
+    budget_samples: int = 64
 
     def specs(self) -> list:
         """Every spec evaluated at the end of training, in column order."""
@@ -171,6 +176,15 @@ def _check_eval_points(spec: SuiteSpec, cfg: ExperimentConfig) -> None:
             expert_columns(cfg, w)
         except ValueError as e:
             raise ConfigError(f"eval.widths[{i}]", str(e)) from None
+    if spec.eval.budgets:
+        from mmoe_megatron.evaluation.budget_grid import check_budget
+
+        grid = budget_grid_of(spec, cfg)
+        for i, flops in enumerate(spec.eval.budgets):
+            try:
+                check_budget(cfg, _vocab_size(cfg), flops, grid, f"{flops:.6g}")
+            except ValueError as e:
+                raise ConfigError(f"eval.budgets[{i}]", str(e)) from None
     for i, text in enumerate(spec.eval.points):
         k, width = split_spec(parse_spec(text))
         for what, value in (("k", k), ("width", width)):
@@ -181,6 +195,12 @@ def _check_eval_points(spec: SuiteSpec, cfg: ExperimentConfig) -> None:
             expert_columns(cfg, width)
         except ValueError as e:
             raise ConfigError(f"eval.points[{i}]", str(e)) from None
+
+
+def budget_grid_of(spec: SuiteSpec, cfg: ExperimentConfig):
+    from mmoe_megatron.evaluation.budget_grid import Grid
+
+    return Grid(spec.eval.ks, sorted(set(spec.eval.widths) | {1.0}), cfg.moe.expert_ffn_hidden_size)
 
 
 def _repo_root(suite_path: str) -> str:
@@ -331,7 +351,10 @@ def eval_settings(spec: SuiteSpec) -> dict:
                 "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
                 "heldout": [asdict(h) for h in spec.eval.heldout]}
     # Only when used, so that suites without widths keep their evaluations.
-    settings.update({name: getattr(spec.eval, name) for name in ("widths", "points") if getattr(spec.eval, name)})
+    settings.update({name: getattr(spec.eval, name) for name in ("widths", "points", "budgets")
+                     if getattr(spec.eval, name)})
+    if spec.eval.budgets:
+        settings["budget_samples"] = spec.eval.budget_samples
     return settings
 
 
@@ -395,6 +418,13 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     results[str(step)][domain] = {p.label: p.loss for p in points}
                     if last:
                         final_points, analysis = points, summary
+            searches = None
+            if spec.eval.budgets and run.member.role == "elastic":
+                from mmoe_megatron.evaluation.budget_grid import search_checkpoint
+
+                dcfg = saved_config(out, domains(spec)[0][1])
+                searches = search_checkpoint(dcfg, os.path.join(cfg.checkpoint_dir, tag_for(steps[-1])),
+                                             spec.eval.budgets, budget_grid_of(spec, cfg), spec.eval.budget_samples)
             if dist.get_rank() == 0:
                 meta = {"checkpoint": os.path.join(cfg.checkpoint_dir, tag_for(steps[-1])),
                         "role": run.member.role, "seed": run.seed,
@@ -409,6 +439,7 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "flops_per_token": {p.label: p.flops_per_token for p in final_points},
                     "active_params": {p.label: p.active_params for p in final_points},
                     "losses": results, "eval_settings": settings, "launches": _launches(out),
+                    **({"budget_search": [r.to_dict() for r in searches]} if searches else {}),
                     "evaluated": provenance(),
                 }
                 with open(os.path.join(out, "eval", "results.json"), "w") as f:
