@@ -140,3 +140,60 @@ def test_expert_parallel_matches_single_process_at_mixed_k_and_width(single_proc
             message = result[variant]["desync"]
             assert message is not None and "MoE layer 1" in message and "rank 1" in message, message
             assert ("width level" in message) if variant != "token" else ("per-token widths differ" in message)
+
+
+def _resume_worker(rank, world_size, tmp):
+    """Train 2 steps (ZeRO-2, EP 2, k and width per token), checkpoint, train 2 more; a fresh
+    trainer resumes and must reproduce the last 2 steps bit for bit, drawing the same widths. A
+    trainer with other widths must refuse the checkpoint."""
+    from mmoe_megatron import distributed
+    from mmoe_megatron.training.checkpoint import CheckpointError
+    from mmoe_megatron.training.trainer import Trainer
+    from tests.test_training_distributed import global_tokens, make_batch
+
+    def cfg_with(widths):
+        return tiny_config(**{
+            "parallel.expert": 2, "matryoshka.widths": widths, "data.seq_length": 32,
+            "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_iters": 10,
+            "train.precision": "fp32", "optimizer.warmup_iters": 1, "optimizer.zero_stage": 2,
+            "logging.dir": tmp, "logging.tensorboard": False, "matryoshka.sync_check_interval": 1,
+        })
+
+    cfg = cfg_with(WIDTHS)
+    distributed.init_distributed(cfg)
+    tokens = global_tokens(cfg, 4)
+
+    def run(trainer, steps):
+        out = []
+        for step in steps:
+            mbs = [make_batch(tokens, trainer.layout.sample_indices(step, m, trainer.dp_rank))
+                   for m in range(trainer.layout.num_microbatches)]
+            out.append((trainer.train_step(step, mbs)["loss"],
+                        [e.last_width.clone() for e in trainer.elastic.experts]))
+            trainer.step = step + 1
+        return out
+
+    trainer = Trainer(cfg, vocab_size=VOCAB, datasets=())
+    run(trainer, range(2))
+    trainer.save()
+    continued = run(trainer, range(2, 4))
+    fresh = Trainer(cfg, vocab_size=VOCAB, datasets=())
+    assert fresh.maybe_resume() and fresh.step == 2
+    resumed = run(fresh, range(2, 4))
+    other = Trainer(cfg_with([0.5, 1.0]), vocab_size=VOCAB, datasets=())
+    try:
+        other.maybe_resume()
+        refused = None
+    except CheckpointError as e:
+        refused = str(e)
+    return {"continued": continued, "resumed": resumed, "refused": refused}
+
+
+@pytest.mark.slow
+def test_resume_draws_the_same_widths_and_other_widths_are_refused(tmp_path):
+    ranks = run_distributed(_resume_worker, world_size=2, timeout=400, tmp=str(tmp_path))
+    for r in ranks:
+        for (loss_c, widths_c), (loss_r, widths_r) in zip(r["continued"], r["resumed"]):
+            assert loss_c == loss_r  # bitwise: fp32 on CPU
+            assert all(torch.equal(a, b) for a, b in zip(widths_c, widths_r))
+        assert "another k or width schedule" in r["refused"]

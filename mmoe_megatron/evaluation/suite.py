@@ -96,8 +96,10 @@ class EvalSpec:
     """More points as labels: per-layer k and width vectors, e.g. "[1,2,4,8]@[1,0.5,0.5,0.25]"."""
     budgets: list[float] = field(default_factory=list)
     """Forward FLOPs-per-token budgets: for every elastic run, the per-layer (k, width) vector over
-    `ks` x (`widths` and 1) with the lowest loss within each budget (budget_grid.py), on
+    `budget_ks` x (`widths` and 1) with the lowest loss within each budget (budget_grid.py), on
     `budget_samples` validation samples, recorded with the run's results."""
+    budget_ks: Optional[list[int]] = None
+    """ks of the budget search; null: `ks`."""
     budget_samples: int = 64
 
     def specs(self) -> list:
@@ -200,7 +202,8 @@ def _check_eval_points(spec: SuiteSpec, cfg: ExperimentConfig) -> None:
 def budget_grid_of(spec: SuiteSpec, cfg: ExperimentConfig):
     from mmoe_megatron.evaluation.budget_grid import Grid
 
-    return Grid(spec.eval.ks, sorted(set(spec.eval.widths) | {1.0}), cfg.moe.expert_ffn_hidden_size)
+    return Grid(spec.eval.budget_ks or spec.eval.ks, sorted(set(spec.eval.widths) | {1.0}),
+                cfg.moe.expert_ffn_hidden_size)
 
 
 def _repo_root(suite_path: str) -> str:
@@ -354,7 +357,7 @@ def eval_settings(spec: SuiteSpec) -> dict:
     settings.update({name: getattr(spec.eval, name) for name in ("widths", "points", "budgets")
                      if getattr(spec.eval, name)})
     if spec.eval.budgets:
-        settings["budget_samples"] = spec.eval.budget_samples
+        settings.update(budget_samples=spec.eval.budget_samples, budget_ks=spec.eval.budget_ks)
     return settings
 
 
