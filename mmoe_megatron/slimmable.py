@@ -65,12 +65,15 @@ class _WidthState:
     def set_width(self, width: float) -> None:
         """Run every token at `width` (any whole-column fraction, not only the trained ones)."""
         self.columns = width_columns(float(width), self.ffn_hidden_size)
+        if self.columns < self.ffn_hidden_size:
+            _check_plain_swiglu(self.config)
         self.token_levels_SB = None
 
     def set_token_levels(self, levels_SB: torch.Tensor) -> None:
         """Per-token width levels for the next micro-batch: int tensor [seq, batch], 1..len(widths)."""
         if levels_SB.dim() != 2:
             raise ValueError(f"per-token width levels must be [seq, batch], got {tuple(levels_SB.shape)}")
+        _check_plain_swiglu(self.config)
         self.token_levels_SB = levels_SB
 
     @property
@@ -117,6 +120,7 @@ def sliced_swiglu(x_NH, fc1_weight_FH, fc2_weight_HI, probs_N, columns: int, act
 
 
 def _check_plain_swiglu(config) -> None:
+    """Narrower widths re-implement megatron's plain SwiGLU path; refuse what it would not do."""
     if not config.gated_linear_unit or config.add_bias_linear or config.bias_activation_fusion \
             or config.activation_func_clamp_value is not None or config.glu_linear_offset != 0 \
             or config.fp8 or config.fp4 or config.moe_apply_probs_on_input:
@@ -132,7 +136,6 @@ class SlimmableSequentialMLP(_WidthState, SequentialMLP):
     def __init__(self, num_local_experts, config, submodules, pg_collection=None,
                  widths: Sequence[float] = (1.0,)):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
-        _check_plain_swiglu(self.config)
         self._init_width_state(widths, self.config.moe_ffn_hidden_size)
 
     def _expert(self, index: int, x_NH, probs_N, columns: int):
@@ -201,7 +204,6 @@ class SlimmableTEGroupedMLP(_WidthState, TEGroupedMLP):
         return self._masked(permuted_local_hidden_states, tokens_per_expert, permuted_probs, columns_N), None
 
     def _masked(self, x_NH, tokens_per_expert, probs_N, columns_N):
-        _check_plain_swiglu(self.config)
         if self.activation_recompute or self.offload_expert_fc1 or self.offload_moe_act \
                 or self.config.use_te_activation_func:
             raise ValueError("slimmable grouped experts do not support moe_act recompute, activation "
