@@ -10,7 +10,7 @@ Runs are trained, evaluated on the suite's (k, width) grid and kept as in `bench
 (bench/results/<suite name>/<member>-s<seed>.json; a run resumes if interrupted and is evaluated
 once). The specialists are read from `--specialists` (the results.json records of fixed-k models
 trained at the same preset, by default those of the elasticity ladder) for the seeds of this
-suite. Each model's points are (forward FLOPs per token, validation loss); the report gives its
+suite, or else taken from the suite's own specialist members. Each model's points are (forward FLOPs per token, validation loss); the report gives its
 frontier, the best loss within each budget the `--reference` model reaches (its full-width ks),
 the seed-paired differences to it, and the points that fall between two of its budgets.
 """
@@ -68,7 +68,8 @@ def _fmt(stats: dict) -> str:
     return f"{stats['mean']:.4f}" + ("" if stats["std"] is None else f" ± {stats['std']:.4f}")
 
 
-def report(spec, records: list[dict], specialists: list[dict], reference: str, suite_path: str) -> int:
+def report(spec, records: list[dict], specialists: list[dict], reference: str, suite_path: str,
+           specialist_source: str = "") -> int:
     from mmoe_megatron.evaluation.core import EvalPoint, parse_spec, split_spec
     from mmoe_megatron.evaluation.frontier import best_within, compare_at_budgets, frontier
     from mmoe_megatron.evaluation.report import plot_frontier
@@ -109,7 +110,10 @@ def report(spec, records: list[dict], specialists: list[dict], reference: str, s
              f"Budgets: the forward FLOPs per token of `{reference}` at its full-width ks, the points it is "
              f"served at without slimmable experts (`{widened}`: the same model also evaluated at narrower "
              "expert widths, which it was not trained for). A model's loss within a budget is that of its "
-             "best point within it.", ""]
+             "best point within it."
+             + (f" Specialists: {sorted({r['trained_k'] for r in specialists})} from {specialist_source}, seeds "
+                f"{sorted({r['seed'] for r in specialists}, key=str)}." if specialists else " No specialists found."),
+             ""]
     lines += ["#### Best loss within each budget", "",
               "| model | training PFLOP | " + " | ".join(f"{lab} ({f / 1e6:.3f} MFLOP)" for f, lab in budgets) + " |",
               "|---|---:|" + "---:|" * len(budgets)]
@@ -185,6 +189,7 @@ def report(spec, records: list[dict], specialists: list[dict], reference: str, s
     lines += ["", f"![{spec.name} frontier](bench/results/{slug}.png)"]
     write_result(slug, f"Two-dimensional elasticity: {spec.name}", "\n".join(lines), {
         "suite": os.path.relpath(os.path.abspath(suite_path), ROOT), "reference": reference,
+        "specialist_source": specialist_source,
         "budgets": [{"label": lab, "flops": f} for f, lab in budgets], "comparisons": comparisons,
         "models": {name: [{"seed": r["seed"], "train_iters": r["train_iters"], "training_flops": r["training_flops"],
                            "losses": _final(r), "flops_per_token": r["flops_per_token"],
@@ -220,8 +225,14 @@ def main(argv=None) -> int:
             code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
             if code != 0:
                 return code
+    records = kept_records(spec, kept)
     specialists = specialist_records(args.specialists, args.specialist_members.split(","), spec.seeds)
-    return report(spec, kept_records(spec, kept), specialists, args.reference, args.suite)
+    source = os.path.relpath(args.specialists, ROOT)
+    if not specialists:  # the suite's own specialists, trained when those were not available
+        specialists = [r for r in records if r["role"] == "specialist"]
+        source = f"this suite ({os.path.relpath(kept, ROOT)})"
+    return report(spec, [r for r in records if r["role"] != "specialist"], specialists, args.reference,
+                  args.suite, source)
 
 
 if __name__ == "__main__":
