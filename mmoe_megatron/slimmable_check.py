@@ -39,6 +39,9 @@ def _init_single_process() -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(0)  # Transformer Engine layers use its RNG tracker
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
