@@ -5,6 +5,7 @@ bench/results/<suite name>.json with its plot.
     python -m bench.frontier --suite bench/suites/slimmable_cpu.yaml                   # every run
     python -m bench.frontier --suite bench/suites/slimmable_cpu.yaml --member both --seed 2
     python -m bench.frontier --suite bench/suites/slimmable_cpu.yaml --report-only
+    python -m bench.frontier --suite bench/suites/slimmable_cpu.yaml --evaluate-only   # new eval settings
 
 Runs are trained, evaluated on the suite's (k, width) grid and kept as in `bench.suite_bench`
 (bench/results/<suite name>/<member>-s<seed>.json; a run resumes if interrupted and is evaluated
@@ -21,6 +22,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 
 from bench.common import RESULTS, ROOT, write_result
 
@@ -200,6 +202,30 @@ def report(spec, records: list[dict], specialists: list[dict], reference: str, s
     return 0
 
 
+def evaluate_and_keep(spec, suite: str, run, kept: str, env: dict) -> int:
+    """Evaluate a trained run again (e.g. with new evaluation settings) and keep its results, with
+    the training wall time an earlier kept record of the run measured."""
+    import json
+
+    from bench.suite_bench import _suite_cmd
+    from mmoe_megatron.evaluation.suite import result_file_name, run_dir
+
+    which = ["--member", run.member.name] + ([] if run.seed is None else ["--seed", str(run.seed)])
+    code = _suite_cmd("evaluate", suite, which, env)
+    if code != 0:
+        print(f"{run.label}: evaluation failed with exit code {code}", file=sys.stderr)
+        return code
+    with open(os.path.join(ROOT, run_dir(spec, run), "eval", "results.json")) as f:
+        record = json.load(f)
+    path = os.path.join(kept, result_file_name(run))
+    if os.path.isfile(path):
+        with open(path) as f:
+            record["bench"] = json.load(f).get("bench", {})
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
@@ -207,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--member", default=None, help="only this member's runs")
     p.add_argument("--seed", type=int, default=None, help="only the runs of this seed")
     p.add_argument("--report-only", action="store_true", help="only assemble the report from the kept results")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="evaluate runs already trained (in the runs directory) and keep their results; no training")
     p.add_argument("--reference", default="k-only", help="the member whose budgets the others are compared at")
     p.add_argument("--specialists", default=os.path.join(RESULTS, "elasticity_ladder_cpu"),
                    help="directory of the specialists' kept results (<member>-s<seed>.json)")
@@ -222,7 +250,10 @@ def main(argv=None) -> int:
     if not args.report_only:
         env = bench_env()
         for run in select(spec, args.member, args.seed):
-            code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
+            if args.evaluate_only:
+                code = evaluate_and_keep(spec, args.suite, run, kept, env)
+            else:
+                code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
             if code != 0:
                 return code
     records = kept_records(spec, kept)

@@ -176,7 +176,7 @@ class KSchedule:
                 h = _absorb(h, n, 4 + i)
             h = _absorb(h, self.global_batch_size, 7)
         if self.axis != AXIS_K:
-            h = _absorb(h, self.axis, 8)
+            h = _absorb(h, self.axis, 11)
         return h
 
     def _step_key(self, step: int) -> int:
