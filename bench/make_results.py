@@ -13,8 +13,8 @@ import os
 
 from bench.common import RESULTS, ROOT
 
-ORDER = ["router_overhead", "cost_vs_k", "elasticity_cpu", "ablations_cpu", "ablations_seed2_cpu", "elasticity_gpu",
-         "router_overhead_gpu"]
+ORDER = ["elasticity_ladder_cpu", "router_overhead", "cost_vs_k", "elasticity_cpu", "ablations_cpu",
+         "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu"]
 GPU_SECTIONS = ("elasticity_gpu", "router_overhead_gpu")
 # One factor at a time around the base member `layerwise` (strategy layerwise, normalization
 # topk_softmax, distribution uniform): axis -> {ablation member: the value it tests}.
@@ -76,6 +76,38 @@ def defaults_section(records: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ladder_defaults_section(record: dict) -> str:
+    """Which training-side method against the tax became a default: a variant is kept when it beats
+    the reference elastic model on every seed on the validation split (held-out shown, not used)."""
+    from mmoe_megatron.config.schema import MatryoshkaConfig
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    variants = record["data"]["comparison"].get("variants") or {}
+    if not variants:
+        return ""
+    spec = load_suite(os.path.join(ROOT, record["data"]["suite"]))
+    overrides = {m.name: m.overrides for m in spec.members}
+    defaults = MatryoshkaConfig()
+    lines = ["## Defaults chosen from the elasticity ladder", "",
+             f"Criterion: mean validation loss over k = {', '.join(variants['ks'])} at the end of training, "
+             f"paired by seed against `{variants['reference']}` (the current defaults), at equal training "
+             "compute; a variant becomes the default only if it is better on every seed. The held-out "
+             "column is reported, never used to choose.", "",
+             "| variant | setting | validation: mean (per seed) | better on every seed | held-out: mean (per seed) | is the default |",
+             "|---|---|---|---|---|---|"]
+    for name, per_domain in variants["by_variant"].items():
+        setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
+        valid = per_domain.get("valid")
+        held = [e for d, e in per_domain.items() if d != "valid"]
+        cell = lambda e: f"{e['mean']:+.4f} ({', '.join(f'{d:+.4f}' for d in e['per_seed'].values())})"
+        is_default = all(getattr(defaults, k.split(".", 1)[1], None) == v
+                         for k, v in overrides.get(name, {}).items() if k.startswith("matryoshka."))
+        lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
+                     f"{'yes' if valid and valid['better_on_every_seed'] else 'no'} | "
+                     f"{'; '.join(cell(e) for e in held) or '-'} | {'yes' if is_default else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     records = {}
     for name in os.listdir(RESULTS):
@@ -92,6 +124,8 @@ def main() -> int:
         r = records[name]
         out += [f"## {r['title']}", "", f"- command: `{r['command']}`", f"- machine: {machine_line(r['machine'])}",
                 f"- date: {r['date']}", "", r["markdown"].strip(), ""]
+    if "elasticity_ladder_cpu" in records:
+        out.append(ladder_defaults_section(records["elasticity_ladder_cpu"]))
     if "ablations_cpu" in records:
         out.append(defaults_section(records))
     missing = [n for n in GPU_SECTIONS if n not in records]

@@ -68,7 +68,7 @@ class ElasticK:
     def from_config(cls, model, cfg, dp_rank: int = 0, dp_size: int = 1) -> "ElasticK":
         return cls(
             model,
-            KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size),
+            KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size, cfg.train.train_iters),
             moe_layer_numbers(cfg),
             cfg.data.seq_length,
             cfg.train.micro_batch_size,

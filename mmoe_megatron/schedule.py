@@ -16,6 +16,11 @@ Indices:
               sample_in_global_batch * seq_length + position. It does not depend on the
               data-parallel layout, so per-token ks are the same for any DP/micro-batch split.
 
+Progressive shrinking (`shrink_steps`, as in Once-for-All): during the first shrink_steps steps
+the ks are introduced from the largest down, in len(ks) - 1 equal stages: the first stage draws
+only k_max, the next adds the second-largest k, and so on (probabilities renormalised over the
+ks allowed); afterwards every k. A stage is a function of the step alone.
+
 Sample plans (`sandwich`, `coupled`): on top of the strategy, a fixed share of the samples of
 every global batch is routed with one k in every MoE layer and at every token: `sandwich` splits
 its share evenly between k_min and k_max, `coupled` draws one k per sample from the distribution.
@@ -85,6 +90,10 @@ class KSchedule:
     """Share of each global batch's samples routed everywhere at one k drawn per sample."""
     global_batch_size: int = 0
     """Samples per step; needed to place the sample plan (sandwich, coupled)."""
+    shrink_steps: int = 0
+    """Steps of progressive shrinking before every k is drawn (0: none)."""
+    train_iters: int = 0
+    """Steps of the whole run; with shrink_steps, weighs the stages in `marginal_probs`."""
     axis: int = AXIS_K
     """Which quantity is drawn: AXIS_K, or AXIS_WIDTH for the width levels of slimmable experts
     (`WidthSchedule`). Draws of different axes are independent; the samples of the sample plan
@@ -106,17 +115,36 @@ class KSchedule:
                 raise ValueError(f"sandwich + coupled must be a share in [0, 1], got "
                                  f"{self.sandwich} + {self.coupled}")
             _ = self.plan_counts()  # whole numbers of samples, or a ValueError
-        # Cumulative thresholds on the 32-bit hash: k = ks[first i with h < cut[i]].
-        cuts, acc = [], 0.0
-        for p in self.probs[:-1]:
-            acc += p
-            cuts.append(int(round(acc * 2**32)))
-        object.__setattr__(self, "_cuts", tuple(cuts))
+        if self.shrink_steps < 0 or (self.shrink_steps and self.strategy == "fixed"):
+            raise ValueError("progressive shrinking needs more than one k and shrink_steps >= 0")
+        # Per stage of progressive shrinking (the last is every k): the ks allowed, their
+        # probabilities, and the cumulative thresholds on the 32-bit hash, k = ks[first i with
+        # h < cut[i]].
+        stages = []
+        for first in range(len(self.ks) - 1, -1, -1) if self.shrink_steps else [0]:
+            ks, probs = self.ks[first:], self.probs[first:]
+            if first:  # the full stage keeps the given probabilities exactly (same draws as ever)
+                total = sum(probs)
+                probs = tuple(p / total for p in probs)
+            cuts, acc = [], 0.0
+            for p in probs[:-1]:
+                acc += p
+                cuts.append(int(round(acc * 2**32)))
+            stages.append((ks, probs, tuple(cuts)))
+        object.__setattr__(self, "_stages", tuple(stages))
+        object.__setattr__(self, "_cuts", stages[-1][2])
+
+    def _stage(self, step: int) -> tuple:
+        """(ks, probs, cuts) in force at `step`."""
+        if step >= self.shrink_steps:
+            return self._stages[-1]
+        return self._stages[step * (len(self._stages) - 1) // self.shrink_steps]
 
     @classmethod
-    def from_config(cls, mat, seed: int, global_batch_size: int = 0) -> "KSchedule":
-        """From a `MatryoshkaConfig` (its strategy, ks, distribution, sample plan), the resolved
-        seed and the global batch size (samples per step, for the sample plan)."""
+    def from_config(cls, mat, seed: int, global_batch_size: int = 0, train_iters: int = 0) -> "KSchedule":
+        """From a `MatryoshkaConfig` (its strategy, ks, distribution, sample plan, shrinking), the
+        resolved seed, the global batch size (samples per step, for the sample plan) and the run's
+        steps (for progressive shrinking)."""
         ks = tuple(mat.ks)
         if mat.distribution == "uniform":
             probs = tuple(1.0 / len(ks) for _ in ks)
@@ -125,7 +153,8 @@ class KSchedule:
         else:
             probs = tuple(mat.probs)
         return cls(strategy=mat.strategy, ks=ks, probs=probs, seed=seed, sandwich=mat.sandwich,
-                   coupled=mat.coupled, global_batch_size=global_batch_size)
+                   coupled=mat.coupled, global_batch_size=global_batch_size,
+                   shrink_steps=int(round(mat.shrink_fraction * train_iters)), train_iters=train_iters)
 
     @property
     def k_max(self) -> int:
@@ -158,12 +187,23 @@ class KSchedule:
         return tuple(counts)
 
     def marginal_probs(self) -> tuple[float, ...]:
-        """P(k) of one token in one MoE layer, sample plan included (what training compute sees)."""
-        free = 1.0 - self.sandwich
-        probs = [free * p for p in self.probs]
-        probs[0] += self.sandwich / 2
-        probs[-1] += self.sandwich / 2
-        return tuple(probs)
+        """P(k) of one token in one MoE layer over the run, sample plan and shrinking stages
+        included (what training compute sees)."""
+        def stage_marginal(ks, probs):
+            out = {k: (1.0 - self.sandwich) * p for k, p in zip(ks, probs)}
+            out[ks[0]] += self.sandwich / 2
+            out[ks[-1]] += self.sandwich / 2
+            return [out.get(k, 0.0) for k in self.ks]
+
+        if not self.shrink_steps:
+            return tuple(stage_marginal(self.ks, self.probs))
+        total = max(self.train_iters, self.shrink_steps)
+        weights = [0] * len(self._stages)
+        for step in range(self.shrink_steps):
+            weights[step * (len(self._stages) - 1) // self.shrink_steps] += 1
+        weights[-1] += total - self.shrink_steps
+        parts = [stage_marginal(ks, probs) for ks, probs, _ in self._stages]
+        return tuple(sum(w * part[i] for w, part in zip(weights, parts)) / total for i in range(len(self.ks)))
 
     def fingerprint(self) -> int:
         """A 32-bit digest of everything that determines the draws (compared across ranks)."""
@@ -171,6 +211,8 @@ class KSchedule:
         h = _absorb(h, STRATEGIES.index(self.strategy), 1)
         for k, cut in itertools.zip_longest(self.ks, self._cuts, fillvalue=0):
             h = _absorb(_absorb(h, k, 2), cut, 3)
+        if self.shrink_steps:
+            h = _absorb(h, self.shrink_steps, 8)
         if self.has_sample_plan:  # without a plan the digest is what it always was
             for i, n in enumerate(self.plan_counts()):
                 h = _absorb(h, n, 4 + i)
@@ -195,8 +237,9 @@ class KSchedule:
             h = _absorb(h, layer, _SALT["layer"])
         return h
 
-    def _k_of_hash(self, h: int) -> int:
-        return self.ks[bisect.bisect_right(self._cuts, h)]
+    def _k_of_hash(self, h: int, step: int) -> int:
+        ks, _, cuts = self._stage(step)
+        return ks[bisect.bisect_right(cuts, h)]
 
     def k(self, step: int, microbatch: int = 0, layer: int = 0, token: Optional[int] = None) -> int:
         """The k for one (step, micro-batch, MoE layer[, token])."""
@@ -205,8 +248,8 @@ class KSchedule:
         if self.strategy == "token":
             if token is None:
                 raise ValueError("the token strategy draws a k per token: pass token=")
-            return self._k_of_hash(_absorb(self._key(step, microbatch, layer), token, _SALT["token"]))
-        return self._k_of_hash(self._key(step, microbatch, layer))
+            return self._k_of_hash(_absorb(self._key(step, microbatch, layer), token, _SALT["token"]), step)
+        return self._k_of_hash(self._key(step, microbatch, layer), step)
 
     def layer_ks(self, step: int, microbatch: int, num_layers: int) -> list[int]:
         """ks of all MoE layers for one micro-batch (not for the token strategy)."""
@@ -221,8 +264,9 @@ class KSchedule:
         if token_ids.dtype != torch.int64:
             raise TypeError("token_ids must be int64")
         h = _absorb(torch.full_like(token_ids, self._key(step, 0, layer)), token_ids, _SALT["token"])
-        cuts = torch.tensor(self._cuts, dtype=torch.int64, device=token_ids.device)
-        ks = torch.tensor(self.ks, dtype=torch.int64, device=token_ids.device)
+        stage_ks, _, stage_cuts = self._stage(step)
+        cuts = torch.tensor(stage_cuts, dtype=torch.int64, device=token_ids.device)
+        ks = torch.tensor(stage_ks, dtype=torch.int64, device=token_ids.device)
         return ks[torch.bucketize(h, cuts, right=True)]
 
     def layer_token_ks(self, step: int, microbatch: int, layer: int, token_ids: torch.Tensor,
@@ -247,6 +291,7 @@ class KSchedule:
         if not self.has_sample_plan:
             return out
         n_min, n_max, n_coupled = self.plan_counts()
+        stage_ks, _, stage_cuts = self._stage(step)
         samples = torch.arange(G, dtype=torch.int64)
         # The order of the samples does not depend on the axis: both axes plan the same samples.
         key = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
@@ -254,13 +299,13 @@ class KSchedule:
         # A stable sort of distinct-enough hashes: a permutation of the samples that is the same
         # on every rank; the first n_min take k_min, the next n_max k_max, the next n_coupled a draw.
         order = torch.sort(order_hash, stable=True).indices
-        out[order[:n_min]] = self.k_min
+        out[order[:n_min]] = stage_ks[0]  # k_min (of the ks allowed so far, while shrinking)
         out[order[n_min:n_min + n_max]] = self.k_max
         coupled = order[n_min + n_max:n_min + n_max + n_coupled]
         if n_coupled:
             h = _absorb(torch.full_like(coupled, self._step_key(step)), coupled, _SALT["coupled"])
-            cuts = torch.tensor(self._cuts, dtype=torch.int64)
-            out[coupled] = torch.tensor(self.ks, dtype=torch.int64)[torch.bucketize(h, cuts, right=True)]
+            cuts = torch.tensor(stage_cuts, dtype=torch.int64)
+            out[coupled] = torch.tensor(stage_ks, dtype=torch.int64)[torch.bucketize(h, cuts, right=True)]
         return out
 
 
@@ -318,7 +363,7 @@ def grid_probs(k: KSchedule, width: Optional[WidthSchedule]) -> dict[tuple[int, 
         edges = sorted({0, 2**32, *k._cuts, *w._cuts})
         base: dict = {}
         for a, b in zip(edges, edges[1:]):
-            pair = (k._k_of_hash(a), w._k_of_hash(a))
+            pair = (k._k_of_hash(a, k.shrink_steps), w._k_of_hash(a, w.shrink_steps))  # every k allowed
             base[pair] = base.get(pair, 0.0) + (b - a) / 2**32
     else:
         base = {(kk, lv): pk * pw for kk, pk in zip(k.ks, k.probs) for lv, pw in zip(w.ks, w.probs)}

@@ -170,6 +170,8 @@ def test_every_shipped_config_loads():
       "matryoshka.ks": [4]}, "matryoshka.distill_coeff", "only for an elastic model"),
     ({"matryoshka.distill_coeff": 0.5, "parallel.tensor": 2}, "matryoshka.distill_coeff", "tensor parallel"),
     ({"matryoshka.distill_coeff": 1.0}, "matryoshka.distill_coeff", "< 1"),
+    ({"matryoshka.shrink_fraction": 0.5, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
+     "matryoshka.shrink_fraction", "only for an elastic model"),
 ])
 def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides, field, message):
     from mmoe_megatron.config import ConfigError, load_config
@@ -190,6 +192,8 @@ def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides
     ({"matryoshka.widths": [0.5, 1.0], "matryoshka.width_pairing": "joint", "matryoshka.width_strategy": "layerwise"},
      "matryoshka.width_pairing", "drawn as often"),
     ({"matryoshka.widths": [0.5, 1.0], "parallel.tensor": 2}, "matryoshka.widths", "tensor parallelism"),
+    ({"matryoshka.widths": [0.5, 1.0], "matryoshka.shrink_fraction": 0.5}, "matryoshka.shrink_fraction",
+     "not the widths"),
     ({"matryoshka.widths": [0.5, 1.0], "matryoshka.method": "top_p", "matryoshka.strategy": "fixed",
       "matryoshka.ks": [4]}, "matryoshka.widths", "method matryoshka"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -230,7 +231,11 @@ def test_prepare_demo_builds_everything_then_skips_complete_steps(tmp_path, monk
 
 
 def _fake_doc_archives(root) -> dict[str, str]:
-    """Sphinx and Docutils archives with documentation files where the real ones keep them."""
+    """Held-out archives with their files where the real ones keep them: Sphinx and Docutils
+    manuals, and a gensim wheel holding a two-article Wikipedia dump."""
+    import bz2
+    import zipfile
+
     from mmoe_megatron.data import heldout
 
     long_text = "Directives\n==========\n\n.. note::   \r\n   Use ``toctree`` to link pages.\n\n\n\n" + "Text. " * 120
@@ -241,7 +246,7 @@ def _fake_doc_archives(root) -> dict[str, str]:
                           ("docutils-0.21.2/docutils/parsers/rst/README.txt", long_text)]}
     paths = {}
     for name, members in files.items():
-        path = os.path.join(root, heldout.HELDOUT_SOURCES[name].archive)
+        path = os.path.join(root, heldout.SOURCES[name].archive)
         with tarfile.open(path, "w:gz") as tar:
             for member, text in members:
                 data = text.encode()
@@ -249,17 +254,43 @@ def _fake_doc_archives(root) -> dict[str, str]:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
         paths[name] = path
+    article = "'''Albedo''' is the [[diffuse reflection|fraction]] of light. " * 20
+    dump = ("<mediawiki><page><title>Albedo</title><text>" + html_escape(article) + "</text></page>"
+            "<page><title>Alias</title><text>#REDIRECT [[Albedo]]</text></page></mediawiki>")
+    paths["gensim"] = os.path.join(root, heldout.SOURCES["gensim"].archive)
+    with zipfile.ZipFile(paths["gensim"], "w") as z:
+        z.writestr(heldout._WIKI_FILE, bz2.compress(dump.encode()))
     return paths
 
 
-def test_heldout_documents_are_documentation_files_only(tmp_path):
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_wiki_markup_is_stripped_to_prose():
+    from mmoe_megatron.data.heldout import strip_wiki_markup
+
+    source = html_escape(
+        "{{Infobox|name={{nested|x}}}}\n'''Albedo''' is the [[diffuse reflection|fraction]] of [[light]]"
+        "<ref name=a>Smith, p. 3</ref> seen <!-- hidden --> [http://example.org here].\n"
+        "== History ==\n* first point\n[[File:A.png|thumb|a [[picture]]]]\n{| class=x\n| 1 || 2\n|}\n"
+        "[[Category:Physics]]")
+    assert strip_wiki_markup(source) == "Albedo is the fraction of light seen  here.\nHistory\nfirst point"
+
+
+def test_heldout_documents_are_documentation_files_and_articles(tmp_path):
     from mmoe_megatron.data import heldout
 
-    docs = heldout.heldout_documents(_fake_doc_archives(str(tmp_path)))
+    archives = _fake_doc_archives(str(tmp_path))
+    docs = heldout.doc_documents(archives)
     assert [(d["source"], d["title"]) for d in docs] == [
         ("sphinx", "doc/usage/quickstart.rst"), ("docutils", "docs/user/rst/quickref.txt")]
     text = docs[0]["text"]
     assert "\r" not in text and "\n\n\n" not in text and "note::\n" in text
+    (article,) = heldout.wiki_documents(archives["gensim"])  # the redirect is not a document
+    assert article["title"] == "Albedo" and article["text"].startswith("Albedo\n\nAlbedo is the fraction of light.")
 
 
 def test_prepare_heldout_tokenizes_with_the_given_tokenizer_and_skips_when_done(tmp_path, monkeypatch,
@@ -269,12 +300,15 @@ def test_prepare_heldout_tokenizes_with_the_given_tokenizer_and_skips_when_done(
     downloads = tmp_path / "heldout" / "_downloads"
     downloads.mkdir(parents=True)
     for name, path in _fake_doc_archives(str(downloads)).items():
-        src = heldout.HELDOUT_SOURCES[name]
-        monkeypatch.setitem(heldout.HELDOUT_SOURCES, name,
-                            demo.Source(src.requirement, src.archive, demo._sha256(path), src.license))
+        src = heldout.SOURCES[name]
+        monkeypatch.setitem(heldout.SOURCES, name, dataclasses.replace(src, sha256=demo._sha256(path)))
     out = str(tmp_path / "heldout")
     manifest = heldout.prepare_heldout(small_tokenizer, out, num_workers=1, progress=False)
-    assert manifest["num_documents"] == 2 == check_indexed_dataset(manifest["prefix"]).num_documents
-    assert manifest["num_documents_per_source"] == {"sphinx": 1, "docutils": 1}
-    monkeypatch.setattr(heldout, "heldout_documents", lambda *a: pytest.fail("rebuilt"))
+    assert manifest["docs"]["num_documents"] == 2 == check_indexed_dataset(manifest["docs"]["prefix"]).num_documents
+    assert manifest["docs"]["num_documents_per_source"] == {"docutils": 1, "sphinx": 1}
+    assert manifest["wiki"]["num_documents"] == 1 == check_indexed_dataset(manifest["wiki"]["prefix"]).num_documents
+    monkeypatch.setattr(heldout, "CORPORA", {n: (needs, lambda a: pytest.fail("rebuilt"))
+                                             for n, (needs, _) in heldout.CORPORA.items()})
     assert heldout.prepare_heldout(small_tokenizer, out, num_workers=1, progress=False) == manifest
+    with pytest.raises(DataError, match=r"unknown held-out corpora \['news'\]"):
+        heldout.prepare_heldout(small_tokenizer, out, corpora=("news",))

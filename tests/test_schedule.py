@@ -233,3 +233,22 @@ def test_plan_enters_the_fingerprint():
 def test_plan_refuses_fractional_samples(kw, message):
     with pytest.raises(ValueError, match=message):
         planned(**kw)
+
+
+def test_progressive_shrinking_introduces_ks_from_the_largest_down():
+    """ks (1, 2, 4, 8) over 30 shrinking steps: steps 0-9 only 8, 10-19 also 4, 20-29 also 2, then all."""
+    s = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, shrink_steps=30, train_iters=60)
+    ids = torch.arange(4096)
+    seen = {step: set(s.token_ks(step, 0, ids).tolist()) for step in (0, 9, 10, 19, 20, 29, 30, 59)}
+    assert seen == {0: {8}, 9: {8}, 10: {4, 8}, 19: {4, 8}, 20: {2, 4, 8}, 29: {2, 4, 8},
+                    30: {1, 2, 4, 8}, 59: {1, 2, 4, 8}}
+    # After shrinking, the draws are those of a schedule that never shrank.
+    plain = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3)
+    assert torch.equal(s.token_ks(45, 2, ids), plain.token_ks(45, 2, ids))
+    layerwise = KSchedule(strategy="layerwise", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, shrink_steps=30)
+    assert {layerwise.k(step, 0, layer) for step in range(10) for layer in range(4)} == {8}
+    # Over the run: 10 steps at {8}, 10 at {4, 8}, 10 at {2, 4, 8}, 30 at all four (worked by hand).
+    expected = [(30 * 0.25) / 60, (10 / 3 + 30 * 0.25) / 60, (10 / 2 + 10 / 3 + 30 * 0.25) / 60,
+                (10 + 10 / 2 + 10 / 3 + 30 * 0.25) / 60]
+    assert s.marginal_probs() == pytest.approx(expected)
+    assert s.fingerprint() != plain.fingerprint()

@@ -200,7 +200,33 @@ def test_comparison_aggregates_seeds_and_pairs_the_tax():
                                                  "member": "elastic", "k": "1"}
     text = markdown(data)
     assert "+0.1400 ± 0.0566 (37%)" in text and "held-out loss (docs" in text
+    assert data["variants"] == {}  # one elastic model: nothing to compare it with
     assert "Learning curve of the tax" in text
+
+
+def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(), members=[
+        MemberSpec("elastic", "elastic"), MemberSpec("sandwich", "elastic"), MemberSpec("distill", "elastic")])
+
+    def L(a, b, c):
+        return {1.0: {"valid": {"1": a, "2": b, "4": c}}}
+
+    records = [_record("elastic", 1, "elastic", None, L(5.0, 4.9, 4.8)),
+               _record("elastic", 2, "elastic", None, L(5.1, 5.0, 4.9)),
+               _record("sandwich", 1, "elastic", None, L(4.9, 4.9, 4.8)),   # -0.1/3 and -0.3/3
+               _record("sandwich", 2, "elastic", None, L(5.0, 4.9, 4.8)),
+               _record("distill", 1, "elastic", None, L(4.9, 4.9, 4.8)),    # -0.1/3 and +0.3/3
+               _record("distill", 2, "elastic", None, L(5.2, 5.1, 5.0))]
+    v = comparison(spec, records)["variants"]
+    assert v["reference"] == "elastic" and v["ks"] == ["1", "2", "4"]
+    sandwich, distill = v["by_variant"]["sandwich"]["valid"], v["by_variant"]["distill"]["valid"]
+    assert sandwich["per_seed"] == {"1": pytest.approx(-0.1 / 3), "2": pytest.approx(-0.1)}
+    assert sandwich["better_on_every_seed"] is True and distill["better_on_every_seed"] is False
+    assert distill["mean"] == pytest.approx((-0.1 / 3 + 0.1) / 2)
+    assert "| sandwich | valid | -0.0667 ± 0.0471 | -0.0333, -0.1000 | yes |" in markdown(comparison(spec, records))
 
 
 def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):

@@ -152,6 +152,11 @@ class MatryoshkaConfig:
     distribution, in every MoE layer and at every token: the configurations served at a uniform
     k, which independent per-layer draws almost never produce. share x global_batch_size must be
     a whole number of samples."""
+    shrink_fraction: float = field(0.0, ge=0, lt=1)
+    """Progressive shrinking (Once-for-All): during this fraction of training the ks are
+    introduced from the largest down in len(ks) - 1 equal stages (first only k_max, then also the
+    next smaller k, ...), every k afterwards; the widest routing is learned before narrower ones
+    share it. 0 = every k from the start."""
     distill_coeff: float = field(0.0, ge=0, lt=1)
     """Self-distillation from the widest routing: a teacher forward of the same weights at k_max
     in every MoE layer (no gradient, eval mode) precedes each micro-batch, and the training loss
@@ -209,7 +214,7 @@ class MatryoshkaConfig:
                 f"{path}.coupled", f"sandwich ({self.sandwich}) + coupled ({self.coupled}) exceed 1"
             )
         single_k = self.strategy == "fixed" or len(self.ks) < 2
-        for name in ("sandwich", "coupled", "distill_coeff"):
+        for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction"):
             if getattr(self, name) > 0 and (single_k or self.method != "matryoshka"):
                 raise ConfigError(
                     f"{path}.{name}",
@@ -249,6 +254,10 @@ class MatryoshkaConfig:
         if self.method != "matryoshka":
             raise ConfigError(f"{path}.widths",
                               f"elastic widths are trained with method matryoshka, not {self.method}")
+        if self.shrink_fraction > 0:
+            raise ConfigError(f"{path}.shrink_fraction",
+                              "progressive shrinking stages the ks only, not the widths; set it to 0 "
+                              "with more than one width")
         if self.width_pairing == "joint" and (self.width_strategy is not None or self.strategy == "fixed"):
             raise ConfigError(
                 f"{path}.width_pairing",

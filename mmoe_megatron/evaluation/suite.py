@@ -300,7 +300,7 @@ def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
     from mmoe_megatron.schedule import KSchedule, WidthSchedule, grid_probs
 
     gbs = cfg.train.global_batch_size
-    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, gbs)
+    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, gbs, cfg.train.train_iters)
     widths = WidthSchedule.from_config(cfg.matryoshka, cfg.k_seed, gbs)
     per_token = 3.0 * sum(p * flops_per_token(cfg, vocab_size, k, None if w == 1.0 else w)
                           for (k, w), p in grid_probs(schedule, widths).items())
