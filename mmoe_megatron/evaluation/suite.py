@@ -101,6 +101,8 @@ class EvalSpec:
     budget_ks: Optional[list[int]] = None
     """ks of the budget search; null: `ks`."""
     budget_samples: int = 64
+    budget_members: list[str] = field(default_factory=list)
+    """Members whose runs are searched; empty: every elastic member."""
 
     def specs(self) -> list:
         """Every spec evaluated at the end of training, in column order."""
@@ -155,6 +157,9 @@ def load_suite(path: str) -> SuiteSpec:
             parse_spec(text)
         except ValueError as e:
             raise ConfigError(f"eval.points[{i}]", f"{text!r} is not a point label: {e}") from None
+    for i, name in enumerate(spec.eval.budget_members):
+        if name not in names:
+            raise ConfigError(f"eval.budget_members[{i}]", f"no member {name!r}; members: {names}")
     for i, m in enumerate(spec.members):
         if m.role not in ROLES:
             raise ConfigError(f"members[{i}].role", f"got {m.role!r}; allowed: {', '.join(ROLES)}")
@@ -357,7 +362,8 @@ def eval_settings(spec: SuiteSpec) -> dict:
     settings.update({name: getattr(spec.eval, name) for name in ("widths", "points", "budgets")
                      if getattr(spec.eval, name)})
     if spec.eval.budgets:
-        settings.update(budget_samples=spec.eval.budget_samples, budget_ks=spec.eval.budget_ks)
+        settings.update(budget_samples=spec.eval.budget_samples, budget_ks=spec.eval.budget_ks,
+                        budget_members=spec.eval.budget_members)
     return settings
 
 
@@ -422,7 +428,8 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     if last:
                         final_points, analysis = points, summary
             searches = None
-            if spec.eval.budgets and run.member.role == "elastic":
+            if spec.eval.budgets and run.member.role == "elastic" and (
+                    not spec.eval.budget_members or run.member.name in spec.eval.budget_members):
                 from mmoe_megatron.evaluation.budget_grid import search_checkpoint
 
                 dcfg = saved_config(out, domains(spec)[0][1])
