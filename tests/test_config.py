@@ -226,6 +226,7 @@ def test_a_suite_budget_or_point_no_member_can_run_is_refused_at_load(tmp_path):
         ({"points": ["[1,2]@0.5"]}, "eval.points[0]", "per-layer k vector needs 4 entries"),
         ({"points": ["2@0.1"]}, "eval.points[0]", "6.4 columns"),
         ({"budgets": [1.0e5]}, "eval.budgets[0]", "below every point of the grid"),
+        ({"budgets": [2.0e6], "budget_members": ["nobody"]}, "eval.budget_members[0]", "no member 'nobody'"),
     ]:
         with pytest.raises(ConfigError, match=message) as err:
             load_suite(suite(**spec))
