@@ -9,7 +9,8 @@ bench/results/<suite name>.json with its plot.
 
 Runs are trained, evaluated on the suite's (k, width) grid and kept as in `bench.suite_bench`
 (bench/results/<suite name>/<member>-s<seed>.json; a run resumes if interrupted and is evaluated
-once). The specialists are read from `--specialists` (the results.json records of fixed-k models
+once); the runs of `eval.budget_members` are then searched for the best per-layer (k, width)
+within each of `eval.budgets` (`mmoe_megatron.evaluation.budget`), the result added to their record. The specialists are read from `--specialists` (the results.json records of fixed-k models
 trained at the same preset, by default those of the elasticity ladder) for the seeds of this
 suite, or else taken from the suite's own specialist members. Each model's points are (forward FLOPs per token, validation loss); the report gives its
 frontier, the best loss within each budget the `--reference` model reaches (its full-width ks),
@@ -226,6 +227,45 @@ def evaluate_and_keep(spec, suite: str, run, kept: str, env: dict) -> int:
     return 0
 
 
+def search_and_keep(spec, run, kept: str, env: dict) -> int:
+    """The two-dimensional budget search (the suite's eval.budgets) on a trained run, added to its
+    kept record as `budget_search`."""
+    import json
+    import subprocess
+
+    from mmoe_megatron.evaluation.suite import result_file_name, run_dir
+
+    out = os.path.join(ROOT, run_dir(spec, run), "budget_search")
+    widths = sorted(set(spec.eval.widths) | {1.0})
+    cmd = [sys.executable, "-m", "mmoe_megatron.evaluation.budget", "--run", os.path.join(ROOT, run_dir(spec, run)),
+           "--widths", ",".join(f"{w:g}" for w in widths), "--ks", ",".join(map(str, spec.eval.budget_ks or spec.eval.ks)),
+           "--num-samples", str(spec.eval.budget_samples), "--out", out]
+    for flops in spec.eval.budgets:
+        cmd += ["--flops-per-token", repr(flops)]
+    if spec.eval.data_seed is not None:
+        cmd.append(f"--data.seed={spec.eval.data_seed}")
+    code = subprocess.call(cmd, cwd=ROOT, env=env)
+    if code != 0:
+        print(f"{run.label}: budget search failed with exit code {code}", file=sys.stderr)
+        return code
+    with open(os.path.join(out, "budget_grid_search.json")) as f:
+        searches = json.load(f)
+    path = os.path.join(kept, result_file_name(run))
+    with open(path) as f:
+        record = json.load(f)
+    record["budget_search"] = [s for s in searches["searches"].values()
+                               if s["budget_flops_per_token"] in spec.eval.budgets]
+    record["budget_search_settings"] = {k: searches[k] for k in ("samples", "allowed_ks", "allowed_widths")}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return 0
+
+
+def searched(spec, run) -> bool:
+    names = spec.eval.budget_members or [m.name for m in spec.members if m.role == "elastic"]
+    return bool(spec.eval.budgets) and run.member.name in names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
@@ -233,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--member", default=None, help="only this member's runs")
     p.add_argument("--seed", type=int, default=None, help="only the runs of this seed")
     p.add_argument("--report-only", action="store_true", help="only assemble the report from the kept results")
+    p.add_argument("--search-only", action="store_true",
+                   help="only run the budget search (eval.budgets) on runs already trained and kept")
     p.add_argument("--evaluate-only", action="store_true",
                    help="evaluate runs already trained (in the runs directory) and keep their results; no training")
     p.add_argument("--reference", default="k-only", help="the member whose budgets the others are compared at")
@@ -250,10 +292,14 @@ def main(argv=None) -> int:
     if not args.report_only:
         env = bench_env()
         for run in select(spec, args.member, args.seed):
-            if args.evaluate_only:
+            if args.search_only:
+                code = 0
+            elif args.evaluate_only:
                 code = evaluate_and_keep(spec, args.suite, run, kept, env)
             else:
                 code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
+            if code == 0 and searched(spec, run):
+                code = search_and_keep(spec, run, kept, env)
             if code != 0:
                 return code
     records = kept_records(spec, kept)

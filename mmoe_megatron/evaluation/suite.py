@@ -95,9 +95,9 @@ class EvalSpec:
     points: list[str] = field(default_factory=list)
     """More points as labels: per-layer k and width vectors, e.g. "[1,2,4,8]@[1,0.5,0.5,0.25]"."""
     budgets: list[float] = field(default_factory=list)
-    """Forward FLOPs-per-token budgets: for every elastic run, the per-layer (k, width) vector over
-    `budget_ks` x (`widths` and 1) with the lowest loss within each budget (budget_grid.py), on
-    `budget_samples` validation samples, recorded with the run's results."""
+    """Forward FLOPs-per-token budgets at which benchmarks (bench/frontier.py) search each run of
+    `budget_members` for the per-layer (k, width) vector over `budget_ks` x (`widths` and 1) with
+    the lowest loss (budget_grid.py), on `budget_samples` validation samples. Checked at load."""
     budget_ks: Optional[list[int]] = None
     """ks of the budget search; null: `ks`."""
     budget_samples: int = 64
@@ -359,11 +359,7 @@ def eval_settings(spec: SuiteSpec) -> dict:
                 "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
                 "heldout": [asdict(h) for h in spec.eval.heldout]}
     # Only when used, so that suites without widths keep their evaluations.
-    settings.update({name: getattr(spec.eval, name) for name in ("widths", "points", "budgets")
-                     if getattr(spec.eval, name)})
-    if spec.eval.budgets:
-        settings.update(budget_samples=spec.eval.budget_samples, budget_ks=spec.eval.budget_ks,
-                        budget_members=spec.eval.budget_members)
+    settings.update({name: getattr(spec.eval, name) for name in ("widths", "points") if getattr(spec.eval, name)})
     return settings
 
 
@@ -427,14 +423,6 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     results[str(step)][domain] = {p.label: p.loss for p in points}
                     if last:
                         final_points, analysis = points, summary
-            searches = None
-            if spec.eval.budgets and run.member.role == "elastic" and (
-                    not spec.eval.budget_members or run.member.name in spec.eval.budget_members):
-                from mmoe_megatron.evaluation.budget_grid import search_checkpoint
-
-                dcfg = saved_config(out, domains(spec)[0][1])
-                searches = search_checkpoint(dcfg, os.path.join(cfg.checkpoint_dir, tag_for(steps[-1])),
-                                             spec.eval.budgets, budget_grid_of(spec, cfg), spec.eval.budget_samples)
             if dist.get_rank() == 0:
                 meta = {"checkpoint": os.path.join(cfg.checkpoint_dir, tag_for(steps[-1])),
                         "role": run.member.role, "seed": run.seed,
@@ -449,7 +437,6 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "flops_per_token": {p.label: p.flops_per_token for p in final_points},
                     "active_params": {p.label: p.active_params for p in final_points},
                     "losses": results, "eval_settings": settings, "launches": _launches(out),
-                    **({"budget_search": [r.to_dict() for r in searches]} if searches else {}),
                     "evaluated": provenance(),
                 }
                 with open(os.path.join(out, "eval", "results.json"), "w") as f:
