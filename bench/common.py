@@ -40,9 +40,10 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     try:
-        import megatron.core
+        from megatron.core import package_info
 
-        info["megatron_core"] = megatron.core.__version__
+        # __version__ of megatron-core 0.19 carries the current directory's git commit.
+        info["megatron_core"] = package_info.__shortversion__
     except Exception:
         pass
     return info
@@ -54,9 +55,9 @@ def command_line() -> str:
     return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
-def write_result(name: str, title: str, markdown: str, data: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+def write_result(name: str, title: str, markdown: str, data: dict, results_dir: str = RESULTS) -> str:
+    os.makedirs(results_dir, exist_ok=True)
+    path = os.path.join(results_dir, f"{name}.json")
     record = {
         "name": name, "title": title, "command": command_line(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

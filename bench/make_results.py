@@ -13,8 +13,8 @@ import os
 
 from bench.common import RESULTS, ROOT
 
-ORDER = ["elasticity_ladder_cpu", "router_overhead", "cost_vs_k", "elasticity_cpu", "ablations_cpu",
-         "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu"]
+ORDER = ["elasticity_ladder_cpu", "router_overhead", "cost_vs_k", "serving_speed", "elasticity_cpu",
+         "ablations_cpu", "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu", "gpu_check"]
 GPU_SECTIONS = ("elasticity_gpu", "router_overhead_gpu")
 # One factor at a time around the base member `layerwise` (strategy layerwise, normalization
 # topk_softmax, distribution uniform): axis -> {ablation member: the value it tests}.
@@ -129,13 +129,19 @@ def main() -> int:
     if "ablations_cpu" in records:
         out.append(defaults_section(records))
     missing = [n for n in GPU_SECTIONS if n not in records]
+    pending = []
     if missing:
-        out += ["## GPU figures", "",
-                "Pending: no H100/H200 was available when these results were produced, so MFU, "
-                "tokens/s on GPU, the GPU router-overhead run and the GPU preset of the elasticity "
-                "experiment (`python -m bench.suite_bench --suite bench/suites/elasticity_gpu.yaml "
-                "--nproc 1`, and `python -m bench.router_overhead --hidden 1024 --experts 16` on the "
-                "GPU) have not been measured yet.", ""]
+        pending += ["Pending: no H100/H200 was available when these results were produced, so MFU, "
+                    "tokens/s on GPU, the GPU router-overhead run and the GPU preset of the elasticity "
+                    "experiment (`python -m bench.suite_bench --suite bench/suites/elasticity_gpu.yaml "
+                    "--nproc 1`, and `python -m bench.router_overhead --hidden 1024 --experts 16` on the "
+                    "GPU) have not been measured yet.", ""]
+    if "gpu_check" not in records:
+        pending += ["The GPU check (`make gpu-check`, `bench/gpu_check.py`: layer-spec parity in bf16, "
+                    "tokens/s, MFU and peak memory at k = 1, 2, 4, 8 and per-token k, router overhead on "
+                    "GPU) has not run on a GPU yet.", ""]
+    if pending:
+        out += ["## GPU figures", ""] + pending
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
         f.write("\n".join(out))
     print("wrote RESULTS.md")

@@ -4,8 +4,11 @@
 #   launchers/deepspeed.sh [--dry-run] [--nproc N] --config configs/X.yaml [--section.field=value ...]
 #
 # N defaults to the number of GPUs (1 without GPUs). Several nodes: pass a DeepSpeed hostfile
-# with HOSTFILE=path. --dry-run prints the command and runs nothing.
+# with HOSTFILE=path (and the same MASTER_PORT everywhere). On one node the port is a free one
+# unless MASTER_PORT is set. The interpreter is chosen as in torchrun.sh. --dry-run prints the
+# command and runs nothing.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 dry_run=0
 nproc=""
@@ -19,12 +22,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-python="${PYTHON:-python}"
+python="$(pick_python)"
 if [ -z "$nproc" ]; then
   nproc=$("$python" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 
-cmd=("$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}")
+port="$(pick_port "$python" "$([ -n "${HOSTFILE:-}" ] && echo many || echo 1)")"
+cmd=("$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port")
 if [ -n "${HOSTFILE:-}" ]; then
   cmd+=(--hostfile "$HOSTFILE")
 fi

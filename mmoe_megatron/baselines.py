@@ -18,14 +18,16 @@ import math
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from mmoe_megatron import compat
 from mmoe_megatron.router import MatryoshkaRouter
 
 
 class TopPRouter(MatryoshkaRouter):
-    def __init__(self, config, pg_collection=None, k1_router_grad="straight_through", top_p=0.5):
-        super().__init__(config, pg_collection, k1_router_grad=k1_router_grad)
+    def __init__(self, config, pg_collection=None, k1_router_grad="straight_through", top_p=0.5,
+                 **router_kwargs):
+        super().__init__(config, pg_collection, k1_router_grad=k1_router_grad, **router_kwargs)
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         self.top_p = top_p
@@ -45,8 +47,8 @@ class TopPRouter(MatryoshkaRouter):
 
 class EMoERouter(MatryoshkaRouter):
     def __init__(self, config, pg_collection=None, k1_router_grad="straight_through",
-                 pool_k=None, sharpen_coeff=0.0):
-        super().__init__(config, pg_collection, k1_router_grad=k1_router_grad)
+                 pool_k=None, sharpen_coeff=0.0, **router_kwargs):
+        super().__init__(config, pg_collection, k1_router_grad=k1_router_grad, **router_kwargs)
         if pool_k is None or not 1 <= pool_k <= self.num_experts:
             raise ValueError(f"pool_k must lie in 1..{self.num_experts}, got {pool_k}")
         self.pool_k = pool_k
@@ -75,7 +77,7 @@ class EMoERouter(MatryoshkaRouter):
             # KL(q || uniform) = sum q log q + log E; the loss rewards sharper routing.
             kl_T = (q_TE * torch.log(q_TE.clamp(min=1e-20))).sum(dim=-1) + math.log(self.num_experts)
             loss = -self.sharpen_coeff * kl_T.mean()
-            save_to_aux_losses_tracker("sharpen_loss", loss / self.sharpen_coeff, self.layer_number,
-                                       self.config.num_layers)
+            compat.record_moe_metric("sharpen_loss", loss / self.sharpen_coeff, self.layer_number,
+                                     self.config.num_layers)
             probs_TE = MoEAuxLossAutoScaler.apply(probs_TE, loss)
         return probs_TE, routing_map_TE

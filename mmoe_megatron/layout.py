@@ -48,3 +48,14 @@ def local_name(name: str, ep_rank: int, num_local_experts: int) -> Optional[str]
 
 def is_expert_param(name: str) -> bool:
     return expert_index(name) is not None
+
+
+def sequential_name(name: str) -> str:
+    """The SequentialMLP form of a grouped-GEMM expert name (others unchanged): both layouts
+    hold the same [out, in] matrix per expert, so weights drawn from this name are the same in
+    either layout."""
+    m = _GROUPED.search(name)
+    if not m:
+        return name
+    fc = m.group(1).rsplit(".", 2)[-2]  # linear_fc1 / linear_fc2
+    return name[: m.start(1)] + f".mlp.experts.local_experts.{m.group(2)}.{fc}.weight"

@@ -3,6 +3,8 @@
 The elastic router enters through megatron-core's layer spec: every MoE layer spec gets
 `MatryoshkaMoELayer` as its module, `MatryoshkaRouter` as `MoESubmodules.router` and slimmable
 experts (`slimmable.py`) as `MoESubmodules.experts`. Nothing in megatron-core is patched.
+`build_model` refuses a model in which any MoE layer of the config did not get them
+(`check_elastic_layers`).
 
 Inference API:
     set_topk(model, 2)             every MoE layer routes to its top-2
@@ -26,7 +28,7 @@ import torch
 from mmoe_megatron import compat
 from mmoe_megatron.config import ExperimentConfig
 from mmoe_megatron.config.derive import padded_vocab_size, transformer_config, use_transformer_engine
-from mmoe_megatron.layout import global_name, is_expert_param
+from mmoe_megatron.layout import global_name, is_expert_param, sequential_name
 from mmoe_megatron.router import MatryoshkaMoELayer, MatryoshkaRouter
 
 
@@ -57,21 +59,21 @@ def router_builder(cfg: ExperimentConfig):
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
-    """megatron-core's experts spec with its module replaced by the slimmable experts of the same
+    """megatron-core's experts entry with its class replaced by the slimmable experts of the same
     kind (local or grouped), which run at full width exactly as the stock ones (`slimmable.py`)."""
     from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
-    from megatron.core.transformer.spec_utils import ModuleSpec
 
     from mmoe_megatron.slimmable import experts_class
 
-    module = getattr(experts, "module", experts)
+    entry = compat.experts_entry(experts)
+    module = entry.module if entry is not None else None
     if module not in (SequentialMLP, TEGroupedMLP):
         if cfg.matryoshka.elastic_width:
-            raise ValueError(f"slimmable experts replace SequentialMLP or TEGroupedMLP, not {module.__name__}")
+            raise ValueError(f"slimmable experts replace SequentialMLP or TEGroupedMLP, not "
+                             f"{getattr(module, '__name__', repr(experts))}")
         return experts
-    params = {**getattr(experts, "params", {}), "widths": tuple(cfg.matryoshka.widths)}
-    return ModuleSpec(module=experts_class(module is TEGroupedMLP), submodules=experts.submodules,
-                      params=params)
+    return compat.with_experts(experts, experts_class(module is TEGroupedMLP),
+                               widths=tuple(cfg.matryoshka.widths))
 
 
 def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:
@@ -82,7 +84,6 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
     the reference that fixed-k training and the router-overhead benchmark compare against.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
-    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     specs = get_gpt_decoder_layer_specs(
         tconfig, use_transformer_engine=use_transformer_engine(cfg),
@@ -94,16 +95,53 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
     out = []
     for spec in specs:
         mlp = spec.submodules.mlp
-        if getattr(mlp, "module", None) is MoELayer:
-            mlp = dataclasses.replace(
-                mlp,
-                module=MatryoshkaMoELayer,
-                submodules=dataclasses.replace(mlp.submodules, router=router,
-                                               experts=experts_spec(cfg, mlp.submodules.experts)),
-            )
+        entry = compat.moe_mlp_entry(mlp)
+        if entry is not None:
+            submodules = dataclasses.replace(entry.submodules, router=router,
+                                             experts=experts_spec(cfg, entry.submodules.experts))
+            mlp = compat.with_moe_mlp(mlp, MatryoshkaMoELayer, submodules)
             spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
         out.append(spec)
     return out
+
+
+class ElasticRoutingError(RuntimeError):
+    """A model whose config has MoE layers was built with a layer that is not elastic."""
+
+
+def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router.
+
+    Whatever the installed megatron-core returns for a layer spec, a silent fallback to its
+    stock MoELayer or TopKRouter would train a fixed-k model that is not elastic.
+    """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    wanted = set(moe_layer_numbers(cfg))
+    layers = list(getattr(getattr(model, "decoder", None), "layers", []))
+    problems = [] if layers else ["the model has no transformer layers (model.decoder.layers)"]
+    for layer in layers:
+        number, mlp = layer.layer_number, getattr(layer, "mlp", None)
+        router = getattr(mlp, "router", None)
+        if number not in wanted:
+            if isinstance(mlp, MoELayer):
+                problems.append(f"layer {number} is an MoE layer but the config makes it dense")
+        elif not isinstance(mlp, MatryoshkaMoELayer):
+            problems.append(f"layer {number}: MLP is {type(mlp).__module__}.{type(mlp).__name__}, "
+                            "not MatryoshkaMoELayer")
+        elif not isinstance(router, MatryoshkaRouter):
+            problems.append(f"layer {number}: router is {type(router).__module__}."
+                            f"{type(router).__name__}, not an elastic MatryoshkaRouter")
+    if problems:
+        from megatron.core import package_info
+
+        raise ElasticRoutingError(
+            "the model's MoE layers did not all get the elastic router, so it would train at "
+            f"a fixed k (megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
+            + "\nThe layer spec megatron-core returned was not recognised by "
+            "mmoe_megatron.compat.moe_mlp_entry; use a supported release (0.16.1 on Python 3.11, "
+            "0.19.2 on Python 3.12) or extend that function for this one"
+        )
 
 
 def build_model(
@@ -137,6 +175,8 @@ def build_model(
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         parallel_output=True,
     )
+    if not stock_routing:
+        check_elastic_layers(model, cfg)
     init_weights(model, cfg, cfg.train.seed if seed is None else seed)
     return model
 
@@ -160,7 +200,9 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases.
+    weights, zeros for biases. Grouped-GEMM experts draw from their SequentialMLP names and
+    Transformer Engine's linears share the local spec's names, so every layer spec of a config
+    starts from the same weights too.
     """
     from megatron.core import parallel_state as ps
 
@@ -181,7 +223,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
         shape = list(param.shape)
         if sharded:
             shape[param.partition_dim] *= tp_world
-        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        gen = torch.Generator().manual_seed(_param_seed(seed, sequential_name(name)))
         scale = out_std if (".linear_proj." in name or ".linear_fc2." in name) else std
         full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
         param.copy_(_shard(full, param, tp_rank, tp_world) if sharded else full)

@@ -46,8 +46,11 @@ class MatryoshkaRouter(TopKRouter):
     router learns as a Switch Transformer router (weight p) would.
     """
 
-    def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through"):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
+                 **router_kwargs):
+        # router_kwargs: what megatron-core hands a router builder beyond config and process
+        # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
+        super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
         if self.score_function != "softmax" or self.routing_type not in ("aux_loss", "none"):
             raise ValueError(
                 "MatryoshkaRouter supports softmax scores with the 'aux_loss' or 'none' "
@@ -232,8 +235,8 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """The alltoall dispatcher with its output size taken from the realised routing.
 
     megatron-core sizes the dropless permutation buffer as tokens * config.moe_router_topk
-    (token_dispatcher.py:524); that is k_max here. The count only matters for fused
-    permutation (Transformer Engine), but must then be exact.
+    (token_dispatcher.py:524 in 0.16.1, :550 in 0.19.2); that is k_max here. The count only
+    matters for fused permutation (Transformer Engine), but must then be exact.
     """
 
     num_out_tokens_hint: Optional[int] = None
@@ -264,10 +267,13 @@ class MatryoshkaMoELayer(MoELayer):
     its place, which `postprocess` drops after the combine.
     """
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **layer_kwargs):
+        # layer_kwargs: what megatron-core's transformer layer hands its MLP builder beyond these
+        # (0.19.2: is_mtp_layer and name, transformer_layer.py:433-437); passed on unchanged.
         if pg_collection is None:
             pg_collection = get_default_pg_collection()
-        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **layer_kwargs)
         if config.moe_token_dispatcher_type == "alltoall":
             self.token_dispatcher = ElasticAlltoAllTokenDispatcher(
                 self.num_local_experts,

@@ -134,8 +134,11 @@ class SlimmableSequentialMLP(_WidthState, SequentialMLP):
     """megatron-core's SequentialMLP whose experts run at a chosen width (module docstring)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None,
-                 widths: Sequence[float] = (1.0,)):
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+                 widths: Sequence[float] = (1.0,), **experts_kwargs):
+        # experts_kwargs: what megatron-core hands its experts beyond these (0.19.2: name,
+        # moe_layer.py:326); passed on unchanged.
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
+                         **experts_kwargs)
         self._init_width_state(widths, self.config.moe_ffn_hidden_size)
 
     def _expert(self, index: int, x_NH, probs_N, columns: int):
@@ -187,18 +190,27 @@ class SlimmableTEGroupedMLP(_WidthState, TEGroupedMLP):
     sliced experts (`export`)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None,
-                 widths: Sequence[float] = (1.0,)):
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+                 widths: Sequence[float] = (1.0,), **experts_kwargs):
+        # experts_kwargs: what megatron-core hands its experts beyond these (0.19.2: name,
+        # moe_layer.py:326); passed on unchanged.
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
+                         **experts_kwargs)
         self._init_width_state(widths, self.config.moe_ffn_hidden_size)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers):
+        # buffers: 0.19.2's NCCL-EP zero-copy output/grad buffers (moe_layer.py:550-560), passed
+        # only by that dispatcher; the masked path writes its own tensors.
+        if (self.carries_levels or self.columns < self.ffn_hidden_size) and buffers:
+            raise ValueError("slimmable grouped experts below full width do not write into the "
+                             f"dispatcher's zero-copy buffers ({sorted(buffers)}); use the alltoall "
+                             "or allgather dispatcher")
         if self.carries_levels:
             x_NH, levels_N = self._split_channel(permuted_local_hidden_states)
             columns_N = torch.tensor(self.level_columns, device=x_NH.device)[levels_N]
             return self._with_channel(self._masked(x_NH, tokens_per_expert, permuted_probs, columns_N)), None
         self.last_width = self.width
         if self.columns == self.ffn_hidden_size:
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers)
         columns_N = torch.full((permuted_local_hidden_states.shape[0],), self.columns,
                                device=permuted_local_hidden_states.device)
         return self._masked(permuted_local_hidden_states, tokens_per_expert, permuted_probs, columns_N), None

@@ -36,5 +36,9 @@ def test_demo_trains_evaluates_searches_budgets_and_exports(tmp_path, small_run_
     with open(os.path.join(out, "config.json")) as f:
         hf = json.load(f)
     assert hf["architectures"] == ["Qwen3MoeForCausalLM"] and hf["num_experts_per_tok"] == 2
+    # The demo's model is one vLLM's CPU attention runs (the tiny shape is served in test_serving_engines.py).
+    from mmoe_megatron.export.engines import VLLM_CPU_HEAD_SIZES
+
+    assert hf["head_dim"] in VLLM_CPU_HEAD_SIZES
     with open(os.path.join(run, "budgets.json")) as f:
         assert json.load(f)

@@ -1,10 +1,16 @@
 """The launchers and the training command line: dry runs, real runs under torchrun and the
-deepspeed launcher, and a run stopped by `exit_interval` that resumes to the same losses."""
+deepspeed launcher, a run stopped by `exit_interval` that resumes to the same losses, the
+interpreter and port the launchers pick, and a logged aux loss that does not depend on the
+number of processes."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -13,12 +19,19 @@ from tests.dist import free_port
 from tests.helpers import ROOT, logged_steps
 
 
-def _launch(launcher, config, run_dir, *extra, dry_run=False):
+def _launch(launcher, config, run_dir, *extra, dry_run=False, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port()),
-           "PYTHON": os.environ.get("PYTHON", __import__("sys").executable)}
+           "PYTHON": os.environ.get("PYTHON", sys.executable)}
+    layout = ["--parallel.expert=2"] if nproc == 2 else []
     cmd = ["bash", os.path.join(ROOT, "launchers", launcher)] + (["--dry-run"] if dry_run else []) + [
-        "--nproc", "2", "--config", config, "--parallel.expert=2", f"--logging.dir={run_dir}", *extra]
+        "--nproc", str(nproc), "--config", config, *layout, f"--logging.dir={run_dir}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _logged(run_dir, field):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r[field] for r in records if r.get("kind") == "train"}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +51,19 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path, config_file, laun
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-def test_launchers_train_alike_and_exit_interval_resumes_exactly(tmp_path, config_file):
-    reference = str(tmp_path / "deepspeed")
+@pytest.fixture(scope="module")
+def deepspeed_run(config_file, tmp_path_factory):
+    """The small run under the deepspeed launcher: 2 processes, expert parallel 2, so each rank
+    runs 2 of the step's 4 micro-batches."""
+    reference = str(tmp_path_factory.mktemp("launchers") / "deepspeed")
     proc = _launch("deepspeed.sh", config_file, reference)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return reference, proc.stdout
+
+
+@pytest.mark.slow
+def test_launchers_train_alike_and_exit_interval_resumes_exactly(tmp_path, config_file, deepspeed_run):
+    reference, _ = deepspeed_run
     full = logged_steps(reference)
     assert sorted(full) == [1, 2, 3, 4]
 
@@ -56,3 +77,77 @@ def test_launchers_train_alike_and_exit_interval_resumes_exactly(tmp_path, confi
     resumed = logged_steps(run)
     # Both launchers run the same entry point; the resumed run continues bitwise (fp32 on CPU).
     assert resumed == full
+
+
+@pytest.mark.slow
+def test_logged_aux_loss_does_not_depend_on_the_number_of_processes(tmp_path, config_file, deepspeed_run):
+    """One process runs all 4 micro-batches of a step, two run 2 each: the logged load-balancing
+    loss (metrics.jsonl and the console) is the mean over micro-batches, layers and ranks."""
+    reference, reference_out = deepspeed_run
+    single = str(tmp_path / "single")
+    proc = _launch("torchrun.sh", config_file, single, nproc=1)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    two, one = _logged(reference, "load_balancing_loss"), _logged(single, "load_balancing_loss")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5), step
+    # Balanced routing gives about the coefficient-free value 1 (the tracker logs loss / coeff),
+    # not a multiple of it that grows with the micro-batches per rank.
+    assert all(0.9 < v < 1.5 for v in one.values()), one
+    assert f"aux {one[1]:.4f}" in proc.stdout and f"aux {two[1]:.4f}" in reference_out
+
+
+def _copy_launchers(root):
+    shutil.copytree(os.path.join(ROOT, "launchers"), os.path.join(root, "launchers"))
+
+
+def _dry_run_command(root, env_extra, launcher="torchrun.sh"):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "MASTER_PORT")}
+    env.update(env_extra)
+    proc = subprocess.run(["bash", os.path.join(root, "launchers", launcher), "--dry-run", "--nproc", "2",
+                           "--config", "c.yaml"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun.sh", "deepspeed.sh"])
+def test_launchers_prefer_the_project_venv_over_python_on_path(tmp_path, launcher):
+    _copy_launchers(tmp_path)
+    port = {"MASTER_PORT": "12345"}  # no interpreter needed to pick one
+    # No .venv: whatever `python` is on PATH.
+    assert _dry_run_command(tmp_path, port, launcher)[0] == "python"
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    assert _dry_run_command(tmp_path, port, launcher)[0] == str(venv_python)
+    # An explicit interpreter, or an activated environment, still wins.
+    assert _dry_run_command(tmp_path, {**port, "PYTHON": sys.executable}, launcher)[0] == sys.executable
+    active = os.path.dirname(os.path.dirname(sys.executable))
+    assert _dry_run_command(tmp_path, {**port, "VIRTUAL_ENV": active}, launcher)[0] == \
+        os.path.join(active, "bin", "python")
+
+
+def _port_of(command):
+    flag = "--master-port" if "--master-port" in command else "--master_port"
+    return int(command[command.index(flag) + 1])
+
+
+@pytest.mark.parametrize("launcher", ["torchrun.sh", "deepspeed.sh"])
+def test_launchers_pick_a_free_port_unless_master_port_is_set(tmp_path, launcher):
+    _copy_launchers(tmp_path)
+    env = {"PYTHON": sys.executable}
+    # Another local job holds the usual default, 29500: the launcher picks a port that is free.
+    busy = socket.socket()
+    try:
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # already held by something else: just as busy
+        port = _port_of(_dry_run_command(tmp_path, env, launcher))
+        assert port != 29500
+    finally:
+        busy.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    assert _port_of(_dry_run_command(tmp_path, {**env, "MASTER_PORT": "23456"}, launcher)) == 23456

@@ -122,9 +122,11 @@ def _blend(entries: list[BlendEntry]):
 def _mock_tokenizer(vocab_size: int):
     from megatron.core.tokenizers import MegatronTokenizer
 
+    from mmoe_megatron import compat
+
     # NullTokenizer(n) has n + 1 ids, the last being the end of document.
     return MegatronTokenizer.from_pretrained(
-        metadata_path={"library": "null"}, vocab_size=vocab_size - 1
+        metadata_path={"library": compat.null_tokenizer_library()}, vocab_size=vocab_size - 1
     )
 
 

@@ -23,7 +23,6 @@ sources, and no document straddles two splits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mmoe_megatron.data.errors import DataError
+from mmoe_megatron.data.tokenizer import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ DEMO_SEED = 1234
 # --- download -------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256 = file_sha256
 
 
 def download_sources(download_dir: str, sources: Optional[dict[str, Source]] = None) -> dict[str, str]:

@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 
 from mmoe_megatron.config import ExperimentConfig, config_from_dict, load_config, save_config
 from mmoe_megatron.config.base import to_dict
+from mmoe_megatron.export.engines import warn_serving_problems
 from mmoe_megatron.export.hf_files import read_hf_dir, save_hf_weights, write_hf_tokenizer, write_json
-from mmoe_megatron.export.qwen3_moe import ExportError, check_exportable, hf_config_dict, to_hf_state_dict
+from mmoe_megatron.export.qwen3_moe import (ExportError, check_exportable, dims_from_config, hf_config_dict,
+                                            to_hf_state_dict)
 from mmoe_megatron.export.qwen3_moe_import import experiment_sections, from_hf_state_dict
 
 
@@ -66,6 +68,10 @@ def export_to_hf(
     """Write the Hugging Face directory with the experts at `width`; returns the files written.
     The weights, k, width and budgets are checked (ExportError) before anything is written."""
     check_exportable(cfg)
+    m = cfg.model
+    setting = ("model.kv_channels" if m.kv_channels else
+               f"model.hidden_size / model.num_attention_heads = {m.hidden_size} / {m.num_attention_heads}")
+    warn_serving_problems(dims_from_config(cfg).head_dim, setting)
     hf_sd = to_hf_state_dict(cfg, global_sd, width)
     vocab_rows = int(hf_sd["model.embed_tokens.weight"].shape[0])
     budgets = dict(layer_budgets or {})

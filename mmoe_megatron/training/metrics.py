@@ -16,23 +16,33 @@ from typing import Optional
 import torch
 
 
-def moe_aux_losses() -> dict[str, float]:
-    """Mean of each MoE auxiliary loss over layers and micro-batches of the last step, then reset.
+def moe_aux_losses(num_microbatches: int, moe_layer_numbers: list[int],
+                   dp_group=None) -> dict[str, float]:
+    """Each MoE auxiliary loss of the last step, then reset: the mean over micro-batches, over the
+    MoE layers and over data-parallel ranks, so the figure does not depend on the layout.
 
-    megatron-core's layer-wise tracker accumulates one value per layer per micro-batch.
+    Collective over `dp_group` (every rank must call it). megatron-core's tracker holds, per
+    layer, the sum over this rank's micro-batches (and a partial value per tensor-parallel rank
+    when its entry names a reduce group, which is summed first, as megatron's own logging does).
     """
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-    )
+    import torch.distributed as dist
 
+    from mmoe_megatron import compat
+
+    tracked = compat.moe_metrics_values()
     out = {}
-    for name, entry in get_moe_layer_wise_logging_tracker().items():
-        values = entry["values"]
-        nonzero = values[values != 0]
-        if nonzero.numel():
-            out[name] = float(nonzero.float().mean())
-    clear_aux_losses_tracker()
+    for name in sorted(tracked):
+        values_L, reduce_group = tracked[name]
+        values_L = values_L.detach().float().clone()
+        if dist.is_initialized():
+            if reduce_group is not None and dist.get_world_size(reduce_group) > 1:
+                dist.all_reduce(values_L, group=reduce_group)
+            if dist.get_world_size(dp_group) > 1:
+                dist.all_reduce(values_L, group=dp_group)
+                values_L /= dist.get_world_size(dp_group)
+        per_layer = values_L[[n - 1 for n in moe_layer_numbers]] / num_microbatches
+        out[name] = float(per_layer.mean())
+    compat.clear_moe_metrics()
     return out
 
 

@@ -45,7 +45,7 @@ from mmoe_megatron.config import ExperimentConfig, save_config
 from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.elastic import ElasticK
 from mmoe_megatron.engine import build_engine, set_lr
-from mmoe_megatron.model import build_model, elastic_routers, named_global_parameters
+from mmoe_megatron.model import build_model, elastic_routers, moe_layer_numbers, named_global_parameters
 from mmoe_megatron.training import checkpoint as ckpt
 from mmoe_megatron.training.batches import BatchLayout, collate
 from mmoe_megatron.training.lr import lr_at
@@ -91,6 +91,7 @@ class Trainer:
         self.device = next(self.engine.module.parameters()).device
         self.elastic = ElasticK.from_config(self.engine.module, cfg, self.dp_rank, self.dp_size)
         self.routers = elastic_routers(self.engine.module)
+        self.moe_layers = moe_layer_numbers(cfg)
         self.mask = causal_mask(cfg.data.seq_length, self.device)
         self.datasets = datasets
         self.step = 0
@@ -410,7 +411,7 @@ class Trainer:
             batches = self.microbatches(self.step)
             result = self.train_step(self.step, batches)
             result["tokens_per_s"] = tokens_per_step / max(time.time() - start, 1e-9)
-            result.update(moe_aux_losses())
+            result.update(moe_aux_losses(self.layout.num_microbatches, self.moe_layers, _dp_group()))
             share = self._expert_share()
             self.step += 1
             if self.step % t.log_interval == 0 or self.step == t.train_iters:

@@ -1,0 +1,82 @@
+"""One top-k per MoE layer from an exported Qwen3-MoE config, for serving engines.
+
+A serving engine reads config.json and the start-up overrides (vLLM: `--hf-overrides`). Two keys
+ask for a per-layer k; neither is part of Qwen3-MoE, so the export stays a plain Qwen3-MoE:
+
+    matryoshka_layer_ks: [1, 4, 2]      one k per MoE layer, in layer order (dense layers skipped)
+    matryoshka_budget: "mean_k=2"       a per-layer vector recorded at export
+                                        (config.json matryoshka.layer_budgets = budgets.json)
+
+With neither, every MoE layer routes at `num_experts_per_tok`. Pure Python (no torch, no vLLM):
+the engine plugin and the tests use the same resolution and the same errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+LAYER_KS_KEY = "matryoshka_layer_ks"
+BUDGET_KEY = "matryoshka_budget"
+RECORD_KEY = "matryoshka"
+"""config.json's record of elastic training, written by mmoe_megatron.export (its `layer_budgets`)."""
+ARCHITECTURE = "MatryoshkaQwen3MoeForCausalLM"
+"""The architecture name the vLLM plugin registers; select it with --hf-overrides."""
+
+
+class ServingConfigError(ValueError):
+    """A per-layer k request the model cannot serve; the message names the key and the fix."""
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def moe_layer_indices(config: Any) -> list[int]:
+    """The MoE layers of a Qwen3-MoE config: not in `mlp_only_layers`, and every
+    `decoder_sparse_step`-th layer (the rule of transformers' and vLLM's Qwen3MoeDecoderLayer)."""
+    dense = set(_get(config, "mlp_only_layers") or [])
+    step = int(_get(config, "decoder_sparse_step", 1) or 1)
+    num_experts = int(_get(config, "num_experts", 0) or 0)
+    return [i for i in range(int(_get(config, "num_hidden_layers")))
+            if i not in dense and num_experts > 0 and (i + 1) % step == 0]
+
+
+def example_override(ks: list[int]) -> str:
+    return f"--hf-overrides '{{\"architectures\": [\"{ARCHITECTURE}\"], \"{LAYER_KS_KEY}\": {ks}}}'"
+
+
+def serving_layer_ks(config: Any) -> dict[int, int]:
+    """{MoE layer index: top-k} for `config` (a transformers config or a config.json dict with the
+    overrides applied). Raises ServingConfigError for a request the model cannot serve."""
+    layers = moe_layer_indices(config)
+    num_experts = int(_get(config, "num_experts", 0) or 0)
+    layer_ks, budget = _get(config, LAYER_KS_KEY), _get(config, BUDGET_KEY)
+    if layer_ks is not None and budget is not None:
+        raise ServingConfigError(
+            f"both {LAYER_KS_KEY} and {BUDGET_KEY} are set; give one of them in --hf-overrides")
+    what = f"{LAYER_KS_KEY}={layer_ks}"
+    if budget is not None:
+        recorded = dict((_get(config, RECORD_KEY) or {}).get("layer_budgets") or {})
+        if budget not in recorded:
+            raise ServingConfigError(
+                f"{BUDGET_KEY}={budget!r}: this export records no such budget (recorded in config.json "
+                f"{RECORD_KEY}.layer_budgets: {sorted(recorded) or 'none'}); name one of those, or give "
+                f"the vector itself as {LAYER_KS_KEY}")
+        layer_ks, what = recorded[budget], f"{BUDGET_KEY}={budget!r} ({recorded[budget]})"
+    if layer_ks is None:
+        layer_ks = [_get(config, "num_experts_per_tok")] * len(layers)
+        what = f"num_experts_per_tok={layer_ks[0] if layer_ks else None}"
+    if not isinstance(layer_ks, (list, tuple)):
+        raise ServingConfigError(f"{what}: give a list with one int per MoE layer ({len(layers)})")
+    ks = list(layer_ks)
+    if len(ks) != len(layers):
+        raise ServingConfigError(
+            f"{what} has {len(ks)} entries but the model has {len(layers)} MoE layers (layers {layers}); "
+            f"give one k per MoE layer, e.g. {example_override([1] * len(layers))}")
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts]
+    if bad:
+        raise ServingConfigError(
+            f"{what}: every k must be an int in 1..{num_experts} (the experts per MoE layer); got {bad}")
+    return dict(zip(layers, ks))
