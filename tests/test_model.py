@@ -94,6 +94,28 @@ def test_both_forms_of_the_moe_entry_are_recognised_and_rebuilt(single_process_m
     assert compat.moe_mlp_entry(ModuleSpec(module=dict)) is None
 
 
+def test_both_forms_of_the_experts_entry_are_recognised_and_rebuilt(single_process_mcore):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP
+
+    installed = compat.experts_entry(compat.moe_mlp_entry(_stock_moe_entry(tiny_config())).submodules.experts)
+    assert installed is not None and installed.module is SequentialMLP
+    assert installed.form == ("partial" if compat.megatron_core_version() >= (0, 17, 0) else "module_spec")
+
+    submodules = object()
+    as_spec = ModuleSpec(module=SequentialMLP, submodules=submodules, params={"extra": 1})
+    as_partial = functools.partial(SequentialMLP, submodules=submodules, extra=1)
+    for entry, form in ((as_spec, "module_spec"), (as_partial, "partial")):
+        found = compat.experts_entry(entry)
+        assert (found.module, found.submodules, found.params, found.form) == (SequentialMLP, submodules, {"extra": 1}, form)
+        rebuilt = compat.experts_entry(compat.with_experts(entry, SlimmableSequentialMLP, widths=(0.5, 1.0)))
+        assert (rebuilt.module, rebuilt.submodules, rebuilt.params, rebuilt.form) == (
+            SlimmableSequentialMLP, submodules, {"extra": 1, "widths": (0.5, 1.0)}, form)
+    assert compat.experts_entry(object()) is None
+
+
 def test_grouped_gemm_experts_draw_their_weights_from_the_sequential_names():
     from mmoe_megatron.layout import sequential_name
 

@@ -62,23 +62,21 @@ def test_a_width_w_expert_is_the_dense_ffn_of_its_slices(single_process_mcore, w
 def _stock_and_slimmable(cfg):
     """The same model twice: megatron's SequentialMLP experts, and the slimmable experts."""
     import dataclasses
+    from unittest import mock
 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.backends import LocalSpecProvider
-    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+    from mmoe_megatron import model as model_module
     from mmoe_megatron.config.derive import padded_vocab_size, transformer_config
     from mmoe_megatron.model import build_model, init_weights, layer_specs
 
     ours = build_model(cfg, VOCAB)
     tconfig = dataclasses.replace(transformer_config(cfg), perform_initialization=False)
-    specs = []
-    for spec in layer_specs(cfg, tconfig):
-        mlp = spec.submodules.mlp
-        experts = dataclasses.replace(mlp.submodules.experts, module=SequentialMLP, params={})
-        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
-        specs.append(dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp)))
+    # The same layer specs with megatron-core's experts entry left as it is (whatever its form).
+    with mock.patch.object(model_module, "experts_spec", lambda cfg, experts: experts):
+        specs = layer_specs(cfg, tconfig)
     block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=LocalSpecProvider().layer_norm(rms_norm=True))
     stock = GPTModel(config=tconfig, transformer_layer_spec=block, vocab_size=padded_vocab_size(cfg, VOCAB),
                      max_sequence_length=cfg.data.seq_length, position_embedding_type="rope",
