@@ -110,19 +110,22 @@ class ElasticRoutingError(RuntimeError):
 
 
 def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
-    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router.
+    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router, and
+    with slimmable experts when the config asks for more than one width.
 
     Whatever the installed megatron-core returns for a layer spec, a silent fallback to its
-    stock MoELayer or TopKRouter would train a fixed-k model that is not elastic.
+    stock MoELayer, TopKRouter or experts would train a model that is not elastic.
     """
     from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP, SlimmableTEGroupedMLP
 
     wanted = set(moe_layer_numbers(cfg))
     layers = list(getattr(getattr(model, "decoder", None), "layers", []))
     problems = [] if layers else ["the model has no transformer layers (model.decoder.layers)"]
     for layer in layers:
         number, mlp = layer.layer_number, getattr(layer, "mlp", None)
-        router = getattr(mlp, "router", None)
+        router, experts = getattr(mlp, "router", None), getattr(mlp, "experts", None)
         if number not in wanted:
             if isinstance(mlp, MoELayer):
                 problems.append(f"layer {number} is an MoE layer but the config makes it dense")
@@ -132,15 +135,21 @@ def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
         elif not isinstance(router, MatryoshkaRouter):
             problems.append(f"layer {number}: router is {type(router).__module__}."
                             f"{type(router).__name__}, not an elastic MatryoshkaRouter")
+        elif cfg.matryoshka.elastic_width and not isinstance(
+                experts, (SlimmableSequentialMLP, SlimmableTEGroupedMLP)):
+            problems.append(f"layer {number}: experts are {type(experts).__module__}."
+                            f"{type(experts).__name__}, not slimmable experts (matryoshka.widths "
+                            f"is {list(cfg.matryoshka.widths)})")
     if problems:
         from megatron.core import package_info
 
         raise ElasticRoutingError(
-            "the model's MoE layers did not all get the elastic router, so it would train at "
-            f"a fixed k (megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
+            "the model's MoE layers are not all elastic, so it would train at a fixed k or width "
+            f"(megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
             + "\nThe layer spec megatron-core returned was not recognised by "
-            "mmoe_megatron.compat.moe_mlp_entry; use a supported release (0.16.1 on Python 3.11, "
-            "0.19.2 on Python 3.12) or extend that function for this one"
+            "mmoe_megatron.compat.moe_mlp_entry (the layer) or compat.experts_entry (its experts); "
+            "use a supported release (0.16.1 on Python 3.11, 0.19.2 on Python 3.12) or extend "
+            "those functions for this one"
         )
 
 

@@ -54,6 +54,22 @@ def test_the_stock_router_inside_the_elastic_layer_fails_the_build(single_proces
         model.build_model(tiny_config(), VOCAB)
 
 
+def test_slimmable_experts_pass_the_check_and_stock_experts_with_widths_fail(single_process_mcore, monkeypatch):
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP
+
+    cfg = tiny_config(**{"matryoshka.widths": [0.5, 1.0]})
+    built = model.build_model(cfg, VOCAB)
+    assert all(type(layer.mlp.experts) is SlimmableSequentialMLP for layer in built.decoder.layers)
+
+    # Experts that megatron-core builds in a form the project does not recognise stay stock.
+    monkeypatch.setattr(model, "experts_spec", lambda cfg, experts: experts)
+    with pytest.raises(model.ElasticRoutingError,
+                       match=r"layer 3: experts are .*SequentialMLP, not slimmable experts"):
+        model.build_model(cfg, VOCAB)
+    # With one width the stock experts are the same model, and are accepted.
+    model.build_model(tiny_config(), VOCAB)
+
+
 def test_stock_routing_is_still_allowed_when_asked_for(single_process_mcore):
     from megatron.core.transformer.moe.router import TopKRouter
 
