@@ -166,8 +166,9 @@ def test_export_refuses_widths_one_config_cannot_express(exported, tmp_path, cap
     from tools import export_hf
 
     cfg = _train_config(exported["run"])
-    with pytest.raises(ExportError, match=r"width=\[1, 0.5, 0.5\]: Qwen3-MoE has one moe_intermediate_size"):
+    with pytest.raises(ExportError, match=r"width=\[1, 0.5, 0.5\]: Qwen3-MoE has one moe_intermediate_size") as error:
         hf_config_dict(cfg, PADDED, k=2, width=[1, 0.5, 0.5])
+    assert "vLLM plugin (mmoe_megatron.serving) serves a k per layer but not a width per layer" in str(error.value)
     with pytest.raises(ExportError, match=r"0.3 .* 19.2 columns"):
         hf_config_dict(cfg, PADDED, k=2, width=0.3)
     assert export_hf.main(["--run", exported["run"], "--k", "2", "--width", "0.5,1,1", "--out",

@@ -47,8 +47,9 @@ def read_budgets(path: Optional[str], width: float = 1.0) -> dict[str, list[int]
             if any(w != width for w in value["widths"]):
                 raise ExportError(
                     f"layer budget {name!r} in {path} runs its MoE layers at widths {value['widths']}, but the "
-                    f"export writes every expert at width {width:g} (one moe_intermediate_size); export it at "
-                    "one of its widths if they are all equal, or leave it out of --layer-budgets")
+                    f"export writes every expert at width {width:g} (one moe_intermediate_size; the vLLM "
+                    "plugin serves a k per layer, not a width per layer); export it at its width if its "
+                    "widths are all equal, or leave it out of --layer-budgets")
             value = value["ks"]
         if not isinstance(value, list):
             data = None

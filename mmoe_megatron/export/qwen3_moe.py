@@ -42,7 +42,8 @@ Decisions:
 * Expert width (slimmable experts, `slimmable.py`): a width w < 1 exports every expert sliced to
   its first c = w x I columns (gate_proj and up_proj rows [0, c), down_proj columns [0, c)) with
   `moe_intermediate_size` = c: a plain, smaller Qwen3-MoE. One config has one
-  `moe_intermediate_size`, so per-layer widths that differ are refused (`check_serving_width`).
+  `moe_intermediate_size`, so per-layer widths that differ are refused (`check_serving_width`);
+  the vLLM plugin (`mmoe_megatron.serving`) serves per-layer k, not per-layer widths.
 
 Shape legend: H hidden, D head dim, NH query heads, NG key/value heads (query groups),
 R = (NH + 2 NG) D rows of the fused QKV weight, I expert hidden width, E experts.
@@ -153,8 +154,9 @@ def check_serving_width(cfg: ExperimentConfig, width, what: str = "width") -> in
     if len(set(widths)) > 1:
         raise ExportError(
             f"{what}={list(widths)}: Qwen3-MoE has one moe_intermediate_size for every layer, so "
-            "experts of different widths in different layers cannot be written as one config; export "
-            "at one width for all layers (e.g. the narrowest or widest of these)"
+            "experts of different widths in different layers cannot be written as one config, and "
+            "the project's vLLM plugin (mmoe_megatron.serving) serves a k per layer but not a width "
+            "per layer; export at one width for all layers (e.g. the narrowest or widest of these)"
         )
     try:
         return width_columns(float(widths[0]), cfg.moe.expert_ffn_hidden_size)
