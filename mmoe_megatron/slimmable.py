@@ -14,8 +14,8 @@ treat them like the stock experts:
   SlimmableTEGroupedMLP    megatron's TEGroupedMLP (grouped GEMM with Transformer Engine, GPU);
                            narrower widths run the full grouped GEMMs with the columns beyond each
                            token's width zeroed, which gives the same values and the same (zero)
-                           gradients outside the slice; `grouped_parity_check` compares it with the
-                           local path on a GPU.
+                           gradients outside the slice; the GPU check (bench/gpu_check_runs.py)
+                           compares it with the local path at a mixed (k, width) draw.
 
 The width is router-like state set from outside, per forward: one width for all tokens
 (`set_width`), or a width level per token (`set_token_levels`, levels index `widths`, 1-based).
