@@ -145,6 +145,7 @@ def main() -> int:
                     "GPU) have not been measured yet.", ""]
     if "gpu_check" not in records:
         pending += ["The GPU check (`make gpu-check`, `bench/gpu_check.py`: layer-spec parity in bf16, "
+                    "with slimmable experts at a narrower width and at a mixed (k, width) draw, "
                     "tokens/s, MFU and peak memory at k = 1, 2, 4, 8 and per-token k, router overhead on "
                     "GPU) has not run on a GPU yet.", ""]
     if pending:
