@@ -5,8 +5,11 @@
 On CUDA (under 8 minutes on an H100/H200), a list of named checks, each run whatever the others
 did, each failure printed:
   environment      versions; whether Transformer Engine and grouped GEMM are there
-  parity:<spec>    the loss of every token at k = 1, 2, 4, 8 and with per-token ks, in bf16,
-                   against the local layer spec in fp32 (bench/gpu_check_runs.py)
+  parity:<spec>    the loss of every token at k = 1, 2, 4, 8 and with per-token ks, then with
+                   slimmable experts at one narrower width and at a mixed draw of a k and a
+                   width per token, in bf16, against the local layer spec in fp32
+                   (bench/gpu_check_runs.py); with Transformer Engine the candidates include its
+                   grouped-GEMM experts, so this is the grouped slimmable path's parity check
   train:<variant>  ~30 bf16 steps of a model of 135-400 M active parameters at fixed k (the
                    Matryoshka router and megatron-core's stock router) and with per-token ks:
                    tokens/s, MFU (3 x the project's forward FLOPs per token, config/derive.py,
@@ -130,18 +133,18 @@ class GpuCheck:
         return not str(self.env["deepspeed"]).startswith("missing"), detail, dict(self.env)
 
     def check_parity(self, name: str, overrides: dict):
-        corrupt = 2 if "parity" in self.setup.fault else None
+        corrupt = (2, runs.MIXED_CASE) if "parity" in self.setup.fault else ()
         reference = runs.parity_losses(self.setup, {"model.backend": "local"}, torch.float32)
-        candidate = runs.parity_losses(self.setup, overrides, torch.bfloat16, corrupt_case=corrupt)
+        candidate = runs.parity_losses(self.setup, overrides, torch.bfloat16, corrupt_cases=corrupt)
         rows = []
         for case in reference:
             row = {"candidate": name, "case": case, **runs.compare_losses(reference[case], candidate[case])}
             rows.append(row)
             self.parity.append(row)
-        bad = [f"{r['case']} (mean {r['mean_rel']:.1%}, per token {r['token_rel']:.1%} of the spread)"
+        bad = [f"{'k = ' if r['case'].isdigit() else ''}{r['case']} (mean {r['mean_rel']:.1%}, per token {r['token_rel']:.1%} of the spread)"
                for r in rows if not r["passed"]]
         detail = (f"all {len(rows)} cases within tolerance" if not bad
-                  else "outside tolerance at k = " + ", ".join(bad))
+                  else "outside tolerance at " + ", ".join(bad))
         return not bad, detail, {"rows": rows}
 
     def check_training(self, variant: runs.Variant):
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=None,
                    help="where gpu_check.json goes (default: bench/results on GPU, runs/gpu_check on CPU)")
     p.add_argument("--fault", action="append", default=[], choices=["parity", "train"],
-                   help="make a check fail on purpose, to test the report (parity at k=2; the stock k=2 run)")
+                   help="make a check fail on purpose, to test the report (parity at k=2 and at the "
+                        "mixed k and width draw; the stock k=2 run)")
     args = p.parse_args(argv)
 
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")

@@ -32,9 +32,10 @@ def markdown(check) -> str:
 
     if check.parity:
         lines += ["", "Parity against the local spec in fp32 on the same device, tokens and weights (init std "
-                  "1/sqrt(hidden)); differences in nats and as a share of the spread of the reference's "
+                  "1/sqrt(hidden); slimmable experts, full width except in the last two cases); differences "
+                  "in nats and as a share of the spread of the reference's "
                   f"per-token losses (tolerance: mean {runs.MEAN_LOSS_TOL:.0%}, per token {runs.TOKEN_LOSS_TOL:.0%}):", "",
-                  "| candidate (bf16) | k | reference loss | candidate loss | token loss spread | mean diff | per-token diff | within |",
+                  "| candidate (bf16) | k or case | reference loss | candidate loss | token loss spread | mean diff | per-token diff | within |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in check.parity:
             lines.append(f"| {r['candidate']} | {r['case']} | {r['reference_loss']:.4f} | {r['candidate_loss']:.4f} | "

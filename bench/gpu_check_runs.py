@@ -12,7 +12,10 @@ name, which is the same in every spec) and scored on the same tokens at each k a
 ks. The parity models are initialised with std 1/sqrt(hidden): at the usual 0.02 the experts add
 a few per cent to the residual stream of a random model, and a wrong expert would hardly move the
 loss. Besides the mean loss, which at random initialisation depends little on what the layers
-compute, parity compares the loss of every token.
+compute, parity compares the loss of every token. The experts are slimmable (`slimmable.py`) in
+every candidate: besides the ks at full width, each is scored with every expert at one narrower
+width and at a mixed draw, a k and a width per token, which is what exercises the grouped-GEMM
+(Transformer Engine) slimmable path against the local one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ TOKEN_LOSS_TOL = 0.05
 """mean over tokens of |loss (candidate) - loss (reference)| / spread."""
 FIRST_LOSS_TOL = 0.02
 """|first-step loss of the Matryoshka router at fixed k - that of megatron's stock router|."""
+
+PARITY_WIDTHS = [0.25, 0.5, 0.75, 1.0]
+"""Expert widths of the parity models (slimmable experts, drawn per token in the mixed case)."""
+NARROW_CASE = (2, 0.5)
+"""(k, width) of the parity case that runs every expert at one narrower width."""
+MIXED_CASE = "per-token k and width"
+"""The parity case with a k and a width level drawn for every token."""
 
 ELASTIC_KS = [2, 4, 6]
 """Per-token ks of the elastic run; their mean (4) is a fixed k that is also measured."""
@@ -160,22 +170,26 @@ def per_token_losses(model, batch, mask) -> torch.Tensor:
 
 
 def parity_cases() -> list:
-    """The routing settings compared: each fixed k, then per-token ks over FIXED_KS."""
-    return list(FIXED_KS) + ["per-token"]
+    """The routing settings compared: each fixed k at full width, per-token ks at full width, one
+    k with every expert at a narrower width, then a k and a width per token."""
+    k, width = NARROW_CASE
+    return list(FIXED_KS) + ["per-token", f"{k} @ width {width:g}", MIXED_CASE]
 
 
-def parity_losses(setup: Setup, overrides: dict, dtype, corrupt_case=None) -> dict:
+def parity_losses(setup: Setup, overrides: dict, dtype, corrupt_cases=()) -> dict:
     """Per-token losses of one layer spec at every parity case, on the same tokens and weights.
 
-    `corrupt_case`: a case at which this model routes one k too many (the deliberate fault).
+    `corrupt_cases`: cases at which this model is deliberately wrong (the --fault parity check):
+    at a fixed k it routes one k too many; in the mixed case every token runs one width narrower.
     """
     from mmoe_megatron.elastic import ElasticK
-    from mmoe_megatron.model import build_model, set_topk
+    from mmoe_megatron.model import build_model, set_point, set_width, slimmable_experts
     from mmoe_megatron.training.trainer import causal_mask
 
     hidden = SIZES[setup.mode]["model.hidden_size"]
     cfg = setup.config("parity", {
-        "matryoshka.strategy": "token", "matryoshka.ks": list(FIXED_KS), "train.precision":
+        "matryoshka.strategy": "token", "matryoshka.ks": list(FIXED_KS),
+        "matryoshka.widths": list(PARITY_WIDTHS), "train.precision":
         "bf16" if dtype == torch.bfloat16 else "fp32", "model.init_method_std": hidden ** -0.5,
         **overrides})
     vocab = cfg.model.vocab_size
@@ -184,10 +198,18 @@ def parity_losses(setup: Setup, overrides: dict, dtype, corrupt_case=None) -> di
     mask = causal_mask(cfg.data.seq_length, setup.device)
     out = {}
     for case in parity_cases():
-        if case == "per-token":
-            ElasticK.from_config(model, cfg).set_microbatch(step=0, microbatch=0)
+        corrupt = str(case) in {str(c) for c in corrupt_cases}
+        if case in ("per-token", MIXED_CASE):
+            ElasticK.from_config(model, cfg).set_microbatch(step=0, microbatch=0)  # both axes per token
+            if case == "per-token":
+                set_width(model, 1.0)
+            elif corrupt:
+                for experts in slimmable_experts(model):
+                    experts.set_token_levels((experts.token_levels_SB - 1).clamp(min=1))
+        elif isinstance(case, int):
+            set_point(model, case + 1 if corrupt else case, 1.0)
         else:
-            set_topk(model, case + 1 if case == corrupt_case else case)
+            set_point(model, *NARROW_CASE)
         out[str(case)] = per_token_losses(model, batch, mask).cpu()
     del model
     _free()

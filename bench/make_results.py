@@ -80,7 +80,13 @@ def ladder_defaults_section(record: dict) -> str:
     """Which training-side method against the tax became a default: a variant is kept when it beats
     the reference elastic model on every seed on the validation split (held-out shown, not used)."""
     from mmoe_megatron.config.schema import MatryoshkaConfig
+    from mmoe_megatron.evaluation.compare import SEEDS_TO_DECIDE
     from mmoe_megatron.evaluation.suite import load_suite
+
+    def _verdict(e):
+        if not e or not e["better_on_every_seed"]:
+            return "no"
+        return "yes" if e.get("decides") else f"yes ({len(e['per_seed'])} seeds: too few)"
 
     variants = record["data"]["comparison"].get("variants") or {}
     if not variants:
@@ -91,9 +97,10 @@ def ladder_defaults_section(record: dict) -> str:
     lines = ["## Defaults chosen from the elasticity ladder", "",
              f"Criterion: mean validation loss over k = {', '.join(variants['ks'])} at the end of training, "
              f"paired by seed against `{variants['reference']}` (the current defaults), at equal training "
-             "compute; a variant becomes the default only if it is better on every seed. The held-out "
+             f"compute; a variant becomes the default only if it is better on every seed, on at least "
+             f"{SEEDS_TO_DECIDE} seeds. The held-out "
              "column is reported, never used to choose.", "",
-             "| variant | setting | validation: mean (per seed) | better on every seed | held-out: mean (per seed) | is the default |",
+             "| variant | setting | validation: mean (per seed) | better on every seed (enough seeds) | held-out: mean (per seed) | is the default |",
              "|---|---|---|---|---|---|"]
     for name, per_domain in variants["by_variant"].items():
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
@@ -103,7 +110,7 @@ def ladder_defaults_section(record: dict) -> str:
         is_default = all(getattr(defaults, k.split(".", 1)[1], None) == v
                          for k, v in overrides.get(name, {}).items() if k.startswith("matryoshka."))
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
-                     f"{'yes' if valid and valid['better_on_every_seed'] else 'no'} | "
+                     f"{_verdict(valid)} | "
                      f"{'; '.join(cell(e) for e in held) or '-'} | {'yes' if is_default else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -138,6 +145,7 @@ def main() -> int:
                     "GPU) have not been measured yet.", ""]
     if "gpu_check" not in records:
         pending += ["The GPU check (`make gpu-check`, `bench/gpu_check.py`: layer-spec parity in bf16, "
+                    "with slimmable experts at a narrower width and at a mixed (k, width) draw, "
                     "tokens/s, MFU and peak memory at k = 1, 2, 4, 8 and per-token k, router overhead on "
                     "GPU) has not run on a GPU yet.", ""]
     if pending:

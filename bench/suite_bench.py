@@ -30,6 +30,45 @@ def _suite_cmd(command: str, suite: str, extra: list[str], env: dict) -> int:
                             *extra], cwd=ROOT, env=env)
 
 
+def bench_env() -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   os.path.join(ROOT, ".cache", "torch_extensions"))}
+
+
+def train_and_keep(spec, suite: str, run, nproc: int, kept: str, env: dict) -> int:
+    """Train one run (resuming if interrupted), evaluate it, and keep its results in `kept`."""
+    from mmoe_megatron.evaluation.suite import result_file_name, run_dir
+
+    launcher = f"{sys.executable} -m torch.distributed.run --nproc-per-node {nproc}"
+    which = ["--member", run.member.name] + ([] if run.seed is None else ["--seed", str(run.seed)])
+    start = time.time()
+    code = _suite_cmd("train", suite, which + ["--launcher", launcher], env)
+    wall = time.time() - start
+    if code == 0:
+        code = _suite_cmd("evaluate", suite, which, env)
+    if code != 0:
+        print(f"{run.label} failed with exit code {code}", file=sys.stderr)
+        return code
+    with open(os.path.join(ROOT, run_dir(spec, run), "eval", "results.json")) as f:
+        record = json.load(f)
+    record.setdefault("bench", {}).setdefault("train_wall_s", []).append({"seconds": wall, "nproc": nproc})
+    with open(os.path.join(kept, result_file_name(run)), "w") as f:
+        json.dump(record, f, indent=2)
+    return 0
+
+
+def kept_records(spec, kept: str) -> list[dict]:
+    """Every kept result of the suite's members."""
+    records = []
+    for name in sorted(os.listdir(kept)):
+        if name.endswith(".json"):
+            with open(os.path.join(kept, name)) as f:
+                records.append(json.load(f))
+    members = {m.name for m in spec.members}
+    return [r for r in records if r["member"] in members]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
@@ -40,41 +79,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from mmoe_megatron.evaluation.compare import markdown, write_comparison
-    from mmoe_megatron.evaluation.suite import load_suite, result_file_name, run_dir, select
+    from mmoe_megatron.evaluation.suite import load_suite, select
 
     spec = load_suite(args.suite)
     slug = spec.name.replace("-", "_")
     kept = os.path.join(RESULTS, slug)
     os.makedirs(kept, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  os.path.join(ROOT, ".cache", "torch_extensions"))}
+    env = bench_env()
     if not args.report_only:
-        launcher = f"{sys.executable} -m torch.distributed.run --nproc-per-node {args.nproc}"
         for run in select(spec, args.member, args.seed):
-            which = ["--member", run.member.name] + ([] if run.seed is None else ["--seed", str(run.seed)])
-            start = time.time()
-            code = _suite_cmd("train", args.suite, which + ["--launcher", launcher], env)
-            wall = time.time() - start
-            if code == 0:
-                code = _suite_cmd("evaluate", args.suite, which, env)
+            code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
             if code != 0:
-                print(f"{run.label} failed with exit code {code}", file=sys.stderr)
                 return code
-            with open(os.path.join(ROOT, run_dir(spec, run), "eval", "results.json")) as f:
-                record = json.load(f)
-            record.setdefault("bench", {}).setdefault("train_wall_s", []).append(
-                {"seconds": wall, "nproc": args.nproc})
-            with open(os.path.join(kept, result_file_name(run)), "w") as f:
-                json.dump(record, f, indent=2)
 
-    records = []
-    for name in sorted(os.listdir(kept)):
-        if name.endswith(".json"):
-            with open(os.path.join(kept, name)) as f:
-                records.append(json.load(f))
-    members = {m.name for m in spec.members}
-    records = [r for r in records if r["member"] in members]
+    records = kept_records(spec, kept)
     if not records:
         print(f"no evaluated run of {spec.name} in {kept}", file=sys.stderr)
         return 1

@@ -161,12 +161,13 @@ def megatron_core_version() -> tuple[int, int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class MoEMlpEntry:
-    """The MoE entry of a transformer layer spec, whatever form the release gives it."""
+    """A builder entry of a transformer layer spec (the MoE layer, or its experts), whatever form
+    the release gives it."""
 
     module: type
-    """The MoE layer class the entry builds (megatron's MoELayer or a subclass)."""
+    """The class the entry builds (megatron's MoELayer or a subclass; SequentialMLP, ...)."""
     submodules: Any
-    """Its MoESubmodules (experts, shared experts, router)."""
+    """Its submodules (MoESubmodules of the layer; MLPSubmodules of the experts)."""
     params: dict
     """Other keyword arguments the entry passes to the class."""
     form: str
@@ -205,6 +206,40 @@ def with_moe_mlp(mlp, module: type, submodules) -> Any:
     if entry.form == "module_spec":
         return dataclasses.replace(mlp, module=module, submodules=submodules)
     return functools.partial(module, submodules=submodules, **entry.params)
+
+
+def experts_entry(experts) -> Optional[MoEMlpEntry]:
+    """The experts entry of an MoESubmodules, or None for a form not known here.
+
+    0.16.1: `ModuleSpec(module=SequentialMLP or TEGroupedMLP, submodules=MLPSubmodules(...))`
+    (models/gpt/moe_module_specs.py:57), built by build_module (moe_layer.py:223). 0.19.2:
+    `functools.partial(SequentialMLP or TEGroupedMLP, submodules=...)` (models/backends.py:135,
+    extensions/transformer_engine_spec_provider.py:78), called by moe_layer.py:326 with
+    num_local_experts, config, pg_collection and name.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(experts, ModuleSpec) and isinstance(experts.module, type):
+        return MoEMlpEntry(experts.module, experts.submodules, dict(experts.params), "module_spec")
+    if isinstance(experts, functools.partial) and isinstance(experts.func, type) and not experts.args:
+        params = dict(experts.keywords)
+        submodules = params.pop("submodules", None)
+        return MoEMlpEntry(experts.func, submodules, params, "partial")
+    return None
+
+
+def with_experts(experts, module: type, **params) -> Any:
+    """An experts entry rebuilt with another class, in the same form, with `params` added to the
+    keyword arguments the class is built with."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    entry = experts_entry(experts)
+    if entry is None:
+        raise TypeError(f"not an experts entry: {experts!r}")
+    params = {**entry.params, **params}
+    if entry.form == "module_spec":
+        return ModuleSpec(module=module, submodules=entry.submodules, params=params)
+    return functools.partial(module, submodules=entry.submodules, **params)
 
 
 def moe_metrics_values() -> dict[str, tuple["torch.Tensor", Any]]:

@@ -1,14 +1,18 @@
 """Build the megatron-core GPT model with Matryoshka MoE layers, and choose its k.
 
 The elastic router enters through megatron-core's layer spec: every MoE layer spec gets
-`MatryoshkaMoELayer` as its module and `MatryoshkaRouter` as `MoESubmodules.router`. Nothing
-in megatron-core is patched. `build_model` refuses a model in which any MoE layer of the config
-did not get them (`check_elastic_layers`).
+`MatryoshkaMoELayer` as its module, `MatryoshkaRouter` as `MoESubmodules.router` and slimmable
+experts (`slimmable.py`) as `MoESubmodules.experts`. Nothing in megatron-core is patched.
+`build_model` refuses a model in which any MoE layer of the config did not get them
+(`check_elastic_layers`).
 
 Inference API:
     set_topk(model, 2)             every MoE layer routes to its top-2
     set_topk(model, [1, 2, 4, 8])  one k per MoE layer, in layer order
-k may exceed the training range, up to the number of experts.
+    set_width(model, 0.5)          every expert at half its FFN width (slimmable experts)
+    set_point(model, 2, [1, 0.5, 0.5, 0.25])   k and per-layer widths together
+k may exceed the training range, up to the number of experts; a width may be any fraction that
+gives whole columns.
 """
 
 from __future__ import annotations
@@ -54,8 +58,27 @@ def router_builder(cfg: ExperimentConfig):
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad)
 
 
+def experts_spec(cfg: ExperimentConfig, experts):
+    """megatron-core's experts entry with its class replaced by the slimmable experts of the same
+    kind (local or grouped), which run at full width exactly as the stock ones (`slimmable.py`)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
+
+    from mmoe_megatron.slimmable import experts_class
+
+    entry = compat.experts_entry(experts)
+    module = entry.module if entry is not None else None
+    if module not in (SequentialMLP, TEGroupedMLP):
+        if cfg.matryoshka.elastic_width:
+            raise ValueError(f"slimmable experts replace SequentialMLP or TEGroupedMLP, not "
+                             f"{getattr(module, '__name__', repr(experts))}")
+        return experts
+    return compat.with_experts(experts, experts_class(module is TEGroupedMLP),
+                               widths=tuple(cfg.matryoshka.widths))
+
+
 def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:
-    """One ModuleSpec per transformer layer, MoE layers using the elastic router.
+    """One ModuleSpec per transformer layer, MoE layers using the elastic router and slimmable
+    experts.
 
     `stock_routing=True` keeps megatron-core's own MoELayer and TopKRouter (fixed k = k_max):
     the reference that fixed-k training and the router-overhead benchmark compare against.
@@ -74,9 +97,9 @@ def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> 
         mlp = spec.submodules.mlp
         entry = compat.moe_mlp_entry(mlp)
         if entry is not None:
-            mlp = compat.with_moe_mlp(
-                mlp, MatryoshkaMoELayer, dataclasses.replace(entry.submodules, router=router)
-            )
+            submodules = dataclasses.replace(entry.submodules, router=router,
+                                             experts=experts_spec(cfg, entry.submodules.experts))
+            mlp = compat.with_moe_mlp(mlp, MatryoshkaMoELayer, submodules)
             spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
         out.append(spec)
     return out
@@ -87,19 +110,22 @@ class ElasticRoutingError(RuntimeError):
 
 
 def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
-    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router.
+    """Every MoE layer of the config must be a MatryoshkaMoELayer with an elastic router, and
+    with slimmable experts when the config asks for more than one width.
 
     Whatever the installed megatron-core returns for a layer spec, a silent fallback to its
-    stock MoELayer or TopKRouter would train a fixed-k model that is not elastic.
+    stock MoELayer, TopKRouter or experts would train a model that is not elastic.
     """
     from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP, SlimmableTEGroupedMLP
 
     wanted = set(moe_layer_numbers(cfg))
     layers = list(getattr(getattr(model, "decoder", None), "layers", []))
     problems = [] if layers else ["the model has no transformer layers (model.decoder.layers)"]
     for layer in layers:
         number, mlp = layer.layer_number, getattr(layer, "mlp", None)
-        router = getattr(mlp, "router", None)
+        router, experts = getattr(mlp, "router", None), getattr(mlp, "experts", None)
         if number not in wanted:
             if isinstance(mlp, MoELayer):
                 problems.append(f"layer {number} is an MoE layer but the config makes it dense")
@@ -109,15 +135,21 @@ def check_elastic_layers(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
         elif not isinstance(router, MatryoshkaRouter):
             problems.append(f"layer {number}: router is {type(router).__module__}."
                             f"{type(router).__name__}, not an elastic MatryoshkaRouter")
+        elif cfg.matryoshka.elastic_width and not isinstance(
+                experts, (SlimmableSequentialMLP, SlimmableTEGroupedMLP)):
+            problems.append(f"layer {number}: experts are {type(experts).__module__}."
+                            f"{type(experts).__name__}, not slimmable experts (matryoshka.widths "
+                            f"is {list(cfg.matryoshka.widths)})")
     if problems:
         from megatron.core import package_info
 
         raise ElasticRoutingError(
-            "the model's MoE layers did not all get the elastic router, so it would train at "
-            f"a fixed k (megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
+            "the model's MoE layers are not all elastic, so it would train at a fixed k or width "
+            f"(megatron-core {package_info.__shortversion__}):\n  " + "\n  ".join(problems)
             + "\nThe layer spec megatron-core returned was not recognised by "
-            "mmoe_megatron.compat.moe_mlp_entry; use a supported release (0.16.1 on Python 3.11, "
-            "0.19.2 on Python 3.12) or extend that function for this one"
+            "mmoe_megatron.compat.moe_mlp_entry (the layer) or compat.experts_entry (its experts); "
+            "use a supported release (0.16.1 on Python 3.11, 0.19.2 on Python 3.12) or extend "
+            "those functions for this one"
         )
 
 
@@ -234,6 +266,46 @@ def set_topk(model: torch.nn.Module, k: Union[int, Sequence[int]]) -> None:
         )
     for router, layer_k in zip(routers, ks):
         router.set_k(int(layer_k))
+
+
+def moe_layers(model: torch.nn.Module) -> list[MatryoshkaMoELayer]:
+    """The model's Matryoshka MoE layers in layer order (this pipeline stage's)."""
+    layers = [m for m in model.modules() if isinstance(m, MatryoshkaMoELayer)]
+    return sorted(layers, key=lambda m: m.layer_number)
+
+
+def slimmable_experts(model: torch.nn.Module) -> list:
+    """The slimmable experts of the MoE layers, in layer order (each with `.layer_number` set)."""
+    from mmoe_megatron.slimmable import _WidthState
+
+    out = []
+    for layer in moe_layers(model):
+        if isinstance(layer.experts, _WidthState):
+            layer.experts.layer_number = layer.layer_number
+            out.append(layer.experts)
+    return out
+
+
+def set_width(model: torch.nn.Module, width: Union[float, Sequence[float]]) -> None:
+    """Run every expert at one width fraction, or MoE layer i's experts at `width[i]`."""
+    experts = slimmable_experts(model)
+    if len(experts) != len(moe_layers(model)):
+        raise ValueError("this model's experts are not slimmable (grouped GEMM without Transformer Engine?)")
+    widths = [width] * len(experts) if isinstance(width, (int, float)) else list(width)
+    if len(widths) != len(experts):
+        raise ValueError(
+            f"a per-layer width vector needs one width per MoE layer ({len(experts)}), got {len(widths)}: {widths}"
+        )
+    for module, w in zip(experts, widths):
+        module.set_width(float(w))
+
+
+def set_point(model: torch.nn.Module, k: Union[int, Sequence[int]],
+              width: Union[float, Sequence[float], None] = None) -> None:
+    """Route at `k` with the experts at `width` (full width when None): one point of the grid."""
+    set_topk(model, k)
+    if width is not None or slimmable_experts(model):
+        set_width(model, 1.0 if width is None else width)
 
 
 def current_topk(model: torch.nn.Module) -> list:

@@ -258,7 +258,14 @@ class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
 
 class MatryoshkaMoELayer(MoELayer):
-    """megatron-core's MoELayer with the elastic alltoall dispatcher (allgather is k-agnostic)."""
+    """megatron-core's MoELayer with the elastic alltoall dispatcher (allgather is k-agnostic).
+
+    With slimmable experts holding per-token widths (`slimmable.py`), each token's width level
+    rides through the dispatcher as one extra hidden column [S, B, H + 1]: the dispatchers move
+    rows of any width, so the level reaches the expert rank with its token, under expert
+    parallelism and either dispatcher, at no extra collective. The experts return a zero column in
+    its place, which `postprocess` drops after the combine.
+    """
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **layer_kwargs):
         # layer_kwargs: what megatron-core's transformer layer hands its MLP builder beyond these
@@ -283,4 +290,16 @@ class MatryoshkaMoELayer(MoELayer):
     def preprocess(self, hidden_states, probs, routing_map):
         if isinstance(self.token_dispatcher, ElasticAlltoAllTokenDispatcher):
             self.token_dispatcher.num_out_tokens_hint = self.router.num_routed_host
+        if getattr(self.experts, "carries_levels", False):
+            seq_len, batch = hidden_states.shape[:2]
+            sp_rank = self.tp_group.rank() if self.config.sequence_parallel and self.tp_group.size() > 1 else None
+            levels_SB = self.experts.levels_for(seq_len, batch, sp_rank).to(hidden_states.device)
+            # Small integers (the level, 1..len(widths)) are exact in any float dtype.
+            hidden_states = torch.cat([hidden_states, levels_SB.unsqueeze(-1).to(hidden_states.dtype)], dim=-1)
         return super().preprocess(hidden_states, probs, routing_map)
+
+    def postprocess(self, output, shared_expert_output):
+        if not getattr(self.experts, "carries_levels", False):
+            return super().postprocess(output, shared_expert_output)
+        output = super().postprocess(output, None)[..., :-1].contiguous()
+        return output if shared_expert_output is None else output + shared_expert_output

@@ -46,7 +46,8 @@ STRATEGIES: tuple[str, ...] = ("fixed", "global", "microbatch", "layerwise", "to
 _MASK32 = 0xFFFFFFFF
 # Domain separators so that e.g. (step=1, layer=2) and (step=2, layer=1) hash apart.
 _SALT = {"step": 0x9E3779B9, "microbatch": 0x85EBCA6B, "layer": 0xC2B2AE35, "token": 0x27D4EB2F,
-         "sample": 0x165667B1, "coupled": 0xD3A2646C}
+         "sample": 0x165667B1, "coupled": 0xD3A2646C, "axis": 0xFD7046C5}
+AXIS_K, AXIS_WIDTH = 0, 1
 
 
 def _mul32(x, c: int):
@@ -93,6 +94,10 @@ class KSchedule:
     """Steps of progressive shrinking before every k is drawn (0: none)."""
     train_iters: int = 0
     """Steps of the whole run; with shrink_steps, weighs the stages in `marginal_probs`."""
+    axis: int = AXIS_K
+    """Which quantity is drawn: AXIS_K, or AXIS_WIDTH for the width levels of slimmable experts
+    (`WidthSchedule`). Draws of different axes are independent; the samples of the sample plan
+    are the same on both axes, so a sandwich sample is at the smallest k and the narrowest width."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -212,13 +217,20 @@ class KSchedule:
             for i, n in enumerate(self.plan_counts()):
                 h = _absorb(h, n, 4 + i)
             h = _absorb(h, self.global_batch_size, 7)
+        if self.axis != AXIS_K:
+            h = _absorb(h, self.axis, 11)
         return h
+
+    def _step_key(self, step: int) -> int:
+        h = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
+        # The k axis hashes as it always did; another axis draws independently of it.
+        return h if self.axis == AXIS_K else _absorb(h, self.axis, _SALT["axis"])
 
     # --- draws -------------------------------------------------------------------------------
 
     def _key(self, step: int, microbatch: int, layer: int) -> int:
         """The hash state before the token index; which indices enter depends on the strategy."""
-        h = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
+        h = self._step_key(step)
         if self.strategy == "microbatch":
             h = _absorb(h, microbatch, _SALT["microbatch"])
         if self.strategy in ("layerwise", "token"):
@@ -281,6 +293,7 @@ class KSchedule:
         n_min, n_max, n_coupled = self.plan_counts()
         stage_ks, _, stage_cuts = self._stage(step)
         samples = torch.arange(G, dtype=torch.int64)
+        # The order of the samples does not depend on the axis: both axes plan the same samples.
         key = _absorb(_absorb(0, self.seed, 0x5BD1E995), step, _SALT["step"])
         order_hash = _absorb(torch.full_like(samples, key), samples, _SALT["sample"])
         # A stable sort of distinct-enough hashes: a permutation of the samples that is the same
@@ -290,10 +303,75 @@ class KSchedule:
         out[order[n_min:n_min + n_max]] = self.k_max
         coupled = order[n_min + n_max:n_min + n_max + n_coupled]
         if n_coupled:
-            h = _absorb(torch.full_like(coupled, key), coupled, _SALT["coupled"])
+            h = _absorb(torch.full_like(coupled, self._step_key(step)), coupled, _SALT["coupled"])
             cuts = torch.tensor(stage_cuts, dtype=torch.int64)
             out[coupled] = torch.tensor(stage_ks, dtype=torch.int64)[torch.bucketize(h, cuts, right=True)]
         return out
+
+
+@dataclass(frozen=True)
+class WidthSchedule:
+    """The width axis of slimmable experts: a `KSchedule` over width levels 1..n, level i meaning
+    `widths[i - 1]` (level n is full width), with the k schedule's seed, sample plan and batch.
+
+    Independent pairing draws levels on their own axis; joint pairing draws them from the k axis's
+    own hash values, so one uniform draw sets both (the q-th quantile of each distribution)."""
+
+    widths: tuple[float, ...]
+    levels: KSchedule
+
+    @classmethod
+    def from_config(cls, mat, seed: int, global_batch_size: int = 0) -> Optional["WidthSchedule"]:
+        """From a `MatryoshkaConfig`; None when every expert runs at full width."""
+        if not mat.elastic_width:
+            return None
+        n = len(mat.widths)
+        probs = tuple(mat.width_probs) if mat.width_probs is not None else tuple(1.0 / n for _ in range(n))
+        levels = KSchedule(
+            strategy=mat.resolved_width_strategy, ks=tuple(range(1, n + 1)), probs=probs, seed=seed,
+            sandwich=mat.sandwich, coupled=mat.coupled, global_batch_size=global_batch_size,
+            axis=AXIS_K if mat.width_pairing == "joint" else AXIS_WIDTH,
+        )
+        return cls(widths=tuple(mat.widths), levels=levels)
+
+    @property
+    def joint(self) -> bool:
+        return self.levels.axis == AXIS_K
+
+    def width(self, level: int) -> float:
+        return self.widths[level - 1]
+
+    def fingerprint(self) -> int:
+        h = self.levels.fingerprint()
+        for w in self.widths:
+            h = _absorb(h, int(round(w * 2**24)), 9)
+        return h
+
+
+def grid_fingerprint(k: KSchedule, width: Optional[WidthSchedule]) -> int:
+    """The digest of both axes; without a width axis, the k schedule's own (as before widths)."""
+    return k.fingerprint() if width is None else _absorb(k.fingerprint(), width.fingerprint(), 10)
+
+
+def grid_probs(k: KSchedule, width: Optional[WidthSchedule]) -> dict[tuple[int, float], float]:
+    """P((k, w)) of one token in one MoE layer, sample plan included (what training compute sees)."""
+    if width is None:
+        return {(kk, 1.0): p for kk, p in zip(k.ks, k.marginal_probs())}
+    w = width.levels
+    if width.joint:
+        # One hash value h sets both: the pair is constant between consecutive cut points.
+        edges = sorted({0, 2**32, *k._cuts, *w._cuts})
+        base: dict = {}
+        for a, b in zip(edges, edges[1:]):
+            pair = (k._k_of_hash(a, k.shrink_steps), w._k_of_hash(a, w.shrink_steps))  # every k allowed
+            base[pair] = base.get(pair, 0.0) + (b - a) / 2**32
+    else:
+        base = {(kk, lv): pk * pw for kk, pk in zip(k.ks, k.probs) for lv, pw in zip(w.ks, w.probs)}
+    share = k.sandwich
+    out = {(kk, width.width(lv)): (1.0 - share) * p for (kk, lv), p in base.items()}
+    for pair in ((k.k_min, width.widths[0]), (k.k_max, width.widths[-1])):
+        out[pair] = out.get(pair, 0.0) + share / 2
+    return out
 
 
 def global_token_ids(

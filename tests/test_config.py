@@ -179,3 +179,55 @@ def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides
     with pytest.raises(ConfigError, match=message) as err:
         load_config(tiny_config_path, list(overrides.items()))
     assert err.value.path == field
+
+
+@pytest.mark.parametrize("overrides, field, message", [
+    # Experts of 64 columns (tiny.yaml): 0.3 x 64 = 19.2 is not a whole number of columns.
+    ({"matryoshka.widths": [0.3, 1.0]}, "matryoshka.widths[0]", r"19\.2 columns.*multiples of 1/64"),
+    ({"matryoshka.widths": [0.25, 0.5]}, "matryoshka.widths", "must contain 1.0"),
+    ({"matryoshka.widths": [0.5, 0.25, 1.0]}, "matryoshka.widths", "strictly increasing"),
+    ({"matryoshka.widths": [0.0, 1.0]}, "matryoshka.widths", "must be > 0"),
+    ({"matryoshka.widths": [0.5, 1.0], "matryoshka.width_probs": [1.0]}, "matryoshka.width_probs", "one probability per width"),
+    ({"matryoshka.width_strategy": "token"}, "matryoshka.width_strategy", "more than one width"),
+    ({"matryoshka.widths": [0.5, 1.0], "matryoshka.width_pairing": "joint", "matryoshka.width_strategy": "layerwise"},
+     "matryoshka.width_pairing", "drawn as often"),
+    ({"matryoshka.widths": [0.5, 1.0], "parallel.tensor": 2}, "matryoshka.widths", "tensor parallelism"),
+    ({"matryoshka.widths": [0.5, 1.0], "matryoshka.shrink_fraction": 0.5}, "matryoshka.shrink_fraction",
+     "not the widths"),
+    ({"matryoshka.widths": [0.5, 1.0], "matryoshka.method": "top_p", "matryoshka.strategy": "fixed",
+      "matryoshka.ks": [4]}, "matryoshka.widths", "method matryoshka"),
+])
+def test_bad_widths_are_refused_at_load(tiny_config_path, overrides, field, message):
+    from mmoe_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(tiny_config_path, list(overrides.items()))
+    assert err.value.path == field
+
+
+def test_a_suite_budget_or_point_no_member_can_run_is_refused_at_load(tmp_path):
+    """Budgets below every grid point and widths without whole columns fail when the suite loads."""
+    import yaml
+
+    from mmoe_megatron.config import ConfigError
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    def suite(**eval_spec):
+        path = tmp_path / "suite.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "s", "base": TINY, "overrides": {"data.mock": True, "model.vocab_size": 256},
+            "members": [{"name": "both", "role": "elastic", "overrides": {"matryoshka.widths": [0.25, 0.5, 1.0]}}],
+            "eval": eval_spec}))
+        return str(path)
+
+    assert load_suite(suite(widths=[0.25, 0.5], budgets=[2.0e6])).eval.budgets == [2.0e6]
+    for spec, field, message in [
+        ({"widths": [0.3]}, "eval.widths[0]", "19.2 columns"),
+        ({"points": ["[1,2]@0.5"]}, "eval.points[0]", "per-layer k vector needs 4 entries"),
+        ({"points": ["2@0.1"]}, "eval.points[0]", "6.4 columns"),
+        ({"budgets": [1.0e5]}, "eval.budgets[0]", "below every point of the grid"),
+        ({"budgets": [2.0e6], "budget_members": ["nobody"]}, "eval.budget_members[0]", "no member 'nobody'"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as err:
+            load_suite(suite(**spec))
+        assert err.value.path == field

@@ -10,7 +10,8 @@ from tests.data_fixtures import data_config, small_datasets, small_tokenizer  # 
 from tests.dist import run_distributed
 
 SEQ = 32
-SPECS = [1, 3, 8, [1, 2, 3, 4], [4, 1, 8, 2]]
+# ks, per-layer ks, and points of the (k, width) grid of slimmable experts (one width, or one per layer).
+SPECS = [1, 3, 8, [1, 2, 3, 4], [4, 1, 8, 2], (2, 0.5), ([1, 2, 3, 4], [1.0, 0.5, 0.25, 0.75])]
 
 
 def _cfg(tmp, tokenizer, prefix, **overrides):
@@ -25,16 +26,18 @@ def _cfg(tmp, tokenizer, prefix, **overrides):
 def _reference_losses(model, dataset, indices, specs):
     """Mean token loss at each spec by a path independent of evaluation.core: each router's k set
     on its own, logits from the model, cross-entropy computed here in float64."""
-    from mmoe_megatron.model import elastic_routers
+    from mmoe_megatron.model import elastic_routers, slimmable_experts
     from mmoe_megatron.training.batches import collate
 
-    routers = elastic_routers(model)
+    routers, experts = elastic_routers(model), slimmable_experts(model)
     model.eval()
     out = []
     with torch.no_grad():
         for spec in specs:
-            for i, router in enumerate(routers):
-                router.set_k(spec if isinstance(spec, int) else spec[i])
+            k, width = spec if isinstance(spec, tuple) else (spec, 1.0)
+            for i, (router, layer_experts) in enumerate(zip(routers, experts)):
+                router.set_k(k if isinstance(k, int) else k[i])
+                layer_experts.set_width(width if isinstance(width, float) else width[i])
             total, count = 0.0, 0
             for i in indices:
                 b = collate(dataset, [i])
@@ -96,12 +99,15 @@ def test_loss_at_each_k_equals_a_direct_forward(single):
 
 def test_per_layer_vectors_route_each_layer_at_its_own_k(single):
     """The probe counts routed slots per MoE layer: exactly tokens x k of that layer."""
+    from mmoe_megatron.evaluation.core import spec_label, split_spec
+
     tokens = 16 * SEQ
     for spec in SPECS:
-        label = str(spec) if isinstance(spec, int) else "[" + ",".join(map(str, spec)) + "]"
+        label = spec_label(spec)
         share = torch.tensor(single["summary"][label]["share"])
         assert share.shape == (4, 8)
-        ks = [spec] * 4 if isinstance(spec, int) else spec
+        k = split_spec(spec)[0]
+        ks = [k] * 4 if isinstance(k, int) else k
         assert single["summary"][label]["routed_slots"] == [tokens * k for k in ks]
         for layer, k in enumerate(ks):
             # A share is count / (tokens x k); an expert can get each token at most once.
@@ -137,6 +143,10 @@ def test_active_flops_grow_with_k(single):
     assert flops["1"] < flops["3"] < flops["8"]
     # [1,2,3,4] and [4,1,8,2]: FLOPs depend on the sum of per-layer ks only (10 vs 15).
     assert flops["1"] < flops[str([1, 2, 3, 4])] < flops["3"] < flops[str([4, 1, 8, 2])] < flops["8"]
+    # Expert FLOPs go with k x width: 2 experts at half width cost 1 at full width; the per-layer
+    # point has k x width summing to 1 + 1 + 0.75 + 3 = 5.75 of 10.
+    assert flops[str((2, 0.5))] == flops["1"]
+    assert flops["1"] < flops[str(SPECS[-1])] < flops[str([1, 2, 3, 4])]
 
 
 def test_spearman_rows_matches_its_definition():

@@ -29,6 +29,8 @@ SEQ = 32
 PATTERN = [1, 0, 1, 1]
 SPECS = [1, 2, 4, [1, 4, 2]]  # k = 1, a middle k, k_max (the training range is 1..4), per layer
 SERVE_K = 2
+# Points of the (k, width) grid exported as plain Qwen3-MoE models with sliced experts.
+GRID = [(2, 0.5), ([1, 4, 2], 0.25)]
 BUDGET = "mean_k=2.33"
 TEXT = "Shall I compare thee to a summer's day?"
 NEW_TOKENS = 8
@@ -43,6 +45,7 @@ def _train_config(run_dir: str):
         "data.seq_length": SEQ, "train.micro_batch_size": 2, "train.global_batch_size": 4,
         "train.train_iters": 3, "train.eval_interval": 0, "train.eval_iters": 1, "train.log_interval": 1,
         "optimizer.warmup_iters": 1, "matryoshka.eval_ks": [4], "parallel.expert": 2,
+        "matryoshka.widths": [0.25, 0.5, 1.0],
         "logging.dir": run_dir, "logging.tensorboard": False,
     })
 
@@ -55,7 +58,7 @@ def _megatron_logits(model, tokens):
 def _train_ep2_and_reference(rank, world_size, run_dir, tokens, prompt):
     """Train with EP 2, save, then megatron's logits at each spec and a greedy continuation."""
     from mmoe_megatron import distributed
-    from mmoe_megatron.model import set_topk
+    from mmoe_megatron.model import set_point, set_topk
     from mmoe_megatron.training.trainer import Trainer
 
     cfg = _train_config(run_dir)
@@ -67,8 +70,13 @@ def _train_ep2_and_reference(rank, world_size, run_dir, tokens, prompt):
     out = {"logits": []}
     with torch.no_grad():
         for spec in SPECS:
-            set_topk(model, spec)
+            set_point(model, spec)
             out["logits"].append(_megatron_logits(model, tokens))
+        out["grid"] = []
+        for k, width in GRID:
+            set_point(model, k, width)
+            out["grid"].append(_megatron_logits(model, tokens))
+        set_point(model, SERVE_K)  # back to full width
         set_topk(model, SERVE_K)
         seq = prompt.clone()
         for _ in range(NEW_TOKENS):
@@ -121,6 +129,59 @@ def test_exported_logits_equal_megatron_at_every_k(exported):
     # The ks route differently, so a k ignored by the loader would fail above.
     ref = exported["ref"]["logits"]
     assert float((ref[0] - ref[2]).abs().max()) > 100 * TOL
+
+
+def test_exported_grid_points_equal_megatron(exported, tmp_path):
+    """A width below 1 exports as a plain Qwen3-MoE with sliced experts; transformers loads it
+    with no custom code and gives megatron's logits at that (k, width)."""
+    from safetensors.torch import load_file
+
+    from mmoe_megatron.export import current_hf_topk, load_hf_model
+    from tools import export_hf
+
+    for (k, width), ref in zip(GRID, exported["ref"]["grid"]):
+        out = str(tmp_path / f"w{width}")
+        assert export_hf.main(["--run", exported["run"], "--k", str(SERVE_K), "--width", str(width),
+                               "--no-tokenizer", "--out", out]) == 0
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        columns = int(width * 64)
+        assert config["moe_intermediate_size"] == columns and config["matryoshka"]["serving_width"] == width
+        weights = load_file(os.path.join(out, "model.safetensors"))
+        assert weights["model.layers.0.mlp.experts.3.gate_proj.weight"].shape == (columns, 64)
+        assert weights["model.layers.2.mlp.experts.7.down_proj.weight"].shape == (64, columns)
+        model = load_hf_model(out, k=k, dtype=torch.float32).eval()
+        assert current_hf_topk(model) == ([k] * 3 if isinstance(k, int) else k)
+        with torch.no_grad():
+            diff = float((model(exported["tokens"]).logits - ref).abs().max())
+        print(f"max |HF - megatron| logits at k={k}, width {width}: {diff:.2e}")
+        assert diff < TOL, (k, width, diff)
+    # The width changes the model: a full-width export would not have passed.
+    assert float((exported["ref"]["grid"][0] - exported["ref"]["logits"][1]).abs().max()) > 100 * TOL
+
+
+def test_export_refuses_widths_one_config_cannot_express(exported, tmp_path, capsys):
+    from mmoe_megatron.export import ExportError, hf_config_dict
+    from mmoe_megatron.export.convert import read_budgets
+    from tools import export_hf
+
+    cfg = _train_config(exported["run"])
+    with pytest.raises(ExportError, match=r"width=\[1, 0.5, 0.5\]: Qwen3-MoE has one moe_intermediate_size") as error:
+        hf_config_dict(cfg, PADDED, k=2, width=[1, 0.5, 0.5])
+    assert "vLLM plugin (mmoe_megatron.serving) serves a k per layer but not a width per layer" in str(error.value)
+    with pytest.raises(ExportError, match=r"0.3 .* 19.2 columns"):
+        hf_config_dict(cfg, PADDED, k=2, width=0.3)
+    assert export_hf.main(["--run", exported["run"], "--k", "2", "--width", "0.5,1,1", "--out",
+                           str(tmp_path / "x")]) == 2
+    assert "one moe_intermediate_size" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+    budgets = tmp_path / "budgets.json"
+    budgets.write_text(json.dumps({"mixed": {"ks": [1, 2, 4], "widths": [1.0, 0.5, 0.5]},
+                                   "narrow": {"ks": [2, 2, 1], "widths": [0.5, 0.5, 0.5]}}))
+    with pytest.raises(ExportError, match=r"'mixed'.*widths \[1.0, 0.5, 0.5\]"):
+        read_budgets(str(budgets), 0.5)
+    budgets.write_text(json.dumps({"narrow": {"ks": [2, 2, 1], "widths": [0.5, 0.5, 0.5]}}))
+    assert read_budgets(str(budgets), 0.5) == {"narrow": [2, 2, 1]}
 
 
 def test_per_layer_budget_loads_by_name(exported):

@@ -16,8 +16,9 @@ from tests.helpers import ROOT
 
 @pytest.fixture(scope="module")
 def faulty_run(tmp_path_factory):
-    """`python -m bench.gpu_check` on CPU with two deliberate faults: the bf16 candidate routes
-    one k too many at k = 2, and the stock-router run at k = 2 raises."""
+    """`python -m bench.gpu_check` on CPU with deliberate faults: the bf16 candidate routes one k
+    too many at k = 2 and runs every token one width narrower at the mixed (k, width) draw, and the
+    stock-router run at k = 2 raises."""
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -37,12 +38,20 @@ def test_every_failure_is_reported_and_the_other_checks_still_run(faulty_run):
     assert proc.returncode == 1
     assert data["mode"] == "cpu" and data["passed"] is False
 
-    # Parity: only the corrupted case is outside the tolerance.
+    # Parity: only the corrupted cases are outside the tolerance; the slimmable experts' cases
+    # (one narrower width, a k and a width per token) are compared like the ks.
     assert status["parity:local bf16"] == "fail"
     within = {r["case"]: r["passed"] for r in data["parity"]}
-    assert within == {"1": True, "2": False, "4": True, "8": True, "per-token": True}
-    broken = next(r for r in data["parity"] if r["case"] == "2")
-    assert broken["token_loss_diff"] > data["tolerances"]["token_loss_rel"] * broken["token_loss_spread"]
+    assert within == {"1": True, "2": False, "4": True, "8": True, "per-token": True,
+                      "2 @ width 0.5": True, "per-token k and width": False}
+    for case in ("2", "per-token k and width"):
+        broken = next(r for r in data["parity"] if r["case"] == case)
+        assert broken["token_loss_diff"] > data["tolerances"]["token_loss_rel"] * broken["token_loss_spread"]
+    detail = next(c["detail"] for c in data["checks"] if c["name"] == "parity:local bf16")
+    assert "k = 2 (" in detail and "per-token k and width (" in detail
+    # The narrower widths change the model: their losses are not the full-width ones.
+    loss = {r["case"]: r["reference_loss"] for r in data["parity"]}
+    assert loss["2 @ width 0.5"] != loss["2"] and loss["per-token k and width"] != loss["per-token"]
 
     # The failing run is an error with its reason; every other run went on and was measured.
     assert status["train:stock k=2"] == "error"

@@ -54,6 +54,22 @@ def test_the_stock_router_inside_the_elastic_layer_fails_the_build(single_proces
         model.build_model(tiny_config(), VOCAB)
 
 
+def test_slimmable_experts_pass_the_check_and_stock_experts_with_widths_fail(single_process_mcore, monkeypatch):
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP
+
+    cfg = tiny_config(**{"matryoshka.widths": [0.5, 1.0]})
+    built = model.build_model(cfg, VOCAB)
+    assert all(type(layer.mlp.experts) is SlimmableSequentialMLP for layer in built.decoder.layers)
+
+    # Experts that megatron-core builds in a form the project does not recognise stay stock.
+    monkeypatch.setattr(model, "experts_spec", lambda cfg, experts: experts)
+    with pytest.raises(model.ElasticRoutingError,
+                       match=r"layer 3: experts are .*SequentialMLP, not slimmable experts"):
+        model.build_model(cfg, VOCAB)
+    # With one width the stock experts are the same model, and are accepted.
+    model.build_model(tiny_config(), VOCAB)
+
+
 def test_stock_routing_is_still_allowed_when_asked_for(single_process_mcore):
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -92,6 +108,28 @@ def test_both_forms_of_the_moe_entry_are_recognised_and_rebuilt(single_process_m
     # Dense MLP entries are not MoE entries.
     assert compat.moe_mlp_entry(functools.partial(dict)) is None
     assert compat.moe_mlp_entry(ModuleSpec(module=dict)) is None
+
+
+def test_both_forms_of_the_experts_entry_are_recognised_and_rebuilt(single_process_mcore):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from mmoe_megatron.slimmable import SlimmableSequentialMLP
+
+    installed = compat.experts_entry(compat.moe_mlp_entry(_stock_moe_entry(tiny_config())).submodules.experts)
+    assert installed is not None and installed.module is SequentialMLP
+    assert installed.form == ("partial" if compat.megatron_core_version() >= (0, 17, 0) else "module_spec")
+
+    submodules = object()
+    as_spec = ModuleSpec(module=SequentialMLP, submodules=submodules, params={"extra": 1})
+    as_partial = functools.partial(SequentialMLP, submodules=submodules, extra=1)
+    for entry, form in ((as_spec, "module_spec"), (as_partial, "partial")):
+        found = compat.experts_entry(entry)
+        assert (found.module, found.submodules, found.params, found.form) == (SequentialMLP, submodules, {"extra": 1}, form)
+        rebuilt = compat.experts_entry(compat.with_experts(entry, SlimmableSequentialMLP, widths=(0.5, 1.0)))
+        assert (rebuilt.module, rebuilt.submodules, rebuilt.params, rebuilt.form) == (
+            SlimmableSequentialMLP, submodules, {"extra": 1, "widths": (0.5, 1.0)}, form)
+    assert compat.experts_entry(object()) is None
 
 
 def test_grouped_gemm_experts_draw_their_weights_from_the_sequential_names():

@@ -225,8 +225,14 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
     sandwich, distill = v["by_variant"]["sandwich"]["valid"], v["by_variant"]["distill"]["valid"]
     assert sandwich["per_seed"] == {"1": pytest.approx(-0.1 / 3), "2": pytest.approx(-0.1)}
     assert sandwich["better_on_every_seed"] is True and distill["better_on_every_seed"] is False
+    assert sandwich["decides"] is False  # two seeds are too few to change a default
     assert distill["mean"] == pytest.approx((-0.1 / 3 + 0.1) / 2)
-    assert "| sandwich | valid | -0.0667 ± 0.0471 | -0.0333, -0.1000 | yes |" in markdown(comparison(spec, records))
+    assert ("| sandwich | valid | -0.0667 ± 0.0471 | -0.0333, -0.1000 | yes (2 of the 3 seeds needed to decide) |"
+            in markdown(comparison(spec, records)))
+    spec.seeds.append(3)
+    records += [_record("elastic", 3, "elastic", None, L(5.0, 5.0, 5.0)),
+                _record("sandwich", 3, "elastic", None, L(5.0, 5.0, 4.9))]
+    assert comparison(spec, records)["variants"]["by_variant"]["sandwich"]["valid"]["decides"] is True
 
 
 def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):

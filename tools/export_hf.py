@@ -1,9 +1,12 @@
 """Export a training checkpoint to a Hugging Face Qwen3-MoE directory served at a chosen k.
 
-    python -m tools.export_hf --run runs/X --k 2 [--checkpoint PATH] [--layer-budgets runs/X/budgets.json]
-        [--tokenizer PATH] [--dtype float32|bfloat16] --out exports/X
+    python -m tools.export_hf --run runs/X --k 2 [--width 0.5] [--checkpoint PATH]
+        [--layer-budgets runs/X/budgets.json] [--tokenizer PATH] [--dtype float32|bfloat16] --out exports/X
 
-Reads the run's config.yaml and its latest complete checkpoint (or --checkpoint). Writes
+Reads the run's config.yaml and its latest complete checkpoint (or --checkpoint). With --width w
+(slimmable experts) every expert is written sliced to its first w x I columns, a plain Qwen3-MoE
+with moe_intermediate_size = w x I; a comma-separated list gives one width per MoE layer, which
+must all be equal (one config has one moe_intermediate_size). Writes
 safetensors weights, config.json (num_experts_per_tok = k, and a `matryoshka` record of the
 training range and per-layer budgets), matryoshka.json, budgets.json, and, when the run has a
 tokenizer, tokenizer.json / tokenizer_config.json / tokenizer.model and generation_config.json.
@@ -18,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmoe_megatron.export.qwen3_moe import ExportError  # noqa: E402
+from mmoe_megatron.export.qwen3_moe import ExportError, check_serving_width  # noqa: E402
 
 
 def parse_args(argv):
@@ -26,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--run", required=True, help="run directory (or its config.yaml)")
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest complete one)")
     p.add_argument("--k", type=int, required=True, help="experts per token written as num_experts_per_tok")
+    p.add_argument("--width", default="1", help="expert width fraction (default 1: full experts)")
     p.add_argument("--layer-budgets", default=None,
                    help="budgets.json of per-layer k vectors to record (default: <run>/budgets.json if present)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the run's data.tokenizer)")
@@ -50,14 +54,20 @@ def main(argv=None) -> int:
         budgets_path = os.path.join(run_dir, "budgets.json")
     tokenizer = None if args.no_tokenizer else (args.tokenizer or (None if cfg.data.mock else cfg.data.tokenizer))
     try:
+        try:
+            parts = [float(w) for w in args.width.strip("[]").split(",")]
+        except ValueError:
+            raise ExportError(f"--width {args.width!r}: give a fraction such as 0.5, or one per MoE layer") from None
+        width = check_serving_width(cfg, parts[0] if len(parts) == 1 else parts, "--width") / cfg.moe.expert_ffn_hidden_size
         files = export_to_hf(cfg, load_global_state_dict(checkpoint), args.out, args.k,
-                             read_budgets(budgets_path), tokenizer, args.dtype, source=checkpoint)
+                             read_budgets(budgets_path, width), tokenizer, args.dtype, source=checkpoint,
+                             width=width)
     except ExportError as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2
     if tokenizer is None:
         print("no tokenizer written (mock data or --no-tokenizer); pass --tokenizer PATH to include one")
-    print(f"exported {checkpoint} at k={args.k} to {args.out}: {', '.join(files)}")
+    print(f"exported {checkpoint} at k={args.k}, width {width:g} to {args.out}: {', '.join(files)}")
     return 0
 
 

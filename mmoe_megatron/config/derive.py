@@ -2,8 +2,9 @@
 
 * `transformer_config(cfg)`: megatron-core's `TransformerConfig` (the only place it is built).
 * `padded_vocab_size(cfg, vocab)`: the embedding rows megatron allocates.
-* `param_counts(cfg, vocab, k)`: total and active parameters at any k (or per-layer ks).
-* `flops_per_token(cfg, vocab, k)`: training-free forward FLOPs per token at k.
+* `param_counts(cfg, vocab, k, width)`: total and active parameters at any k and expert width
+  (or per-layer vectors of either).
+* `flops_per_token(cfg, vocab, k, width)`: forward FLOPs per token at that point.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mmoe_megatron import extras
 from mmoe_megatron.config.schema import ExperimentConfig
 
 KSpec = Union[int, Sequence[int]]
+WidthSpec = Union[float, Sequence[float], None]
 
 
 def padded_vocab_size(cfg: ExperimentConfig, vocab_size: int) -> int:
@@ -110,6 +112,19 @@ def _per_layer_ks(cfg: ExperimentConfig, k: KSpec) -> list[int]:
     return ks
 
 
+def expert_columns(cfg: ExperimentConfig, width: WidthSpec) -> list[int]:
+    """Active FFN columns of an expert in each MoE layer at `width` (full width when None)."""
+    from mmoe_megatron.slimmable import width_columns
+
+    n, ffn = cfg.num_moe_layers, cfg.moe.expert_ffn_hidden_size
+    if width is None:
+        return [ffn] * n
+    widths = [width] * n if isinstance(width, (int, float)) else list(width)
+    if len(widths) != n:
+        raise ValueError(f"a per-layer width vector needs {n} entries (one per MoE layer), got {widths}")
+    return [width_columns(float(w), ffn) for w in widths]
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
@@ -118,8 +133,10 @@ class ParamCounts:
     """Input embedding (and output layer when untied) rows times hidden size."""
 
 
-def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None) -> ParamCounts:
-    """Parameters of the model, and those a token touches at `k` (default k_max).
+def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
+                 width: WidthSpec = None) -> ParamCounts:
+    """Parameters of the model, and those a token touches at `k` (default k_max) with its experts
+    at `width` (default full): an expert at width w has 3 x hidden x (w x expert FFN) weights.
 
     Counts what megatron-core allocates: padded vocabulary, QK-norm weights, the router.
     """
@@ -134,6 +151,7 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None)
     attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h + qk_norm
     dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)
     expert = 3 * h * moe.expert_ffn_hidden_size
+    columns = iter(expert_columns(cfg, width))
     router = moe.num_experts * h
     embedding = vocab * h * (1 if m.tie_embeddings else 2)
 
@@ -143,20 +161,22 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None)
         layer = attention + 2 * norm
         if is_moe:
             total += layer + router + moe.num_experts * expert
-            active += layer + router + next(ks) * expert
+            active += layer + router + next(ks) * 3 * h * next(columns)
         else:
             total += layer + dense_mlp
             active += layer + dense_mlp
     return ParamCounts(total=total, active=active, embedding=embedding)
 
 
-def flops_per_token(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None) -> float:
-    """Forward FLOPs per token at `k`: 2 per active matmul weight plus causal attention scores.
+def flops_per_token(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
+                    width: WidthSpec = None) -> float:
+    """Forward FLOPs per token at `k` and expert `width`: 2 per active matmul weight plus causal
+    attention scores.
 
     Training costs about three times this (forward + backward). Norms and softmax are ignored.
     """
     m = cfg.model
-    counts = param_counts(cfg, vocab_size, k)
+    counts = param_counts(cfg, vocab_size, k, width)
     # Weights a token multiplies: the active parameters minus the input-embedding lookup, plus
     # the output layer when it shares the embedding's storage (counted once in `active`).
     # Norm weights stay in; they are a rounding error.

@@ -164,6 +164,22 @@ class MatryoshkaConfig:
     forward per micro-batch (counted in the training compute). 0 = off."""
     distill_temperature: float = field(1.0, gt=0)
     """Softmax temperature T of the distillation targets and student."""
+    # --- the width axis: slimmable experts (MoSE, arXiv 2602.06154) ----------------------------
+    widths: list[float] = field([1.0], gt=0, le=1)
+    """Fractions of its FFN at which an expert can run: at width w an expert uses the first
+    w x moe.expert_ffn_hidden_size columns of its gate and up projections and the same rows of its
+    down projection (a nested prefix, so the experts at width w are part of those at any wider w).
+    Strictly increasing, must contain 1.0, and each w x expert_ffn_hidden_size must be a whole number
+    of columns. [1.0]: every expert at full width, as without this axis."""
+    width_strategy: Optional[Literal["global", "microbatch", "layerwise", "token"]] = None
+    """How often a width is drawn, with the same meanings as `strategy`. null: as `strategy`, or
+    token when `strategy` is fixed (a fixed-k model with elastic width, as in MoSE)."""
+    width_probs: Optional[list[float]] = field(None, ge=0)
+    """P(width) for each entry of `widths`, summing to 1; null: uniform."""
+    width_pairing: Literal["independent", "joint"] = "independent"
+    """independent: the width is drawn independently of k. joint: one draw sets both, the q-th
+    quantile of the k distribution with the q-th quantile of the width distribution (few experts
+    run narrow, many run wide); needs the width drawn as often as k (width_strategy null)."""
 
     def check(self, path: str) -> None:
         if not self.ks:
@@ -212,6 +228,52 @@ class MatryoshkaConfig:
                 "with k_max = 1, top-k-then-softmax gives every token weight 1; "
                 "use softmax_topk for a k = 1 model",
             )
+
+    def check_widths(self, path: str) -> None:
+        """The width axis on its own (whole columns are checked with the MoE section)."""
+        w = self.widths
+        if not w or sorted(set(w)) != w:
+            raise ConfigError(f"{path}.widths", f"must be strictly increasing fractions, got {w}")
+        if w[-1] != 1.0:
+            raise ConfigError(
+                f"{path}.widths",
+                f"must contain 1.0 (the full expert, which every narrower width is a prefix of and "
+                f"which export and the widest routing use); got {w}, e.g. {w + [1.0]}",
+            )
+        if self.width_probs is not None:
+            if len(self.width_probs) != len(w) or abs(sum(self.width_probs) - 1.0) > 1e-6:
+                raise ConfigError(f"{path}.width_probs",
+                                  f"needs one probability per width in {w}, summing to 1; got {self.width_probs}")
+        if not self.elastic_width:
+            for name in ("width_strategy", "width_probs"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{path}.{name}", "only used with more than one width; remove it")
+            if self.width_pairing != "independent":
+                raise ConfigError(f"{path}.width_pairing", "only used with more than one width")
+            return
+        if self.method != "matryoshka":
+            raise ConfigError(f"{path}.widths",
+                              f"elastic widths are trained with method matryoshka, not {self.method}")
+        if self.shrink_fraction > 0:
+            raise ConfigError(f"{path}.shrink_fraction",
+                              "progressive shrinking stages the ks only, not the widths; set it to 0 "
+                              "with more than one width")
+        if self.width_pairing == "joint" and (self.width_strategy is not None or self.strategy == "fixed"):
+            raise ConfigError(
+                f"{path}.width_pairing",
+                "joint draws one quantile for k and width, so both must be drawn as often: leave "
+                "width_strategy null and use an elastic k strategy (or choose independent)",
+            )
+
+    @property
+    def elastic_width(self) -> bool:
+        return len(self.widths) > 1
+
+    @property
+    def resolved_width_strategy(self) -> str:
+        if self.width_strategy is not None:
+            return self.width_strategy
+        return "token" if self.strategy == "fixed" else self.strategy
 
     @property
     def k_max(self) -> int:
@@ -387,6 +449,7 @@ class ExperimentConfig:
         self.model.check("model")
         self.moe.check("moe", self.model.num_layers)
         self.matryoshka.check("matryoshka")
+        self.matryoshka.check_widths("matryoshka")
         self.parallel.check("parallel")
         self.data.check("data")
         self.optimizer.check("optimizer")
@@ -435,12 +498,31 @@ class ExperimentConfig:
                 "self-distillation computes the KL over the full vocabulary on each rank; with "
                 "tensor parallelism the logits are split over ranks. Use parallel.tensor: 1",
             )
+        self._check_width_columns()
         if self.optimizer.warmup_iters > self.train.train_iters:
             raise ConfigError(
                 "optimizer.warmup_iters",
                 f"{self.optimizer.warmup_iters} exceeds train.train_iters={self.train.train_iters}",
             )
         return self
+
+    def _check_width_columns(self) -> None:
+        """Slimmable experts cut whole columns of each expert's FFN, on one tensor-parallel rank."""
+        ffn = self.moe.expert_ffn_hidden_size
+        for i, w in enumerate(self.matryoshka.widths):
+            if abs(w * ffn - round(w * ffn)) > 1e-6 or round(w * ffn) < 1:
+                whole = sorted({c / ffn for c in range(1, ffn + 1) if abs(c / ffn - w) <= 1 / ffn})
+                raise ConfigError(
+                    f"matryoshka.widths[{i}]",
+                    f"{w:g} x moe.expert_ffn_hidden_size={ffn} = {w * ffn:g} columns; a width must give "
+                    f"whole columns (multiples of 1/{ffn}), e.g. {', '.join(f'{x:g}' for x in whole)}",
+                )
+        if self.matryoshka.elastic_width and self.parallel.tensor > 1:
+            raise ConfigError(
+                "matryoshka.widths",
+                "slimmable experts take a prefix of each expert's columns, which tensor parallelism "
+                "splits over ranks; use parallel.tensor: 1 (expert and data parallelism are supported)",
+            )
 
     # --- derived quantities -----------------------------------------------------------------
 

@@ -19,6 +19,10 @@ The returned vector is therefore never worse, on the search's samples, than the 
 the same budget. Where the space is small, `exhaustive` gives the true optimum for comparison.
 All evaluations go through one `loss_fn` (a list of vectors -> their losses); under a launcher
 it is a collective, and every rank takes the same decisions from the same reduced losses.
+
+With slimmable experts the same search runs over per-layer (k, width) options under a FLOPs
+budget (`budget_grid.py`); the command does that when `--widths` is given or the run was trained
+with more than one width.
 """
 
 from __future__ import annotations
@@ -263,8 +267,12 @@ def main(argv=None) -> int:
     p.add_argument("--mean-k", action="append", type=float, default=[], help="budget as a mean k (repeatable)")
     p.add_argument("--flops-per-token", action="append", type=float, default=[],
                    help="budget as forward FLOPs per token (repeatable)")
-    p.add_argument("--ks", default=None, help="allowed ks per layer (default: 1..number of experts)")
+    p.add_argument("--ks", default=None, help="allowed ks per layer (default: 1..number of experts; with "
+                                              "widths, the run's trained ks)")
     p.add_argument("--num-samples", type=int, default=None, help="validation samples per evaluation")
+    p.add_argument("--widths", default=None,
+                   help="allowed expert widths per layer, e.g. 0.25,0.5,1: search per-layer (k, width) under "
+                        "--flops-per-token budgets (default: the run's trained widths when it has several)")
     p.add_argument("--method", choices=["search", "exhaustive"], default="search")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -274,9 +282,38 @@ def main(argv=None) -> int:
     cfg = run_config(args.run, parse_overrides(rest))
     num_layers = len(moe_layer_numbers(cfg))
     ks = [int(k) for k in args.ks.split(",")] if args.ks else list(range(1, cfg.moe.num_experts + 1))
+    widths = ([float(w) for w in args.widths.split(",")] if args.widths
+              else (list(cfg.matryoshka.widths) if cfg.matryoshka.elastic_width else None))
+    grid = None
+    if widths is not None:
+        from mmoe_megatron.data import resolve_vocab_size
+        from mmoe_megatron.evaluation import budget_grid
+
+        if args.mean_k:
+            p.error("with widths, give budgets as --flops-per-token (a mean k does not fix the compute)")
+        if not args.ks:  # every k of 1..E times every width would take hundreds of evaluations
+            ks = list(cfg.matryoshka.ks)
+        try:
+            grid = budget_grid.Grid(ks, widths, cfg.moe.expert_ffn_hidden_size)
+            vocab = resolve_vocab_size(cfg)
+            # Before any weight is loaded: a budget below every grid point is a usage error.
+            for f in args.flops_per_token:
+                budget_grid.check_budget(cfg, vocab, f, grid, "--flops-per-token")
+        except ValueError as e:
+            p.error(str(e))
     distributed.init_distributed(cfg)
     try:
         checkpoint = args.checkpoint or latest_checkpoint(cfg)
+        if grid is not None:
+            n = args.num_samples or cfg.train.eval_iters * cfg.train.global_batch_size
+            results = budget_grid.search_checkpoint(cfg, checkpoint, args.flops_per_token, grid, n, args.method)
+            if dist.get_rank() == 0:
+                paths = budget_grid.write_results(results, args.out or cfg.run_dir, {
+                    "checkpoint": checkpoint, "samples": n, "allowed_ks": grid.ks, "allowed_widths": grid.widths})
+                with open(paths["budget_grid_search.md"]) as f:
+                    print(f.read(), end="")
+                print("wrote " + ", ".join(paths.values()))
+            return 0
         model, vocab, dataset = load_for_eval(cfg, checkpoint, args.num_samples)
         device = next(model.parameters()).device
         n = min(len(dataset), args.num_samples or cfg.train.eval_iters * cfg.train.global_batch_size)
@@ -287,6 +324,7 @@ def main(argv=None) -> int:
             results = losses_at(model, dataset, [list(v) for v in vectors], indices,
                                 cfg.train.micro_batch_size, mask, device, ps.get_data_parallel_group())
             return [loss for loss, _ in results]
+
 
         caps = [total_cap_for_mean(m, num_layers) for m in args.mean_k]
         caps += [cap_for_flops(cfg, vocab, f, num_layers) for f in args.flops_per_token]

@@ -8,7 +8,9 @@ seed), its mean and std over seeds, the same as a fraction of the specialists' g
 k, and whether the elastic curve is non-increasing over its trained ks; at the end of training
 and at every evaluated fraction of it (the learning curve of the tax), on the validation split and
 on each held-out domain. Training compute is 3 x forward FLOPs at the expected k x tokens (plus
-the teacher forwards of self-distillation).
+the teacher forwards of self-distillation). Models evaluated on the (k, width) grid of slimmable
+experts: the tables show the full-width ks, and every model's quality-vs-FLOPs frontier over all
+its points (`frontier.py`) is listed and plotted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import statistics
 from collections import Counter
 from typing import Optional
 
-from mmoe_megatron.evaluation.core import EvalPoint, parse_spec
+from mmoe_megatron.evaluation.core import EvalPoint, parse_spec, split_spec
+from mmoe_megatron.evaluation.frontier import frontier
 
 
 def _stats(values: list[float]) -> dict:
@@ -34,7 +37,12 @@ def _fraction_steps(record: dict, fractions: list[float]) -> dict[str, str]:
 
 
 def _is_uniform(label: str) -> bool:
-    return not label.startswith("[")
+    return not label.startswith("[") and "@" not in label
+
+
+def _stats_or_none(values: list) -> dict:
+    present = [v for v in values if v is not None]
+    return _stats(present) if present else {"mean": None, "std": None, "n": 0}
 
 
 def comparison(spec, records: Optional[list[dict]] = None) -> dict:
@@ -51,7 +59,11 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
         by_member.setdefault(r["member"], []).append(r)
     members = [m for m in spec.members if m.name in by_member]
     domain_names = [VALID] + [h.name for h in spec.eval.heldout]
-    columns = list(next(iter(records))["losses"][_fraction_steps(records[0], fractions)[final]][VALID])
+    columns: list[str] = []
+    for r in records:  # in order of first appearance; a run evaluated on fewer points leaves gaps
+        for c in r["losses"][_fraction_steps(r, fractions)[final]][VALID]:
+            if c not in columns:
+                columns.append(c)
 
     def losses(record, fraction, domain) -> dict[str, float]:
         return record["losses"][_fraction_steps(record, fractions)[fraction]][domain]
@@ -61,8 +73,8 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
         rows = []
         for m in members:
             recs = by_member[m.name]
-            cells = {c: _stats([losses(r, final, domain)[c] for r in recs]) for c in columns}
-            uniform = [cells[c]["mean"] for c in columns if _is_uniform(c)]
+            cells = {c: _stats_or_none([losses(r, final, domain).get(c) for r in recs]) for c in columns}
+            uniform = [cells[c]["mean"] for c in columns if _is_uniform(c) and cells[c]["mean"] is not None]
             rows.append({"name": m.name, "role": m.role, "trained_k": recs[0]["trained_k"],
                          "training_flops": recs[0]["training_flops"], "seeds": sorted(
                              (r["seed"] for r in recs if r["seed"] is not None)),
@@ -120,12 +132,21 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
         gaps = {k: v["mean"] for k, v in tax[primary][VALID][final]["by_k"].items()}
     provenance = Counter((launch.get("code_version"), launch.get("cpu")) for r in records
                          for launch in r.get("launches", [])[:1])
+    flops = {r["member"]: r["flops_per_token"] for r in records}
+    frontiers = {d: {row["name"]: [{"label": label, "flops": f, "loss": loss} for f, loss, label in frontier(
+        [(flops[row["name"]][c], row["loss"][c], c) for c in columns
+         if row["loss"][c] is not None and c in flops[row["name"]]])] for row in tables[d]} for d in domain_names}
     return {"suite": spec.name, "columns": columns, "domains": domain_names, "fractions": fractions,
             "rows": tables[VALID], "tables": tables, "tax": tax, "elastic_gap_to_specialist": gaps,
+            "frontiers": frontiers,
             "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
                                  for d, s in spread.items()},
             "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
+
+
+# A variant replaces the default only when it wins on at least this many seeds, every one of them.
+SEEDS_TO_DECIDE = 3
 
 
 def _variants(members, by_member, domain_names, final, losses) -> dict:
@@ -146,13 +167,16 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
             diffs = {str(s): statistics.fmean(losses(runs[s], final, domain)[k] for k in ks)
                      - statistics.fmean(losses(reference[s], final, domain)[k] for k in ks) for s in seeds}
             if diffs:
-                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())),
-                                 "better_on_every_seed": all(d < 0 for d in diffs.values())}
+                better = all(d < 0 for d in diffs.values())
+                entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())), "better_on_every_seed": better,
+                                 "decides": better and len(diffs) >= SEEDS_TO_DECIDE}
         out["by_variant"][m.name] = entry
     return out
 
 
-def _cell(mean: float, std: Optional[float], bold: bool = False) -> str:
+def _cell(mean: Optional[float], std: Optional[float], bold: bool = False) -> str:
+    if mean is None:
+        return "-"
     text = f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
     return f"**{text}**" if bold else text
 
@@ -160,7 +184,8 @@ def _cell(mean: float, std: Optional[float], bold: bool = False) -> str:
 def markdown(data: dict, level: int = 2) -> str:
     """The report as Markdown; `level` is the heading level of its tables (sub-headings one deeper)."""
     h1, h2 = "#" * level, "#" * (level + 1)
-    cols = data["columns"]
+    # On the (k, width) grid the tables show the full-width points; the frontier section has the rest.
+    cols = [c for c in data["columns"] if "@" not in c]
     seeded = bool(data["seeds"])
     lines = []
     for domain in data["domains"]:
@@ -180,6 +205,15 @@ def markdown(data: dict, level: int = 2) -> str:
         lines.append("")
     lines += ["Bold: a specialist at the k it was trained for. "
               + ("Cells: mean ± standard deviation over seeds. " if seeded else ""), ""]
+    if len(cols) < len(data["columns"]):
+        lines += [f"{h2} Quality-vs-FLOPs frontier of every model (validation)", "",
+                  "The points of each model's (k, width) grid that no other of its points beats with at most "
+                  "the same forward FLOPs per token (mean loss over seeds).", "",
+                  "| model | frontier: point (MFLOP/token): loss |", "|---|---|"]
+        for name, points in data.get("frontiers", {}).get("valid", {}).items():
+            lines.append(f"| {name} | " + ", ".join(f"{p['label']} ({p['flops'] / 1e6:.3f}): {p['loss']:.4f}"
+                                                    for p in points) + " |")
+        lines.append("")
     final = f"{data['fractions'][-1]:g}"
     if data["tax"]:
         lines += [f"{h2} Tax of each elastic model", "",
@@ -220,8 +254,10 @@ def markdown(data: dict, level: int = 2) -> str:
             for domain, e in per_domain.items():
                 std = "" if e["std"] is None else f" ± {e['std']:.4f}"
                 seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
-                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | "
-                             f"{'yes' if e['better_on_every_seed'] else 'no'} |")
+                verdict = "yes" if e["better_on_every_seed"] else "no"
+                if e["better_on_every_seed"] and not e.get("decides"):
+                    verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
+                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
         lines.append("")
     if seeded:
         parts = []
@@ -251,14 +287,15 @@ def series(data: dict, records: list[dict], domain: str) -> dict[str, list[EvalP
     params = {r["member"]: r["active_params"] for r in records}
     out = {}
     for row in data["tables"][domain]:
-        out[row["name"]] = [EvalPoint(k=parse_spec(c), loss=row["loss"][c], tokens=0,
-                                      active_params=params[row["name"]][c],
-                                      flops_per_token=flops[row["name"]][c]) for c in data["columns"]]
+        out[row["name"]] = [EvalPoint(k=split_spec(parse_spec(c))[0], width=split_spec(parse_spec(c))[1],
+                                      loss=row["loss"][c], tokens=0, active_params=params[row["name"]][c],
+                                      flops_per_token=flops[row["name"]][c])
+                            for c in data["columns"] if row["loss"][c] is not None and c in flops[row["name"]]]
     return out
 
 
 def write_comparison(spec, records: Optional[list[dict]] = None, out: Optional[str] = None) -> dict[str, str]:
-    from mmoe_megatron.evaluation.report import plot
+    from mmoe_megatron.evaluation.report import plot, plot_frontier
     from mmoe_megatron.evaluation.suite import load_results
 
     records = load_results(spec) if records is None else records
@@ -272,6 +309,10 @@ def write_comparison(spec, records: Optional[list[dict]] = None, out: Optional[s
     with open(paths["md"], "w") as f:
         f.write(markdown(data))
     plot(series(data, records, "valid"), paths["png"], title=f"{spec.name}: validation loss by k")
+    if len(data["columns"]) > len([c for c in data["columns"] if "@" not in c]):
+        paths["png_frontier"] = os.path.join(out, "comparison_frontier.png")
+        plot_frontier(series(data, records, "valid"), paths["png_frontier"],
+                      title=f"{spec.name}: validation loss vs forward FLOPs per token")
     for domain in data["domains"][1:]:
         paths[f"png_{domain}"] = os.path.join(out, f"comparison_{domain}.png")
         plot(series(data, records, domain), paths[f"png_{domain}"], title=f"{spec.name}: held-out {domain}")

@@ -1,9 +1,13 @@
 """Validation loss of one model at many ks: the single code path used by training-time validation,
 the evaluation command, the suite and the budget search.
 
-A k spec is an int (every MoE layer at that k) or a list with one k per MoE layer. The same
-validation samples are used for every spec, split evenly over data-parallel ranks; losses are
-token-weighted means reduced over the data-parallel group, computed in float64.
+A k spec is an int (every MoE layer at that k) or a list with one k per MoE layer. A point of the
+(k, width) grid of a model with slimmable experts is a tuple (k spec, width spec), the width spec a
+fraction for every MoE layer or a list with one per layer; a spec without width runs every expert
+at full width. Labels: "2", "[1,2,3,4]", "2@0.5", "[1,2,3,4]@[1,0.5,0.5,0.25]" (`parse_spec`
+reads them back). The same validation samples are used for every spec, split evenly over
+data-parallel ranks; losses are token-weighted means reduced over the data-parallel group,
+computed in float64.
 """
 
 from __future__ import annotations
@@ -16,28 +20,65 @@ import torch
 import torch.distributed as dist
 
 from mmoe_megatron.config.derive import flops_per_token, param_counts
-from mmoe_megatron.model import set_topk
+from mmoe_megatron.model import set_point
 from mmoe_megatron.training.batches import collate
 
 KSpec = Union[int, list[int]]
+WidthSpec = Union[float, list[float], None]
+Spec = Union[KSpec, tuple]  # a k spec, or (k spec, width spec)
 
 
-def spec_label(k: KSpec) -> str:
-    return str(k) if isinstance(k, int) else "[" + ",".join(map(str, k)) + "]"
+def split_spec(spec: Spec) -> tuple[KSpec, WidthSpec]:
+    """(k spec, width spec or None for full width)."""
+    if isinstance(spec, tuple):
+        k, width = spec
+        full = width is None or (width == 1.0 if isinstance(width, (int, float)) else all(w == 1.0 for w in width))
+        return k, (None if full else width)
+    return spec, None
 
 
-def parse_spec(text: str) -> KSpec:
-    """'4' -> 4; '1,2,3,4' or '[1,2,3,4]' -> [1, 2, 3, 4]."""
-    text = text.strip().strip("[]")
-    parts = [p for p in text.split(",") if p.strip()]
+def grid_spec(k: KSpec, width: WidthSpec = None) -> Spec:
+    """The spec of (k, width); a full-width point is its k spec alone (labels stay as without widths)."""
+    return k if split_spec((k, width))[1] is None else (k, width)
+
+
+def _label(value, fmt) -> str:
+    return fmt(value) if isinstance(value, (int, float)) else "[" + ",".join(map(fmt, value)) + "]"
+
+
+def spec_label(spec: Spec) -> str:
+    k, width = split_spec(spec)
+    return _label(k, str) + ("" if width is None else "@" + _label(width, lambda w: f"{w:g}"))
+
+
+def _parse_part(text: str, kind):
+    text = text.strip()
+    listed = text.startswith("[") or "," in text
+    parts = [p for p in text.strip("[]").split(",") if p.strip()]
     if not parts:
-        raise ValueError("an empty k spec; write e.g. 2 or 1,2,3,4")
-    values = [int(p) for p in parts]
-    return values[0] if len(values) == 1 and "," not in text else values
+        raise ValueError(f"an empty spec {text!r}; write e.g. 2, 1,2,3,4, 2@0.5 or [1,2]@[0.5,1]")
+    values = [kind(p) for p in parts]
+    return values if listed else values[0]
 
 
-def mean_k(k: KSpec) -> float:
+def parse_spec(text: str) -> Spec:
+    """'4' -> 4; '1,2,3,4' or '[1,2,3,4]' -> [1, 2, 3, 4]; '4@0.5' -> (4, 0.5);
+    '[1,2]@[0.5,1]' -> ([1, 2], [0.5, 1.0])."""
+    k_text, at, width_text = text.partition("@")
+    k = _parse_part(k_text, int)
+    return grid_spec(k, _parse_part(width_text, float)) if at else k
+
+
+def mean_k(k: Spec) -> float:
+    k = split_spec(k)[0]
     return float(k) if isinstance(k, int) else sum(k) / len(k)
+
+
+def mean_width(spec: Spec) -> float:
+    width = split_spec(spec)[1]
+    if width is None:
+        return 1.0
+    return float(width) if isinstance(width, (int, float)) else sum(width) / len(width)
 
 
 @dataclass(frozen=True)
@@ -47,6 +88,8 @@ class EvalPoint:
     tokens: int
     active_params: int
     flops_per_token: float
+    width: WidthSpec = None
+    """Expert width (fraction, or one per MoE layer); None: full width."""
 
     @property
     def ppl(self) -> float:
@@ -54,10 +97,15 @@ class EvalPoint:
 
     @property
     def label(self) -> str:
-        return spec_label(self.k)
+        return spec_label(self.spec)
+
+    @property
+    def spec(self) -> Spec:
+        return grid_spec(self.k, self.width)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "label": self.label, "ppl": self.ppl, "mean_k": mean_k(self.k)}
+        return {**asdict(self), "label": self.label, "ppl": self.ppl, "mean_k": mean_k(self.k),
+                "mean_width": mean_width(self.spec)}
 
 
 def eval_indices(num_samples: int, dp_rank: int, dp_size: int) -> list[int]:
@@ -69,7 +117,7 @@ def eval_indices(num_samples: int, dp_rank: int, dp_size: int) -> list[int]:
 def losses_at(
     model: torch.nn.Module,
     dataset,
-    ks: Sequence[KSpec],
+    ks: Sequence[Spec],
     indices: Sequence[int],
     micro_batch_size: int,
     mask: Optional[torch.Tensor],
@@ -77,7 +125,7 @@ def losses_at(
     group=None,
     probe=None,
 ) -> list[tuple[float, int]]:
-    """(mean token loss, tokens) at each k spec, over `indices` of `dataset` on this rank and
+    """(mean token loss, tokens) at each spec (k, or (k, width)), over `indices` of `dataset` on this rank and
     reduced over `group`. Leaves the model routing at the last spec; restores train mode.
     A `probe` (analysis.RoutingProbe, entered) is told which spec each forward belongs to."""
     was_training = model.training
@@ -85,7 +133,7 @@ def losses_at(
     out = []
     try:
         for k in ks:
-            set_topk(model, k)
+            set_point(model, *split_spec(k))
             if probe is not None:
                 probe.begin(spec_label(k))
             total = torch.zeros(2, dtype=torch.float64, device=device)
@@ -103,7 +151,7 @@ def losses_at(
 
 
 def evaluate(
-    model, cfg, vocab_size: int, dataset, ks: Sequence[KSpec], num_samples: int,
+    model, cfg, vocab_size: int, dataset, ks: Sequence[Spec], num_samples: int,
     dp_rank: int = 0, dp_size: int = 1, device="cpu", mask=None, group=None, probe=None,
 ) -> list[EvalPoint]:
     """EvalPoints (loss, active parameters, FLOPs per token) at each k spec."""
@@ -112,9 +160,10 @@ def evaluate(
         raise ValueError(f"the validation set has {len(dataset)} samples, fewer than {dp_size} ranks")
     indices = eval_indices(num_samples, dp_rank, dp_size)
     results = losses_at(model, dataset, ks, indices, cfg.train.micro_batch_size, mask, device, group, probe)
-    return [
-        EvalPoint(k=k, loss=loss, tokens=tokens,
-                  active_params=param_counts(cfg, vocab_size, k).active,
-                  flops_per_token=flops_per_token(cfg, vocab_size, k))
-        for k, (loss, tokens) in zip(ks, results)
-    ]
+    points = []
+    for spec, (loss, tokens) in zip(ks, results):
+        k, width = split_spec(spec)
+        points.append(EvalPoint(k=k, loss=loss, tokens=tokens, width=width,
+                                active_params=param_counts(cfg, vocab_size, k, width).active,
+                                flops_per_token=flops_per_token(cfg, vocab_size, k, width)))
+    return points

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from mmoe_megatron.evaluation.core import EvalPoint, mean_k
+from mmoe_megatron.evaluation.core import EvalPoint, mean_k, mean_width
 
 
 def write_json(points: Sequence[EvalPoint], path: str, meta: dict) -> None:
@@ -20,14 +20,16 @@ def write_json(points: Sequence[EvalPoint], path: str, meta: dict) -> None:
 
 
 def markdown_table(points: Sequence[EvalPoint], title: str = "") -> str:
+    widths = any(p.width is not None for p in points)
     lines = [f"### {title}", ""] if title else []
     lines += [
-        "| k | mean k | loss | perplexity | active params | MFLOP/token |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| k | mean k | " + ("mean width | " if widths else "") + "loss | perplexity | active params | MFLOP/token |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if widths else ""),
     ]
     for p in points:
         lines.append(
-            f"| {p.label} | {mean_k(p.k):.2f} | {p.loss:.4f} | {p.ppl:.2f} | "
+            f"| {p.label} | {mean_k(p.k):.2f} | " + (f"{mean_width(p.spec):.2f} | " if widths else "")
+            + f"{p.loss:.4f} | {p.ppl:.2f} | "
             f"{p.active_params:,} | {p.flops_per_token / 1e6:,.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -42,14 +44,14 @@ def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> 
 
     fig, (ax_k, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in series.items():
-        uniform = sorted((p for p in points if isinstance(p.k, int)), key=lambda p: p.k)
-        vectors = [p for p in points if not isinstance(p.k, int)]
+        uniform = sorted((p for p in points if isinstance(p.k, int) and p.width is None), key=lambda p: p.k)
+        vectors = [p for p in points if not isinstance(p.k, int) or p.width is not None]
         line, = ax_k.plot([p.k for p in uniform], [p.loss for p in uniform], marker="o", label=name)
         ax_f.plot([p.flops_per_token / 1e6 for p in uniform], [p.loss for p in uniform],
                   marker="o", color=line.get_color(), label=name)
         if vectors:
             ax_k.scatter([mean_k(p.k) for p in vectors], [p.loss for p in vectors], marker="x",
-                         color=line.get_color(), label=f"{name} (per-layer k)")
+                         color=line.get_color(), label=f"{name} (per-layer k or width < 1)")
             ax_f.scatter([p.flops_per_token / 1e6 for p in vectors], [p.loss for p in vectors],
                          marker="x", color=line.get_color())
     ax_k.set_xlabel("k (mean over MoE layers)")
@@ -61,6 +63,40 @@ def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> 
     ax_k.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "",
+                  markers: Optional[dict[str, dict]] = None) -> None:
+    """Loss vs forward FLOPs per token: every evaluated point of each model (small markers) and its
+    frontier (line). `markers` (name -> matplotlib keyword arguments) styles particular models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmoe_megatron.evaluation.frontier import frontier
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, points in series.items():
+        style = (markers or {}).get(name, {})
+        pts = [(p.flops_per_token / 1e6, p.loss, p.label) for p in points]
+        front = frontier(pts)
+        line, = ax.plot([f for f, _, _ in front], [loss for _, loss, _ in front], marker=style.get("marker", "o"),
+                        linestyle=style.get("linestyle", "-"), color=style.get("color"), label=name)
+        others = [p for p in pts if p not in front]
+        if others:
+            ax.scatter([f for f, _, _ in others], [loss for _, loss, _ in others], s=10, alpha=0.35,
+                       color=line.get_color())
+    ax.set_xlabel("forward MFLOP per token")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

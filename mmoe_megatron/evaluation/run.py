@@ -1,6 +1,7 @@
 """Evaluate a checkpoint at a list of ks and per-layer k vectors.
 
     python -m mmoe_megatron.evaluation.run --run runs/tiny --ks 1,2,4,8 --layer-ks 1,2,3,4
+    python -m mmoe_megatron.evaluation.run --run runs/X --ks 1,2,4,8 --widths 0.25,0.5,1 --point "[1,2,4,8]@[1,0.5,0.5,0.25]"
     torchrun --nproc-per-node 2 -m mmoe_megatron.evaluation.run --run runs/tiny --parallel.expert=2
 
 Reads the run's resolved config (`<run>/config.yaml`) and its latest complete checkpoint (or
@@ -21,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from mmoe_megatron.config import ExperimentConfig, load_config, parse_overrides
-from mmoe_megatron.evaluation.core import EvalPoint, KSpec, evaluate
+from mmoe_megatron.config.derive import expert_columns
+from mmoe_megatron.evaluation.core import EvalPoint, KSpec, evaluate, grid_spec, parse_spec, split_spec
 
 
 def run_config(run: str, overrides=(), world_size: Optional[int] = None) -> ExperimentConfig:
@@ -136,6 +138,10 @@ def parse_args(argv):
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest complete)")
     p.add_argument("--ks", default=None, help="comma-separated ks (default: all ks from 1 to the number of experts)")
     p.add_argument("--layer-ks", action="append", default=[], help="a per-layer k vector, e.g. 1,2,3,4 (repeatable)")
+    p.add_argument("--widths", default=None,
+                   help="expert widths at which every k of --ks is evaluated too, e.g. 0.25,0.5 (slimmable experts)")
+    p.add_argument("--point", action="append", default=[],
+                   help='a (k, width) point, e.g. 2@0.5 or "[1,2,4,8]@[1,0.5,0.5,0.25]" (repeatable)')
     p.add_argument("--num-samples", type=int, default=None, help="validation samples (default eval_iters x global batch)")
     p.add_argument("--split", choices=["valid", "test"], default="valid")
     p.add_argument("--out", default=None, help="output directory (default <run>/eval)")
@@ -152,6 +158,14 @@ def main(argv=None) -> int:
     ks: list[KSpec] = ([int(k) for k in args.ks.split(",")] if args.ks
                        else list(range(1, cfg.moe.num_experts + 1)))
     ks += [[int(x) for x in v.strip("[]").split(",")] for v in args.layer_ks]
+    widths = [float(w) for w in args.widths.split(",")] if args.widths else []
+    uniform = [k for k in ks if isinstance(k, int)]
+    ks += [grid_spec(k, w) for w in widths if w != 1.0 for k in uniform] + [parse_spec(t) for t in args.point]
+    for spec in ks:  # before any weight is loaded
+        try:
+            expert_columns(cfg, split_spec(spec)[1])
+        except ValueError as e:
+            raise SystemExit(f"evaluation: {e}") from None
     distributed.init_distributed(cfg)
     try:
         checkpoint = args.checkpoint or latest_checkpoint(cfg)

@@ -89,6 +89,28 @@ class EvalSpec:
     """Shuffle seed of the evaluation samples; set it so that runs of every seed are evaluated on
     the same samples (null: each run's own data seed)."""
     heldout: list[HeldoutSpec] = field(default_factory=list)
+    widths: list[float] = field(default_factory=list)
+    """Expert widths at which every k of `ks` is evaluated too (the (k, width) grid of slimmable
+    experts; any model can be evaluated there). Empty: full width only."""
+    points: list[str] = field(default_factory=list)
+    """More points as labels: per-layer k and width vectors, e.g. "[1,2,4,8]@[1,0.5,0.5,0.25]"."""
+    budgets: list[float] = field(default_factory=list)
+    """Forward FLOPs-per-token budgets at which benchmarks (bench/frontier.py) search each run of
+    `budget_members` for the per-layer (k, width) vector over `budget_ks` x (`widths` and 1) with
+    the lowest loss (budget_grid.py), on `budget_samples` validation samples. Checked at load."""
+    budget_ks: Optional[list[int]] = None
+    """ks of the budget search; null: `ks`."""
+    budget_samples: int = 64
+    budget_members: list[str] = field(default_factory=list)
+    """Members whose runs are searched; empty: every elastic member."""
+
+    def specs(self) -> list:
+        """Every spec evaluated at the end of training, in column order."""
+        from mmoe_megatron.evaluation.core import grid_spec, parse_spec
+
+        out = list(self.ks) + [list(v) for v in self.layer_ks]
+        out += [grid_spec(k, w) for w in self.widths if w != 1.0 for k in self.ks]
+        return out + [parse_spec(p) for p in self.points]
 
 
 @dataclass
@@ -128,6 +150,16 @@ def load_suite(path: str) -> SuiteSpec:
     for i, f in enumerate(spec.eval.fractions):
         if not 0 < f <= 1:
             raise ConfigError(f"eval.fractions[{i}]", f"got {f}; a fraction of training in (0, 1]")
+    from mmoe_megatron.evaluation.core import parse_spec
+
+    for i, text in enumerate(spec.eval.points):
+        try:
+            parse_spec(text)
+        except ValueError as e:
+            raise ConfigError(f"eval.points[{i}]", f"{text!r} is not a point label: {e}") from None
+    for i, name in enumerate(spec.eval.budget_members):
+        if name not in names:
+            raise ConfigError(f"eval.budget_members[{i}]", f"no member {name!r}; members: {names}")
     for i, m in enumerate(spec.members):
         if m.role not in ROLES:
             raise ConfigError(f"members[{i}].role", f"got {m.role!r}; allowed: {', '.join(ROLES)}")
@@ -136,8 +168,47 @@ def load_suite(path: str) -> SuiteSpec:
     if not any(m.role == "elastic" for m in spec.members):
         raise ConfigError("members", "a suite needs one member with role: elastic")
     for run in runs(spec):
-        run_config(spec, run)  # fail now, not after hours of training the previous members
+        cfg = run_config(spec, run)  # fail now, not after hours of training the previous members
+        _check_eval_points(spec, cfg)
     return spec
+
+
+def _check_eval_points(spec: SuiteSpec, cfg: ExperimentConfig) -> None:
+    """Widths and per-layer vectors that the members' experts cannot run fail at load."""
+    from mmoe_megatron.config.derive import expert_columns
+    from mmoe_megatron.evaluation.core import parse_spec, split_spec
+
+    for i, w in enumerate(spec.eval.widths):
+        try:
+            expert_columns(cfg, w)
+        except ValueError as e:
+            raise ConfigError(f"eval.widths[{i}]", str(e)) from None
+    if spec.eval.budgets:
+        from mmoe_megatron.evaluation.budget_grid import check_budget
+
+        grid = budget_grid_of(spec, cfg)
+        for i, flops in enumerate(spec.eval.budgets):
+            try:
+                check_budget(cfg, _vocab_size(cfg), flops, grid, f"{flops:.6g}")
+            except ValueError as e:
+                raise ConfigError(f"eval.budgets[{i}]", str(e)) from None
+    for i, text in enumerate(spec.eval.points):
+        k, width = split_spec(parse_spec(text))
+        for what, value in (("k", k), ("width", width)):
+            if isinstance(value, list) and len(value) != cfg.num_moe_layers:
+                raise ConfigError(f"eval.points[{i}]", f"{text!r}: a per-layer {what} vector needs "
+                                                      f"{cfg.num_moe_layers} entries (one per MoE layer)")
+        try:
+            expert_columns(cfg, width)
+        except ValueError as e:
+            raise ConfigError(f"eval.points[{i}]", str(e)) from None
+
+
+def budget_grid_of(spec: SuiteSpec, cfg: ExperimentConfig):
+    from mmoe_megatron.evaluation.budget_grid import Grid
+
+    return Grid(spec.eval.budget_ks or spec.eval.ks, sorted(set(spec.eval.widths) | {1.0}),
+                cfg.moe.expert_ffn_hidden_size)
 
 
 def _repo_root(suite_path: str) -> str:
@@ -227,15 +298,17 @@ def _vocab_size(cfg: ExperimentConfig) -> int:
 
 
 def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
-    """Training FLOPs of a run: 3 x forward FLOPs at its expected k (sample plan included), plus
-    one forward at k_max per token for a self-distillation teacher, times tokens trained."""
+    """Training FLOPs of a run: 3 x forward FLOPs at its expected (k, width) (sample plan
+    included), plus one forward at k_max and full width per token for a self-distillation teacher,
+    times tokens trained."""
     from mmoe_megatron.config.derive import flops_per_token
-    from mmoe_megatron.schedule import KSchedule
+    from mmoe_megatron.schedule import KSchedule, WidthSchedule, grid_probs
 
-    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, cfg.train.global_batch_size,
-                                      cfg.train.train_iters)
-    per_token = 3.0 * sum(p * flops_per_token(cfg, vocab_size, k)
-                          for k, p in zip(schedule.ks, schedule.marginal_probs()))
+    gbs = cfg.train.global_batch_size
+    schedule = KSchedule.from_config(cfg.matryoshka, cfg.k_seed, gbs, cfg.train.train_iters)
+    widths = WidthSchedule.from_config(cfg.matryoshka, cfg.k_seed, gbs)
+    per_token = 3.0 * sum(p * flops_per_token(cfg, vocab_size, k, None if w == 1.0 else w)
+                          for (k, w), p in grid_probs(schedule, widths).items())
     if cfg.matryoshka.distill_coeff > 0:
         per_token += flops_per_token(cfg, vocab_size, schedule.k_max)
     tokens = cfg.train.train_iters * cfg.train.global_batch_size * cfg.data.seq_length
@@ -282,9 +355,12 @@ def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
 
 def eval_settings(spec: SuiteSpec) -> dict:
     """What an evaluation depends on besides the weights (a changed value re-evaluates)."""
-    return {"ks": spec.eval.ks, "layer_ks": spec.eval.layer_ks, "num_samples": spec.eval.num_samples,
-            "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
-            "heldout": [asdict(h) for h in spec.eval.heldout]}
+    settings = {"ks": spec.eval.ks, "layer_ks": spec.eval.layer_ks, "num_samples": spec.eval.num_samples,
+                "fractions": spec.eval.fractions, "curve_ks": spec.eval.curve_ks, "data_seed": spec.eval.data_seed,
+                "heldout": [asdict(h) for h in spec.eval.heldout]}
+    # Only when used, so that suites without widths keep their evaluations.
+    settings.update({name: getattr(spec.eval, name) for name in ("widths", "points") if getattr(spec.eval, name)})
+    return settings
 
 
 def domains(spec: SuiteSpec) -> list[tuple[str, list[tuple[str, object]]]]:
@@ -315,7 +391,7 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
     from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
     from mmoe_megatron.training.checkpoint import complete_checkpoints, tag_for
 
-    ks = list(spec.eval.ks) + [list(v) for v in spec.eval.layer_ks]
+    ks = spec.eval.specs()
     settings = eval_settings(spec)
     todo = [r for r in chosen if force or not _evaluated(os.path.join(run_dir(spec, r), "eval", "results.json"), settings)]
     if not todo:
@@ -357,6 +433,7 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "seed": run.seed, "trained_k": specialist_k(run.member),
                     "trained_ks": list(cfg.matryoshka.ks),
                     "train_iters": iters, "training_flops": meta["training_flops"],
+                    "trained_widths": list(cfg.matryoshka.widths),
                     "flops_per_token": {p.label: p.flops_per_token for p in final_points},
                     "active_params": {p.label: p.active_params for p in final_points},
                     "losses": results, "eval_settings": settings, "launches": _launches(out),

@@ -28,8 +28,10 @@ from mmoe_megatron.export.qwen3_moe import (ExportError, check_exportable, dims_
 from mmoe_megatron.export.qwen3_moe_import import experiment_sections, from_hf_state_dict
 
 
-def read_budgets(path: Optional[str]) -> dict[str, list[int]]:
-    """budgets.json (name -> one k per MoE layer, written by the budget search); {} for None."""
+def read_budgets(path: Optional[str], width: float = 1.0) -> dict[str, list[int]]:
+    """budgets.json (name -> one k per MoE layer, written by the budget search); {} for None.
+    A budget of the two-dimensional search ({"ks": [...], "widths": [...]}) is kept as its ks when
+    every layer's width is the export's `width`, and refused otherwise."""
     if path is None:
         return {}
     if not os.path.isfile(path):
@@ -37,35 +39,51 @@ def read_budgets(path: Optional[str]) -> dict[str, list[int]]:
                           "first, or drop --layer-budgets")
     with open(path) as f:
         data = json.load(f)
-    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ExportError(f"{path} must map budget names to per-layer k lists, like the budgets.json "
-                          "the budget search writes")
-    return data
+    if not isinstance(data, dict):
+        data = None
+    out = {}
+    for name, value in (data or {}).items():
+        if isinstance(value, dict) and isinstance(value.get("ks"), list) and isinstance(value.get("widths"), list):
+            if any(w != width for w in value["widths"]):
+                raise ExportError(
+                    f"layer budget {name!r} in {path} runs its MoE layers at widths {value['widths']}, but the "
+                    f"export writes every expert at width {width:g} (one moe_intermediate_size; the vLLM "
+                    "plugin serves a k per layer, not a width per layer); export it at its width if its "
+                    "widths are all equal, or leave it out of --layer-budgets")
+            value = value["ks"]
+        if not isinstance(value, list):
+            data = None
+            break
+        out[name] = value
+    if data is None:
+        raise ExportError(f"{path} must map budget names to per-layer k lists (or {{ks, widths}}), like the "
+                          "budgets.json the budget search writes")
+    return out
 
 
 def export_to_hf(
     cfg: ExperimentConfig, global_sd: Mapping, out_dir: str, k: int,
     layer_budgets: Optional[Mapping[str, Sequence[int]]] = None, tokenizer: Optional[str] = None,
-    dtype: str = "float32", source: Optional[str] = None,
+    dtype: str = "float32", source: Optional[str] = None, width: float = 1.0,
 ) -> list[str]:
-    """Write the Hugging Face directory; returns the files written. The weights, k and budgets
-    are checked (ExportError) before anything is written."""
+    """Write the Hugging Face directory with the experts at `width`; returns the files written.
+    The weights, k, width and budgets are checked (ExportError) before anything is written."""
     check_exportable(cfg)
     m = cfg.model
     setting = ("model.kv_channels" if m.kv_channels else
                f"model.hidden_size / model.num_attention_heads = {m.hidden_size} / {m.num_attention_heads}")
     warn_serving_problems(dims_from_config(cfg).head_dim, setting)
-    hf_sd = to_hf_state_dict(cfg, global_sd)
+    hf_sd = to_hf_state_dict(cfg, global_sd, width)
     vocab_rows = int(hf_sd["model.embed_tokens.weight"].shape[0])
     budgets = dict(layer_budgets or {})
-    hf_config_dict(cfg, vocab_rows, k, budgets, dtype)  # validates k and the budgets
+    hf_config_dict(cfg, vocab_rows, k, budgets, dtype, width=width)  # validates k and the budgets
     os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
     special = {}
     if tokenizer is not None:
         special = write_hf_tokenizer(tokenizer, out_dir, vocab_rows)
         written += ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
-    config = hf_config_dict(cfg, vocab_rows, k, budgets, dtype, special)
+    config = hf_config_dict(cfg, vocab_rows, k, budgets, dtype, special, width=width)
     written += save_hf_weights(hf_sd, out_dir, dtype)
     write_json(os.path.join(out_dir, "config.json"), config)
     written.append("config.json")

@@ -39,6 +39,11 @@ Decisions:
   are exported at the chosen k, and the method is recorded.
 * Training-only settings carry over as nothing: aux/z-loss coefficients (the aux coefficient is
   kept as `router_aux_loss_coef`), capacity factor (HF is dropless, as is megatron without one).
+* Expert width (slimmable experts, `slimmable.py`): a width w < 1 exports every expert sliced to
+  its first c = w x I columns (gate_proj and up_proj rows [0, c), down_proj columns [0, c)) with
+  `moe_intermediate_size` = c: a plain, smaller Qwen3-MoE. One config has one
+  `moe_intermediate_size`, so per-layer widths that differ are refused (`check_serving_width`);
+  the vLLM plugin (`mmoe_megatron.serving`) serves per-layer k, not per-layer widths.
 
 Shape legend: H hidden, D head dim, NH query heads, NG key/value heads (query groups),
 R = (NH + 2 NG) D rows of the fused QKV weight, I expert hidden width, E experts.
@@ -137,6 +142,28 @@ def check_exportable(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_serving_width(cfg: ExperimentConfig, width, what: str = "width") -> int:
+    """The experts' columns at `width` (a fraction, or one per MoE layer that must all be equal),
+    or ExportError naming `what`."""
+    from mmoe_megatron.slimmable import width_columns
+
+    num_moe = cfg.num_moe_layers
+    widths = [width] * num_moe if isinstance(width, (int, float)) and not isinstance(width, bool) else width
+    if not isinstance(widths, (list, tuple)) or len(widths) != num_moe:
+        raise ExportError(f"{what}={width!r}: give a fraction, or a list with one per MoE layer ({num_moe})")
+    if len(set(widths)) > 1:
+        raise ExportError(
+            f"{what}={list(widths)}: Qwen3-MoE has one moe_intermediate_size for every layer, so "
+            "experts of different widths in different layers cannot be written as one config, and "
+            "the project's vLLM plugin (mmoe_megatron.serving) serves a k per layer but not a width "
+            "per layer; export at one width for all layers (e.g. the narrowest or widest of these)"
+        )
+    try:
+        return width_columns(float(widths[0]), cfg.moe.expert_ffn_hidden_size)
+    except ValueError as e:
+        raise ExportError(f"{what}={width!r}: {e}") from None
+
+
 def check_serving_k(cfg_or_dims: Union[ExperimentConfig, Dims], k: KSpec, what: str = "k") -> list[int]:
     """The per-MoE-layer ks of a k spec, or ExportError naming `what` if Qwen3-MoE cannot route it."""
     dims = dims_from_config(cfg_or_dims) if isinstance(cfg_or_dims, ExperimentConfig) else cfg_or_dims
@@ -162,13 +189,15 @@ def check_serving_k(cfg_or_dims: Union[ExperimentConfig, Dims], k: KSpec, what: 
 
 def hf_config_dict(
     cfg: ExperimentConfig, vocab_size: int, k: int, layer_budgets: Optional[Mapping[str, Sequence[int]]] = None,
-    dtype: str = "float32", special_tokens: Optional[Mapping[str, Optional[int]]] = None,
+    dtype: str = "float32", special_tokens: Optional[Mapping[str, Optional[int]]] = None, width: float = 1.0,
 ) -> dict:
-    """The Qwen3-MoE config.json for a megatron config, served at `k` experts per token.
+    """The Qwen3-MoE config.json for a megatron config, served at `k` experts per token with the
+    experts at `width` of their FFN.
 
     `vocab_size` is the padded embedding size; `layer_budgets` (name -> one k per MoE layer,
     i.e. budgets.json) and the training range are recorded under the `matryoshka` key.
     """
+    columns = check_serving_width(cfg, width)
     check_exportable(cfg)
     dims = dims_from_config(cfg)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -207,7 +236,7 @@ def hf_config_dict(
         "sliding_window": None,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [i for i, is_moe in enumerate(dims.moe_pattern) if not is_moe],
-        "moe_intermediate_size": moe.expert_ffn_hidden_size,
+        "moe_intermediate_size": columns,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": int(k),
         "norm_topk_prob": mat.normalization == "topk_softmax",
@@ -218,14 +247,17 @@ def hf_config_dict(
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         out[name] = (special_tokens or {}).get(name)
-    out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets)
+    out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets, columns / moe.expert_ffn_hidden_size)
     return out
 
 
-def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]]) -> dict:
+def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]], width: float = 1.0) -> dict:
     """How the model was trained to be elastic, and the per-layer budgets found for it."""
     mat = cfg.matryoshka
-    return {
+    widths = {} if not mat.elastic_width and width == 1.0 else {
+        "trained_widths": list(mat.widths), "serving_width": width,
+        "full_moe_intermediate_size": cfg.moe.expert_ffn_hidden_size}
+    return {**widths,
         "method": mat.method,
         "strategy": mat.strategy,
         "trained_ks": list(mat.ks),
@@ -307,10 +339,13 @@ def expected_hf_keys(dims: Dims) -> set[str]:
     return keys
 
 
-def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`). Raises
-    ExportError for a setting Qwen3-MoE cannot express or a weight it has no place for."""
+def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
+                     width: float = 1.0) -> dict[str, torch.Tensor]:
+    """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`), the experts
+    sliced to `width`. Raises ExportError for a setting Qwen3-MoE cannot express or a weight it
+    has no place for."""
     check_exportable(cfg)
+    columns = check_serving_width(cfg, width)
     dims = dims_from_config(cfg)
     out: dict[str, torch.Tensor] = {}
 
@@ -341,12 +376,13 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
         elif expert is not None:
             e = int(expert.group(1) if expert.group(1) is not None else expert.group(4))
             fc = expert.group(2) or expert.group(3)
+            # The expert at `width`: the first `columns` of its FFN (slimmable.py).
             if fc == "fc1":
                 gate, up = _halves(value)
-                put(f"{p}mlp.experts.{e}.gate_proj.weight", gate)
-                put(f"{p}mlp.experts.{e}.up_proj.weight", up)
+                put(f"{p}mlp.experts.{e}.gate_proj.weight", gate[:columns])
+                put(f"{p}mlp.experts.{e}.up_proj.weight", up[:columns])
             else:
-                put(f"{p}mlp.experts.{e}.down_proj.weight", value)
+                put(f"{p}mlp.experts.{e}.down_proj.weight", value[:, :columns])
         else:
             raise ExportError(
                 f"megatron weight {name} has no Qwen3-MoE counterpart (biases, shared experts and "

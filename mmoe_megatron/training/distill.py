@@ -19,13 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmoe_megatron.model import set_topk
+from mmoe_megatron.model import set_point
 
 
 @torch.no_grad()
 def teacher_log_probs(model: torch.nn.Module, batch: dict, mask, k_max: int,
                       temperature: float) -> torch.Tensor:
-    """[B, S, V] float32 log-probabilities of the model at k_max in every MoE layer.
+    """[B, S, V] float32 log-probabilities of the model at k_max and full width in every MoE layer.
 
     Eval mode: routers neither count tokens nor attach auxiliary losses, and no dropout draws from
     the RNG, so the teacher leaves weights, RNG streams and training statistics as they were. The
@@ -33,7 +33,7 @@ def teacher_log_probs(model: torch.nn.Module, batch: dict, mask, k_max: int,
     was_training = model.training
     model.eval()
     try:
-        set_topk(model, k_max)
+        set_point(model, k_max)  # and every expert at full width
         logits_BSV = model(batch["tokens"], batch["position_ids"], mask)
     finally:
         model.train(was_training)

@@ -309,7 +309,7 @@ class Trainer:
         return {
             "step": self.step,
             "consumed_samples": self.step * self.cfg.train.global_batch_size,
-            "k_schedule_fingerprint": self.elastic.schedule.fingerprint(),
+            "k_schedule_fingerprint": self.elastic.fingerprint(),  # both axes (k, width)
             "world_size": dist.get_world_size(),
             "dp_size": self.dp_size,
             "expert_parallel": self.cfg.parallel.expert,
@@ -385,11 +385,11 @@ class Trainer:
         self.metrics.log_text(f"initialised the weights from {path}")
 
     def _check_compatible(self, state: dict, path: str) -> None:
-        fingerprint = self.elastic.schedule.fingerprint()
+        fingerprint = self.elastic.fingerprint()
         if state["k_schedule_fingerprint"] != fingerprint:
             raise ckpt.CheckpointError(
-                f"{path} was trained with another k schedule (matryoshka.* or its seed changed); "
-                "resuming would change the ks drawn at every step. Restore the original "
+                f"{path} was trained with another k or width schedule (matryoshka.* or its seed "
+                "changed); resuming would change the ks and widths drawn at every step. Restore the original "
                 "matryoshka settings, or start a new run directory"
             )
 
