@@ -101,7 +101,9 @@ $(STAMP312): pyproject.toml constraints.txt $(PY312_TORCH)/.installed
 	touch $(STAMP312)
 
 # The ZeRO-1 case of the 4-rank equality test is left to the 3.11 lane; ZeRO-2 covers equality
-# and resume here.
+# and resume here. DeepSpeed's compiled ops go to a folder of their own: torch puts them directly in
+# TORCH_EXTENSIONS_DIR, so the two interpreters would otherwise load each other's builds.
+test-py312: export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions_py312
 test-py312: setup-py312
 	$(VENV312)/bin/python -m pytest -q $(PY312_TESTS) \
 		--deselect "tests/test_training_distributed.py::test_zero_with_expert_parallel_matches_single_process[1]"
