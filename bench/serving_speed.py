@@ -3,6 +3,7 @@ at k = 1..k_max and at a per-layer budget, next to the FLOPs per token of each s
 
     python -m bench.serving_speed [--ks 1,2,3,4] [--budget 1,2,3,4] [--prompts 256] [--prompt-len 32]
         [--new-tokens 32] [--repeats 3] [--hidden 512] [--experts 8] [--expert-ffn 2048] [--quick]
+    python -m bench.serving_speed --expert-ffn 4096 --name serving_speed_ffn4096   # experts twice as wide
 
 The model has random weights (megatron's initialisation, seeded; routing is then close to uniform
 over experts, which is what the timing needs) and is exported through the project's exporter. It
@@ -52,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="a small check of the script (hidden 128, 16 prompts): its numbers are not results")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench", "serving_speed"))
+    p.add_argument("--name", default="serving_speed",
+                   help="results record bench/results/<name>.json; another name keeps a second model size beside the first")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.heads, args.groups, args.expert_ffn = 128, 4, 2, 256
@@ -152,7 +155,10 @@ def main(argv=None) -> int:
         print("\n".join(lines))
         print("--quick: not written to bench/results")
         return 0
-    write_result("serving_speed", "Serving speed against k (vLLM, CPU)", "\n".join(lines), data)
+    title = "Serving speed against k (vLLM, CPU)"
+    if args.name != "serving_speed":
+        title += f": experts of width {args.expert_ffn}, hidden {args.hidden}"
+    write_result(args.name, title, "\n".join(lines), data)
     return 0
 
 
