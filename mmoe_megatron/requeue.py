@@ -37,6 +37,7 @@ from typing import Optional
 from mmoe_megatron.config import ConfigError, load_config, parse_overrides
 from mmoe_megatron.train import EXIT_PREEMPTED
 from mmoe_megatron.training.checkpoint_names import STATE, newest_complete_step, tag_for
+from mmoe_megatron.training.metrics import read_jsonl
 
 DEFAULT_MAX_RETRIES = 3
 MAX_RETRIES_ENV = "MMOE_MAX_RETRIES"
@@ -108,19 +109,7 @@ def _log_path(run_dir: str) -> str:
 
 
 def _records(run_dir: str, job: str) -> list[dict]:
-    path = _log_path(run_dir)
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("job") == job:
-                out.append(record)
-    return out
+    return [r for r in read_jsonl(_log_path(run_dir)) if r.get("job") == job]
 
 
 def stopped_on_signal(ckpt_dir: str, step: Optional[int]) -> bool:

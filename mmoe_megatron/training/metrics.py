@@ -154,7 +154,12 @@ def _ends_with_newline(path: str) -> bool:
 def read_records(run_dir: str) -> list[dict]:
     """Every record of <run_dir>/metrics.jsonl in file order (empty if there is none yet). A last
     line cut short by a crash is skipped."""
-    path = os.path.join(run_dir, METRICS_FILE)
+    return read_jsonl(os.path.join(run_dir, METRICS_FILE))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every record of a JSON-lines file in order (empty if there is none); a line cut short by a
+    crash is skipped."""
     if not os.path.isfile(path):
         return []
     out = []
