@@ -107,11 +107,14 @@ def main(argv=None) -> int:
             shutil.copyfile(path, os.path.join(RESULTS, name))
             images.append(f"![{spec.name} {key}](bench/results/{name})")
     expected = len(spec.members) * max(1, len(spec.seeds))
-    walls = [w["seconds"] for r in records for w in r.get("bench", {}).get("train_wall_s", [])]
+    launches = [w for r in records for w in r.get("bench", {}).get("train_wall_s", [])]
+    walls = sorted(w["seconds"] / 60 for w in launches)
+    nprocs = "/".join(str(n) for n in sorted({w["nproc"] for w in launches}))
     lines = [markdown(data, level=4),
              f"Runs evaluated: {len(records)} of {expected}"
-             + (f"; training wall time per run {min(walls) / 60:.1f}-{max(walls) / 60:.1f} min "
-                f"(each on {args.nproc} processes, on a machine possibly shared with other work)" if walls else "")
+             + (f"; training wall time per launch: median {walls[len(walls) // 2]:.1f} min, "
+                f"{walls[0]:.1f}-{walls[-1]:.1f} min (a launch that found its run trained only evaluates; "
+                f"{nprocs} process(es) per run, on a machine possibly shared with other work)" if walls else "")
              + ".", "", *images]
     write_result(slug, f"Suite: {spec.name}", "\n".join(lines),
                  {"comparison": data, "suite": os.path.relpath(os.path.abspath(args.suite), ROOT)})
