@@ -3,6 +3,7 @@ compare), then the evaluation and budget-search commands on its elastic member."
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -272,3 +273,16 @@ def test_data_seed_fixes_the_samples_whatever_the_train_seed(single_process_mcor
 
     assert torch.equal(first_valid(1, 7), first_valid(2, 7))
     assert not torch.equal(first_valid(1, None), first_valid(2, None))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "bench", "suites", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_shipped_suite_loads_with_valid_member_configs(path):
+    # A suite is read when its benchmark starts, and each run's config only when that run trains:
+    # a typo in the last member of a ladder would surface hours in. load_suite builds every run's
+    # config, so one that does not validate fails here.
+    from mmoe_megatron.evaluation.suite import load_suite, runs
+
+    spec = load_suite(path)
+    assert any(m.role == "elastic" for m in spec.members)
+    assert len(runs(spec)) >= len(spec.members)
