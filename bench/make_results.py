@@ -26,15 +26,6 @@ AXES = {
 SEED_REPLICATES = ["ablations_seed2_cpu"]
 """Suites that rerun some ablation members with another seed; a member's score is then its mean
 over the seeds it ran with."""
-HELD_BACK = {
-    "matryoshka.widths": "slimmable experts run through the grouped-GEMM expert path in the GPU presets "
-                         "(configs/gpu_*.yaml), and that path has not yet passed its parity check on a GPU "
-                         "(`make gpu-check`); a fixed-k member built from the defaults would also become "
-                         "width-elastic (its width is drawn per token when k is fixed). Set it per model "
-                         "until then (README, \"Slimmable experts: elastic width as well as k\").",
-}
-"""Settings that passed the ladder's criterion but are not the default yet, with the reason; the
-ladder's defaults section prints it under its table."""
 
 
 def machine_line(m: dict) -> str:
@@ -111,7 +102,6 @@ def ladder_defaults_section(record: dict) -> str:
              "column is reported, never used to choose.", "",
              "| variant | setting | validation: mean (per seed) | better on every seed (enough seeds) | held-out: mean (per seed) | is the default |",
              "|---|---|---|---|---|---|"]
-    held_back = []
     for name, per_domain in variants["by_variant"].items():
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
         valid = per_domain.get("valid")
@@ -122,10 +112,6 @@ def ladder_defaults_section(record: dict) -> str:
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
                      f"{_verdict(valid)} | "
                      f"{'; '.join(cell(e) for e in held) or '-'} | {'yes' if is_default else 'no'} |")
-        if valid and valid["better_on_every_seed"] and valid.get("decides") and not is_default:
-            held_back += [f"`{name}` passed the criterion and is not the default: {HELD_BACK[k]}"
-                          for k in overrides.get(name, {}) if k in HELD_BACK]
-    lines += [""] + held_back if held_back else []
     return "\n".join(lines) + "\n"
 
 

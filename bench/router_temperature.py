@@ -56,7 +56,7 @@ def measure_run(spec, run, num_calibration: int) -> dict:
     from mmoe_megatron.data import build_datasets, resolve_vocab_size
     from mmoe_megatron.evaluation.core import eval_indices, losses_at
     from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, run_dir
+    from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
     from mmoe_megatron.training.checkpoint import tag_for
 
     out = run_dir(spec, run)
@@ -96,7 +96,7 @@ def measure_run(spec, run, num_calibration: int) -> dict:
     sharpness = router_sharpness(model, calibration, max(spec.eval.curve_ks), cfg, mask, num_calibration)
     print(f"{run.label}: router top-1 probability {sharpness['top1']:.3f}, top-2 {sharpness['top2']:.3f}", flush=True)
     return {"sharpness": sharpness, "member": run.member.name, "role": run.member.role, "seed": run.seed,
-            "trained_k": _trained_k(run), "checkpoint": checkpoint, "grid": list(GRID),
+            "trained_k": specialist_k(run.member), "checkpoint": checkpoint, "grid": list(GRID),
             "num_calibration": num_calibration, "num_samples": n, "by_k": by_k}
 
 
@@ -127,12 +127,6 @@ def router_sharpness(model, dataset, k, cfg, mask, count) -> dict:
     return {"top1": top1, "top2": top2, "num_experts": cfg.moe.num_experts}
 
 
-def _trained_k(run):
-    from mmoe_megatron.evaluation.suite import specialist_k
-
-    return specialist_k(run.member)
-
-
 def _mean_std(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
 
@@ -144,8 +138,10 @@ def _cell(values, signed=True):
 
 
 def report(spec, records: list[dict]) -> tuple[str, dict]:
+    from mmoe_megatron.evaluation.suite import domains
+
     ks = [str(k) for k in spec.eval.curve_ks]
-    domain_names = [d for d, _ in domains_of(spec)]
+    domain_names = [d for d, _ in domains(spec)]
     order = [m.name for m in spec.members]
     records = sorted(records, key=lambda r: (order.index(r["member"]), r["seed"] or 0))
     members = [m for m in order if any(r["member"] == m for r in records)]
@@ -203,12 +199,6 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                 cells.append(f"{_cell(before)} → {_cell(after)}")
             lines.append(f"| {m} | {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines), {"deltas": summary, "taxes": taxes}
-
-
-def domains_of(spec):
-    from mmoe_megatron.evaluation.suite import domains
-
-    return domains(spec)
 
 
 def main(argv=None) -> int:
