@@ -55,7 +55,9 @@ def router_builder(cfg: ExperimentConfig):
     if mat.method == "emoe":
         return functools.partial(baselines.EMoERouter, k1_router_grad=mat.k1_router_grad,
                                  pool_k=mat.emoe_pool_k, sharpen_coeff=mat.emoe_sharpen_coeff)
-    return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad)
+    temperature_ks = mat.ks if mat.gate_temperature == "learned" else None
+    return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad,
+                             temperature_ks=temperature_ks)
 
 
 def experts_spec(cfg: ExperimentConfig, experts):

@@ -16,7 +16,9 @@ W ranked slots (the widest k in use), S sequence, B batch.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import bisect
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -44,10 +46,16 @@ class MatryoshkaRouter(TopKRouter):
     no gradient. With `k1_router_grad="straight_through"` the weight is 1 + (p - stop_grad(p)),
     p the token's full-softmax probability of its expert: the forward is unchanged, and the
     router learns as a Switch Transformer router (weight p) would.
+
+    With `temperature_ks` (the trained ks), the layer learns a log-temperature per trained k,
+    `log_temperature` [K], and divides a token's selected logits by its k's temperature before
+    the softmax over them (topk_softmax only). The ranking, hence the experts chosen, is
+    unchanged; so is the aux loss, which sees the scores at temperature 1. Other ks interpolate
+    linearly in log k (`temperature_weights`).
     """
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
-                 **router_kwargs):
+                 temperature_ks: Optional[Sequence[int]] = None, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -66,6 +74,17 @@ class MatryoshkaRouter(TopKRouter):
         if k1_router_grad not in ("straight_through", "none"):
             raise ValueError(f"k1_router_grad must be straight_through or none, not {k1_router_grad!r}")
         self.k1_router_grad = k1_router_grad
+        self.temperature_ks = tuple(temperature_ks) if temperature_ks else None
+        if self.temperature_ks is not None:
+            if config.moe_router_pre_softmax:
+                raise ValueError("a temperature per k divides the selected logits: use topk_softmax")
+            weights_KE = temperature_weights(self.temperature_ks, self.num_experts)
+            # Row k (0..E) of the interpolation matrix, [E + 1, K]; row 0 is unused.
+            self.register_buffer("temperature_weights_EK", weights_KE.t().contiguous(), persistent=False)
+            self.log_temperature = torch.nn.Parameter(
+                torch.zeros(len(self.temperature_ks), dtype=config.params_dtype)
+            )
+            setattr(self.log_temperature, "sequence_parallel", config.sequence_parallel)
         self.pre_softmax = config.moe_router_pre_softmax
         self.k_max_trained = config.moe_router_topk
         self._k: int = config.moe_router_topk
@@ -157,6 +176,8 @@ class MatryoshkaRouter(TopKRouter):
         if self.pre_softmax:
             probs_TW = (ranked_TW * active_TW).type_as(logits_TE)
         else:
+            if self.temperature_ks is not None:
+                ranked_TW = ranked_TW * self._inverse_temperature(budget, ranked_TW.device)
             masked_TW = ranked_TW.masked_fill(~active_TW, float("-inf"))
             probs_TW = torch.softmax(masked_TW, dim=-1, dtype=torch.float32).type_as(logits_TE)
             if self.k1_router_grad == "straight_through" and self.training:
@@ -190,6 +211,20 @@ class MatryoshkaRouter(TopKRouter):
             self.probe(scores_TE, routing_map_TE)
         self.last_k = budget
         return probs_TE, routing_map_TE
+
+    def _inverse_temperature(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
+        """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
+        log_t_K = self.log_temperature.float().to(device)
+        weights_EK = self.temperature_weights_EK.to(device)
+        if isinstance(budget, int):
+            return torch.exp(-(weights_EK[budget] @ log_t_K))
+        return torch.exp(-(weights_EK[budget] @ log_t_K)).unsqueeze(1)
+
+    def temperature(self, k: int) -> float:
+        """The temperature this layer applies at k (1.0 without learned temperatures)."""
+        if self.temperature_ks is None:
+            return 1.0
+        return float(1.0 / self._inverse_temperature(k, self.log_temperature.device).detach())
 
     def uses_exactly_budget(self) -> bool:
         """True when every token routes to exactly `budget` experts (known on the host)."""
@@ -229,6 +264,24 @@ class MatryoshkaRouter(TopKRouter):
             probs_TE, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group,
             valid_token_count=num_tokens,
         )
+
+
+def temperature_weights(ks: Sequence[int], max_k: int) -> torch.Tensor:
+    """[K, max_k + 1]: column k holds the weights of the trained ks' log-temperatures whose sum is
+    the log-temperature at k, linear in log k between neighbouring trained ks and constant beyond
+    the ends. Column 0 is zero (no k)."""
+    weights_KE = torch.zeros(len(ks), max_k + 1)
+    for k in range(1, max_k + 1):
+        if k <= ks[0]:
+            weights_KE[0, k] = 1.0
+        elif k >= ks[-1]:
+            weights_KE[-1, k] = 1.0
+        else:
+            hi = bisect.bisect_left(ks, k)
+            lo = hi - 1
+            frac = (math.log(k) - math.log(ks[lo])) / (math.log(ks[hi]) - math.log(ks[lo]))
+            weights_KE[lo, k], weights_KE[hi, k] = 1.0 - frac, frac
+    return weights_KE
 
 
 class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):

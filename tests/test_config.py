@@ -172,6 +172,10 @@ def test_every_shipped_config_loads():
     ({"matryoshka.distill_coeff": 1.0}, "matryoshka.distill_coeff", "< 1"),
     ({"matryoshka.shrink_fraction": 0.5, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
      "matryoshka.shrink_fraction", "only for an elastic model"),
+    ({"matryoshka.gate_temperature": "learned", "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
+     "matryoshka.gate_temperature", "needs an elastic model"),
+    ({"matryoshka.gate_temperature": "learned", "matryoshka.normalization": "softmax_topk"},
+     "matryoshka.gate_temperature", "topk_softmax"),
 ])
 def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides, field, message):
     from mmoe_megatron.config import ConfigError, load_config

@@ -19,6 +19,7 @@ def make_router(single_process_mcore, **overrides):
     router = MatryoshkaRouter(
         transformer_config(cfg), get_default_pg_collection(),
         k1_router_grad=cfg.matryoshka.k1_router_grad,
+        temperature_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_temperature == "learned" else None,
     )
     return router
 
@@ -177,3 +178,64 @@ def test_loss_changes_with_k_and_is_reproducible(single_process_mcore):
         set_topk(model, 1)
         assert forward_loss(model, tokens, labels).item() == losses[1]
     assert len(set(losses.values())) == 3
+
+
+# --- learned temperature per k ------------------------------------------------------------------
+
+
+def test_temperature_interpolates_in_log_k_between_trained_ks():
+    from mmoe_megatron.router import temperature_weights
+
+    w_KE = temperature_weights((1, 2, 4, 8), 16)
+    assert torch.equal(w_KE[:, 0], torch.zeros(4))
+    for k, i in ((1, 0), (2, 1), (4, 2), (8, 3), (9, 3), (16, 3)):
+        assert torch.equal(w_KE[:, k], torch.eye(4)[i])
+    # log 3 lies 0.585 of the way from log 2 to log 4 (log2(1.5)); log 6 as far from log 4 to log 8.
+    assert torch.allclose(w_KE[:, 3], torch.tensor([0.0, 0.41504, 0.58496, 0.0]), atol=1e-5)
+    assert torch.allclose(w_KE[:, 6], torch.tensor([0.0, 0.0, 0.41504, 0.58496]), atol=1e-5)
+
+
+def test_learned_temperature_divides_the_selected_logits_of_each_k(single_process_mcore):
+    ks = [1, 2, 4]
+    plain = make_router(single_process_mcore, **{"matryoshka.ks": ks})
+    tempered = make_router(single_process_mcore, **{"matryoshka.ks": ks, "matryoshka.gate_temperature": "learned"})
+    assert torch.equal(plain.weight, tempered.weight)  # same seed, same gate
+    x = hidden()
+    logits_TE = plain.gating(x).view(-1, E)
+    # At temperature 1 (the initial value) the routing is the plain router's.
+    for k in (1, 2, 3, 4):
+        plain.set_k(k)
+        tempered.set_k(k)
+        assert torch.equal(plain(x)[0], tempered(x)[0])
+    with torch.no_grad():
+        tempered.log_temperature.copy_(torch.log(torch.tensor([1.0, 0.5, 3.0])))
+    for k, t in ((2, 0.5), (4, 3.0), (3, 0.5 ** 0.41504 * 3.0 ** 0.58496), (6, 3.0)):
+        tempered.set_k(k)
+        probs_TE, map_TE = tempered(x)
+        assert tempered.temperature(k) == pytest.approx(t, rel=1e-4)
+        top_TK, ids_TK = torch.topk(logits_TE, k, dim=1)
+        expected_TE = torch.zeros_like(logits_TE).scatter(1, ids_TK, torch.softmax(top_TK / t, dim=1))
+        assert torch.equal(map_TE, expected_TE > 0)  # the same experts as at temperature 1
+        assert torch.allclose(probs_TE, expected_TE, atol=1e-6)
+    # Per-token ks: every token at its own k's temperature.
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
+    tempered.set_token_ks(ks_SB, width=4)
+    per_token_TE, _ = tempered(x)
+    for k in (1, 2, 3, 4):
+        tempered.set_k(k)
+        rows_T = ks_SB.reshape(-1) == k
+        assert torch.allclose(per_token_TE[rows_T], tempered(x)[0][rows_T], atol=1e-6)
+
+
+def test_learned_temperature_gets_a_gradient_only_from_ks_that_mix_experts(single_process_mcore):
+    router = make_router(single_process_mcore, **{"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0,
+                                                  "matryoshka.gate_temperature": "learned"})
+    router.train()
+    x = hidden()
+    for k, moved in ((1, [False, False, False]), (4, [False, False, True]), (3, [False, True, True])):
+        router.log_temperature.grad = None
+        router.set_k(k)
+        probs_TE, _ = router(x)
+        (probs_TE * torch.arange(1.0, E + 1)).sum().backward()
+        grad_K = router.log_temperature.grad
+        assert [bool(g != 0) for g in grad_K] == moved, (k, grad_K)

@@ -131,6 +131,12 @@ class MatryoshkaConfig:
     """With topk_softmax, a token routed to one expert has weight 1 and its router gets no LM-loss
     gradient. straight_through keeps the weight at 1 but passes the gradient of the expert's
     softmax probability (weight 1 + (p - stop_grad(p))); none leaves only the aux losses."""
+    gate_temperature: Literal["none", "learned"] = "none"
+    """learned: every MoE layer learns one temperature per trained k that divides the selected
+    logits before the softmax over them (the combine weights; which experts are chosen is
+    unchanged), so the weighting of k = 8 experts can differ from that of k = 2. ks between trained
+    ks interpolate the log-temperature in log k; ks outside the range take the nearest end's.
+    Served by scaling the gate weights of the k exported. Needs topk_softmax and more than one k."""
     sync_check_interval: int = field(0, ge=0)
     """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
     eval_ks: list[int] = field([], ge=1)
@@ -221,6 +227,14 @@ class MatryoshkaConfig:
                     "only for an elastic model (method matryoshka, more than one k, strategy not "
                     "fixed); set it to 0",
                 )
+        if self.gate_temperature == "learned" and (
+            single_k or self.method != "matryoshka" or self.normalization != "topk_softmax"
+        ):
+            raise ConfigError(
+                f"{path}.gate_temperature",
+                "a temperature per k needs an elastic model (method matryoshka, more than one k, "
+                "strategy not fixed) with normalization topk_softmax; set it to none",
+            )
         if self.k_max == 1 and self.normalization == "topk_softmax":
             # megatron-core refuses this at build time (transformer_config.py:1633-1641).
             raise ConfigError(

@@ -129,6 +129,12 @@ def num_experts_of(hf: Mapping) -> int:
 def check_exportable(cfg: ExperimentConfig) -> None:
     """Raise ExportError for the first setting Qwen3-MoE cannot express."""
     m = cfg.model
+    if cfg.matryoshka.gate_temperature != "none":
+        raise ExportError(
+            f"matryoshka.gate_temperature={cfg.matryoshka.gate_temperature}: Qwen3-MoE routes every k "
+            "with the same gate weights, so temperatures learned per k have no place in one export; "
+            "evaluate this model with mmoe_megatron's own evaluation, or train with gate_temperature: none"
+        )
     if m.normalization != "RMSNorm":
         raise ExportError(
             f"model.normalization={m.normalization}: Qwen3-MoE uses RMSNorm everywhere and a LayerNorm "
