@@ -4,7 +4,7 @@ Dividing a trained router's logits by T changes no expert choice, only the weigh
 experts (T < 1 sharpens them). An elastic model's router is shaped by its k = 1 tokens, whose one
 expert must carry the token alone; served at a larger k, the lower-ranked experts may want another
 weight than the one training gave them. T is a free knob at serving time: it folds into the router
-weights (W / T), so an export at one k stays a plain Qwen3-MoE (tools.export_hf --router-temperature).
+weights (W / T), so a model exported for one k with it folded in stays a plain Qwen3-MoE.
 
 For every evaluated run of a suite (with its checkpoints on this machine), at each k of the suite's
 curve_ks: T is chosen on training samples from a grid, then the validation split and every held-out
