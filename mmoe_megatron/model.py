@@ -211,7 +211,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases. Grouped-GEMM experts draw from their SequentialMLP names and
+    weights, zeros for biases and for the routers' log-temperatures (temperature 1). Grouped-GEMM experts draw from their SequentialMLP names and
     Transformer Engine's linears share the local spec's names, so every layer spec of a config
     starts from the same weights too.
     """
@@ -222,7 +222,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
     ep_rank = ps.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
         if param.dim() == 1:
-            param.fill_(0.0 if name.endswith("bias") else 1.0)
+            param.fill_(0.0 if name.endswith(("bias", "log_temperature")) else 1.0)
             continue
         if is_expert_param(name):
             num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()

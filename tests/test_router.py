@@ -239,3 +239,20 @@ def test_learned_temperature_gets_a_gradient_only_from_ks_that_mix_experts(singl
         (probs_TE * torch.arange(1.0, E + 1)).sum().backward()
         grad_K = router.log_temperature.grad
         assert [bool(g != 0) for g in grad_K] == moved, (k, grad_K)
+
+
+def test_a_model_with_learned_temperatures_starts_as_the_model_without(single_process_mcore):
+    """Temperatures start at 1: the initial model's loss at every k equals the plain model's."""
+    from mmoe_megatron.model import build_model, set_topk
+
+    plain = build_model(tiny_config(), VOCAB)
+    tempered = build_model(tiny_config(**{"matryoshka.gate_temperature": "learned"}), VOCAB)
+    names = [n for n, _ in tempered.named_parameters() if n.endswith("log_temperature")]
+    assert len(names) == 4  # one per MoE layer of tiny.yaml
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), tempered.eval()
+    with torch.no_grad():
+        for k in (1, 2, 3, 4, 6):
+            set_topk(plain, k)
+            set_topk(tempered, k)
+            assert forward_loss(tempered, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
