@@ -236,6 +236,37 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
     assert comparison(spec, records)["variants"]["by_variant"]["sandwich"]["valid"]["decides"] is True
 
 
+def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+    from mmoe_megatron.router import learned_temperatures
+
+    # Layers 2 and 10 (sorted by number, not as strings), trained ks 1, 2, 4.
+    sd = {"decoder.layers.10.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.5, 0.25])),
+          "decoder.layers.2.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.8, 0.4])),
+          "decoder.layers.2.mlp.router.weight": torch.zeros(4, 8)}
+    temps = learned_temperatures(sd, [1, 2, 4])
+    assert temps.keys() == {"1", "2", "4"}
+    assert temps["2"] == pytest.approx([0.8, 0.5]) and temps["4"] == pytest.approx([0.4, 0.25])
+    assert learned_temperatures({"decoder.layers.2.mlp.router.weight": torch.zeros(4, 8)}, [1, 2]) == {}
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(), members=[
+        MemberSpec("elastic", "elastic"), MemberSpec("temperature", "elastic")])
+    losses = {1.0: {"valid": {"1": 5.0, "2": 4.9, "4": 4.8}}}
+    records = [_record("elastic", s, "elastic", None, losses) for s in (1, 2)]
+    records += [dict(_record("temperature", 1, "elastic", None, losses), learned_temperatures=temps),
+                dict(_record("temperature", 2, "elastic", None, losses),
+                     learned_temperatures={"1": [1.0, 1.0], "2": [0.7, 0.6], "4": [0.3, 0.35]})]
+    data = comparison(spec, records)
+    assert list(data["temperatures"]) == ["temperature"]
+    k4 = data["temperatures"]["temperature"]["4"]
+    # Layer means per seed: 0.325 and 0.325; layers range from 0.25 to 0.4.
+    assert k4["mean"] == pytest.approx(0.325) and k4["std"] == pytest.approx(0.0, abs=1e-6)
+    assert (k4["lowest"], k4["highest"]) == (pytest.approx(0.25), pytest.approx(0.4))
+    assert "| temperature | 2 | 1.000 ± 0.000 (1.00-1.00) | 0.650 ± 0.000 (0.50-0.80) | 0.325 ± 0.000 (0.25-0.40) |" \
+        in markdown(data)
+
+
 def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):
     from mmoe_megatron.config.derive import flops_per_token
     from mmoe_megatron.evaluation.suite import load_suite, member_config

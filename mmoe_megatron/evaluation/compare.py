@@ -142,7 +142,21 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
             "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
                                  for d, s in spread.items()},
             "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
+            "temperatures": _temperatures(members, by_member),
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
+
+
+def _temperatures(members, by_member) -> dict:
+    """member -> k -> mean over seeds of the layers' mean learned temperature, its std over seeds,
+    and the lowest and highest layer over seeds (members with learned temperatures only)."""
+    out = {}
+    for m in members:
+        runs = [r["learned_temperatures"] for r in by_member[m.name] if r.get("learned_temperatures")]
+        if runs:
+            out[m.name] = {k: {**_stats([statistics.fmean(t[k]) for t in runs]), "seeds": len(runs),
+                               "lowest": min(min(t[k]) for t in runs), "highest": max(max(t[k]) for t in runs)}
+                           for k in runs[0]}
+    return out
 
 
 # A variant replaces the default only when it wins on at least this many seeds, every one of them.
@@ -258,6 +272,21 @@ def markdown(data: dict, level: int = 2) -> str:
                 if e["better_on_every_seed"] and not e.get("decides"):
                     verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
                 lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
+        lines.append("")
+    if data.get("temperatures"):
+        ks = sorted({k for t in data["temperatures"].values() for k in t}, key=int)
+        lines += [f"{h2} Learned gate temperatures", "",
+                  "Temperature of the combine weights at each trained k (below 1: sharper than the "
+                  "router's softmax), mean over MoE layers and seeds; in brackets, the lowest and highest "
+                  "layer. k = 1 has one weight and no gradient: it stays at 1.", "",
+                  "| model | seeds | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---:|" + "---:|" * len(ks)]
+        for name, per_k in data["temperatures"].items():
+            cells = []
+            for k in ks:
+                e = per_k.get(k)
+                std = "" if e is None or e["std"] is None else f" ± {e['std']:.3f}"
+                cells.append("-" if e is None else f"{e['mean']:.3f}{std} ({e['lowest']:.2f}-{e['highest']:.2f})")
+            lines.append(f"| {name} | {next(iter(per_k.values()))['seeds']} | " + " | ".join(cells) + " |")
         lines.append("")
     if seeded:
         parts = []

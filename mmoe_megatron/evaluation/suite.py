@@ -389,7 +389,8 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
     from mmoe_megatron import distributed
     from mmoe_megatron.evaluation.report import write_report
     from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
-    from mmoe_megatron.training.checkpoint import complete_checkpoints, tag_for
+    from mmoe_megatron.router import learned_temperatures
+    from mmoe_megatron.training.checkpoint import complete_checkpoints, load_global_state_dict, tag_for
 
     ks = spec.eval.specs()
     settings = eval_settings(spec)
@@ -439,6 +440,9 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "losses": results, "eval_settings": settings, "launches": _launches(out),
                     "evaluated": provenance(),
                 }
+                if cfg.matryoshka.gate_temperature == "learned":
+                    record["learned_temperatures"] = learned_temperatures(
+                        load_global_state_dict(meta["checkpoint"]), cfg.matryoshka.ks)
                 with open(os.path.join(out, "eval", "results.json"), "w") as f:
                     json.dump(record, f, indent=2)
                 print(f"evaluated {run.label}", flush=True)
