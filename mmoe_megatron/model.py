@@ -211,9 +211,9 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases and for the routers' log-temperatures (temperature 1). Grouped-GEMM experts draw from their SequentialMLP names and
-    Transformer Engine's linears share the local spec's names, so every layer spec of a config
-    starts from the same weights too.
+    weights, zeros for biases and for the routers' log-temperatures (temperature 1). Grouped-GEMM
+    experts draw from their SequentialMLP names and Transformer Engine's linears share the local
+    spec's names, so every layer spec of a config starts from the same weights too.
     """
     from megatron.core import parallel_state as ps
 

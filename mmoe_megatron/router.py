@@ -216,9 +216,8 @@ class MatryoshkaRouter(TopKRouter):
         """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
         log_t_K = self.log_temperature.float().to(device)
         weights_EK = self.temperature_weights_EK.to(device)
-        if isinstance(budget, int):
-            return torch.exp(-(weights_EK[budget] @ log_t_K))
-        return torch.exp(-(weights_EK[budget] @ log_t_K)).unsqueeze(1)
+        inverse = torch.exp(-(weights_EK[budget] @ log_t_K))
+        return inverse if isinstance(budget, int) else inverse.unsqueeze(1)
 
     def temperature(self, k: int) -> float:
         """The temperature this layer applies at k (1.0 without learned temperatures)."""
