@@ -77,10 +77,26 @@ def defaults_section(records: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def schema_default(key: str):
+    """The schema's default of a dotted config key (`section.field`); dataclasses.MISSING when the
+    key is unknown or has no default."""
+    import dataclasses
+    import typing
+
+    from mmoe_megatron.config.schema import ExperimentConfig
+
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(ExperimentConfig).get(section)
+    found = [f for f in dataclasses.fields(cls) if f.name == name] if dataclasses.is_dataclass(cls) else []
+    if not found or "." in name:
+        return dataclasses.MISSING
+    f = found[0]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def ladder_defaults_section(record: dict) -> str:
     """Which training-side method against the tax became a default: a variant is kept when it beats
     the reference elastic model on every seed on the validation split (held-out shown, not used)."""
-    from mmoe_megatron.config.schema import MatryoshkaConfig
     from mmoe_megatron.evaluation.compare import SEEDS_TO_DECIDE
     from mmoe_megatron.evaluation.suite import load_suite
 
@@ -94,7 +110,6 @@ def ladder_defaults_section(record: dict) -> str:
         return ""
     spec = load_suite(os.path.join(ROOT, record["data"]["suite"]))
     overrides = {m.name: m.overrides for m in spec.members}
-    defaults = MatryoshkaConfig()
     lines = ["## Defaults chosen from the elasticity ladder", "",
              f"Criterion: mean validation loss over k = {', '.join(variants['ks'])} at the end of training, "
              f"paired by seed against `{variants['reference']}` (the current defaults), at equal training "
@@ -108,8 +123,7 @@ def ladder_defaults_section(record: dict) -> str:
         valid = per_domain.get("valid")
         held = [e for d, e in per_domain.items() if d != "valid"]
         cell = lambda e: f"{e['mean']:+.4f} ({', '.join(f'{d:+.4f}' for d in e['per_seed'].values())})"
-        is_default = all(getattr(defaults, k.split(".", 1)[1], None) == v
-                         for k, v in overrides.get(name, {}).items() if k.startswith("matryoshka."))
+        is_default = all(schema_default(k) == v for k, v in overrides.get(name, {}).items())
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
                      f"{_verdict(valid)} | "
                      f"{'; '.join(cell(e) for e in held) or '-'} | {'yes' if is_default else 'no'} |")
