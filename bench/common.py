@@ -91,3 +91,43 @@ def single_process(cfg) -> None:
     from mmoe_megatron import distributed
 
     distributed.init_distributed(cfg)
+
+
+def measure_kept_runs(spec, kept: str, measure, members=None, seeds=None) -> int:
+    """`measure(run)` of every evaluated run of suite `spec` under the current directory (only
+    `members` and `seeds` when given), in this one process; each record, with the seconds it took,
+    is kept as `kept/<run>.json`. Returns how many runs it measured."""
+    import time
+
+    from mmoe_megatron import distributed
+    from mmoe_megatron.evaluation.run import run_config as saved_config
+    from mmoe_megatron.evaluation.suite import result_file_name, run_dir, runs
+
+    chosen = [r for r in runs(spec) if (not members or r.member.name in members) and (not seeds or r.seed in seeds)
+              and os.path.isfile(os.path.join(run_dir(spec, r), "eval", "results.json"))]
+    if not chosen:
+        return 0
+    os.makedirs(kept, exist_ok=True)
+    single_process(saved_config(run_dir(spec, chosen[0])))
+    try:
+        for run in chosen:
+            start = time.time()
+            record = measure(run)
+            record["seconds"] = time.time() - start
+            with open(os.path.join(kept, result_file_name(run)), "w") as f:
+                json.dump(record, f, indent=2)
+    finally:
+        distributed.shutdown()
+    return len(chosen)
+
+
+def kept_records(spec, kept: str) -> list[dict]:
+    """The records kept in `kept` whose member suite `spec` still has."""
+    names = {m.name for m in spec.members}
+    records = []
+    for name in sorted(os.listdir(kept)) if os.path.isdir(kept) else []:
+        with open(os.path.join(kept, name)) as f:
+            record = json.load(f)
+        if record["member"] in names:
+            records.append(record)
+    return records

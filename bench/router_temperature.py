@@ -21,13 +21,11 @@ from every kept file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
-from bench.common import RESULTS, ROOT, free_port, write_result
+from bench.common import RESULTS, ROOT, kept_records, measure_kept_runs, write_result
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3)
 MIN_GAIN = 1e-4
@@ -211,41 +209,18 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
 
-    from mmoe_megatron.evaluation.suite import load_suite, result_file_name, run_dir, runs
+    from mmoe_megatron.evaluation.suite import load_suite
 
     suite = os.path.abspath(args.suite)
     os.chdir(args.root)
     spec = load_suite(suite)
     slug = spec.name.replace("-", "_")
     kept = os.path.join(RESULTS, f"router_temperature_{slug}")
-    os.makedirs(kept, exist_ok=True)
-    if not args.report_only:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        from mmoe_megatron import distributed
-        from mmoe_megatron.evaluation.run import run_config as saved_config
-
-        chosen = [r for r in runs(spec) if (not args.member or r.member.name in args.member)
-                  and (not args.seed or r.seed in args.seed)
-                  and os.path.isfile(os.path.join(run_dir(spec, r), "eval", "results.json"))]
-        if not chosen:
-            print(f"no evaluated run of {spec.name} under {args.root}", file=sys.stderr)
-            return 1
-        distributed.init_distributed(saved_config(run_dir(spec, chosen[0])))
-        try:
-            for run in chosen:
-                start = time.time()
-                record = measure_run(spec, run, args.calibration_samples)
-                record["seconds"] = time.time() - start
-                with open(os.path.join(kept, result_file_name(run)), "w") as f:
-                    json.dump(record, f, indent=2)
-        finally:
-            distributed.shutdown()
-    records = []
-    for name in sorted(os.listdir(kept)):
-        with open(os.path.join(kept, name)) as f:
-            records.append(json.load(f))
-    members = {m.name for m in spec.members}
-    records = [r for r in records if r["member"] in members]
+    measure = lambda run: measure_run(spec, run, args.calibration_samples)
+    if not args.report_only and not measure_kept_runs(spec, kept, measure, args.member, args.seed):
+        print(f"no evaluated run of {spec.name} under {args.root}", file=sys.stderr)
+        return 1
+    records = kept_records(spec, kept)
     if not records:
         print(f"no kept result in {kept}", file=sys.stderr)
         return 1
