@@ -131,3 +131,51 @@ def kept_records(spec, kept: str) -> list[dict]:
         if record["member"] in names:
             records.append(record)
     return records
+
+
+def kept_runs_parser(doc: str):
+    """Command line of a benchmark that measures a suite's kept runs (`run_kept_benchmark`)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", required=True)
+    p.add_argument("--root", default=ROOT, help="directory holding the suite's runs directory")
+    p.add_argument("--member", action="append", help="only these members (repeatable)")
+    p.add_argument("--seed", type=int, action="append", help="only these seeds (repeatable)")
+    p.add_argument("--report-only", action="store_true")
+    return p
+
+
+def run_kept_benchmark(args, name: str, title: str, measure, report, check=None) -> int:
+    """Measure the kept runs of `args.suite` under `args.root` (`measure(spec, run)` -> record, kept
+    in bench/results/<name>_<suite>/), then write the report of every kept record
+    (`report(spec, records)` -> markdown, data) as bench/results/<name>_<suite>.json.
+    `check(spec)` may return why the suite does not fit the benchmark. Returns the exit status."""
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    suite = os.path.abspath(args.suite)
+    os.chdir(args.root)
+    spec = load_suite(suite)
+    problem = check(spec) if check is not None else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    slug = f"{name}_{spec.name.replace('-', '_')}"
+    kept = os.path.join(RESULTS, slug)
+    if not args.report_only and not measure_kept_runs(spec, kept, lambda run: measure(spec, run),
+                                                      args.member, args.seed):
+        print(f"no evaluated run of {spec.name} under {args.root}", file=sys.stderr)
+        return 1
+    records = kept_records(spec, kept)
+    if not records:
+        print(f"no kept result in {kept}", file=sys.stderr)
+        return 1
+    try:
+        markdown, data = report(spec, records)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    os.chdir(ROOT)
+    write_result(slug, f"{title}: {spec.name}", markdown,
+                 {**data, "suite": os.path.relpath(suite, ROOT), "runs": len(records)})
+    return 0

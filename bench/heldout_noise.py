@@ -21,13 +21,11 @@ every kept file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 
-from bench.common import RESULTS, ROOT, kept_records, measure_kept_runs, write_result
+from bench.common import kept_runs_parser, run_kept_benchmark
 
 AGREE = 1e-3
 """The first block must reproduce the suite's kept loss to this many nats (same samples, same weights)."""
@@ -41,12 +39,9 @@ def distinct_samples(prefix: str, seq_length: int) -> int:
     return int(index.sequence_lengths.sum() - 1) // seq_length
 
 
-def kept_losses(spec, run) -> dict:
-    from mmoe_megatron.evaluation.suite import result_file_name
-
-    slug = spec.name.replace("-", "_")
-    path = os.path.join(RESULTS, slug, result_file_name(run))
-    with open(path) as f:
+def suite_losses(results_path: str) -> dict:
+    """The losses a suite's evaluation recorded for a run (`<run>/eval/results.json`), at its last checkpoint."""
+    with open(results_path) as f:
         losses = json.load(f)["losses"]
     return losses[max(losses, key=int)]
 
@@ -64,7 +59,7 @@ def measure_run(spec, run, num_samples: int) -> dict:
     model = load_model(cfg, checkpoint, resolve_vocab_size(cfg))
     mask = causal_mask(cfg.data.seq_length, "cpu")
     block = spec.eval.num_samples
-    kept = kept_losses(spec, run)
+    recorded = suite_losses(os.path.join(out, "eval", "results.json"))
     by_domain = {}
     for held in spec.eval.heldout:
         available = distinct_samples(held.prefix, cfg.data.seq_length)
@@ -78,9 +73,9 @@ def measure_run(spec, run, num_samples: int) -> dict:
         for k in spec.eval.curve_ks:
             values = [losses_at(model, dataset, [k], list(range(start, start + block)), cfg.train.micro_batch_size,
                                 mask, "cpu")[0][0] for start in range(0, num_samples, block)]
-            if abs(values[0] - kept[held.name][str(k)]) > AGREE:
+            if abs(values[0] - recorded[held.name][str(k)]) > AGREE:
                 raise RuntimeError(f"{run.label} {held.name} k={k}: the first block gives {values[0]:.4f}, the "
-                                   f"suite's kept result {kept[held.name][str(k)]:.4f}; the samples or weights differ")
+                                   f"suite's kept result {recorded[held.name][str(k)]:.4f}; the samples or weights differ")
             blocks[str(k)] = values
             print(f"{run.label} {held.name} k={k}: suite's samples {values[0]:.4f}, all {statistics.fmean(values):.4f}",
                   flush=True)
@@ -123,46 +118,23 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True)
-    p.add_argument("--root", default=ROOT, help="directory holding the suite's runs directory")
-    p.add_argument("--member", action="append", help="only these members (repeatable)")
-    p.add_argument("--seed", type=int, action="append", help="only these seeds (repeatable)")
+    p = kept_runs_parser(__doc__)
     p.add_argument("--num-samples", type=int, default=2048, help="a multiple of the suite's eval.num_samples")
-    p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
 
-    from mmoe_megatron.evaluation.suite import load_suite
+    def check(spec):
+        if not spec.eval.heldout:
+            return f"{spec.name} has no held-out domain (eval.heldout)"
+        if args.num_samples % spec.eval.num_samples:
+            return f"--num-samples {args.num_samples} is not a multiple of the suite's {spec.eval.num_samples}"
+        return None
 
-    suite = os.path.abspath(args.suite)
-    os.chdir(args.root)
-    spec = load_suite(suite)
-    if not spec.eval.heldout:
-        print(f"{spec.name} has no held-out domain (eval.heldout)", file=sys.stderr)
-        return 1
-    if args.num_samples % spec.eval.num_samples:
-        print(f"--num-samples {args.num_samples} is not a multiple of the suite's {spec.eval.num_samples}",
-              file=sys.stderr)
-        return 1
-    slug = spec.name.replace("-", "_")
-    kept = os.path.join(RESULTS, f"heldout_noise_{slug}")
-    measure = lambda run: measure_run(spec, run, args.num_samples)
-    if not args.report_only and not measure_kept_runs(spec, kept, measure, args.member, args.seed):
-        print(f"no evaluated run of {spec.name} under {args.root}", file=sys.stderr)
-        return 1
-    records = kept_records(spec, kept)
-    if not records:
-        print(f"no kept result in {kept}", file=sys.stderr)
-        return 1
-    try:
+    def members_report(spec, records):
         markdown, data = report(spec, records)
-    except ValueError as e:
-        print(e, file=sys.stderr)
-        return 1
-    os.chdir(ROOT)
-    write_result(f"heldout_noise_{slug}", f"Held-out evaluation noise: {spec.name}", markdown,
-                 {"members": data, "suite": os.path.relpath(suite, ROOT), "runs": len(records)})
-    return 0
+        return markdown, {"members": data}
+
+    return run_kept_benchmark(args, "heldout_noise", "Held-out evaluation noise",
+                              lambda spec, run: measure_run(spec, run, args.num_samples), members_report, check)
 
 
 if __name__ == "__main__":

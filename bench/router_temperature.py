@@ -20,12 +20,10 @@ from every kept file.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 
-from bench.common import RESULTS, ROOT, kept_records, measure_kept_runs, write_result
+from bench.common import kept_runs_parser, run_kept_benchmark
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3)
 MIN_GAIN = 1e-4
@@ -200,35 +198,11 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", required=True)
-    p.add_argument("--root", default=ROOT, help="directory holding the suite's runs directory")
-    p.add_argument("--member", action="append", help="only these members (repeatable)")
-    p.add_argument("--seed", type=int, action="append", help="only these seeds (repeatable)")
+    p = kept_runs_parser(__doc__)
     p.add_argument("--calibration-samples", type=int, default=256)
-    p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-
-    from mmoe_megatron.evaluation.suite import load_suite
-
-    suite = os.path.abspath(args.suite)
-    os.chdir(args.root)
-    spec = load_suite(suite)
-    slug = spec.name.replace("-", "_")
-    kept = os.path.join(RESULTS, f"router_temperature_{slug}")
-    measure = lambda run: measure_run(spec, run, args.calibration_samples)
-    if not args.report_only and not measure_kept_runs(spec, kept, measure, args.member, args.seed):
-        print(f"no evaluated run of {spec.name} under {args.root}", file=sys.stderr)
-        return 1
-    records = kept_records(spec, kept)
-    if not records:
-        print(f"no kept result in {kept}", file=sys.stderr)
-        return 1
-    markdown, data = report(spec, records)
-    os.chdir(ROOT)
-    write_result(f"router_temperature_{slug}", f"Router temperature at serving time: {spec.name}", markdown,
-                 {**data, "suite": os.path.relpath(suite, ROOT), "runs": len(records)})
-    return 0
+    return run_kept_benchmark(args, "router_temperature", "Router temperature at serving time",
+                              lambda spec, run: measure_run(spec, run, args.calibration_samples), report)
 
 
 if __name__ == "__main__":
