@@ -122,15 +122,20 @@ def measure_kept_runs(spec, kept: str, measure, members=None, seeds=None) -> int
 
 
 def kept_records(spec, kept: str) -> list[dict]:
-    """The records kept in `kept` whose member suite `spec` still has."""
+    """The records kept in `kept` (one JSON file per run) whose member suite `spec` still has,
+    with the runs members share (`same_runs_as`: the other member's record under this name)."""
+    from mmoe_megatron.evaluation.suite import with_shared_runs
+
     names = {m.name for m in spec.members}
     records = []
     for name in sorted(os.listdir(kept)) if os.path.isdir(kept) else []:
+        if not name.endswith(".json"):
+            continue
         with open(os.path.join(kept, name)) as f:
             record = json.load(f)
         if record["member"] in names:
             records.append(record)
-    return records
+    return with_shared_runs(spec, records)
 
 
 def kept_runs_parser(doc: str):

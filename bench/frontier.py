@@ -25,7 +25,7 @@ import shutil
 import statistics
 import sys
 
-from bench.common import RESULTS, ROOT, write_result
+from bench.common import RESULTS, ROOT, kept_records, write_result
 
 VALID = "valid"
 
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--specialist-members", default="k1,k2,k4,k8")
     args = p.parse_args(argv)
 
-    from bench.suite_bench import bench_env, kept_records, train_and_keep
+    from bench.suite_bench import bench_env, train_and_keep
     from mmoe_megatron.evaluation.suite import load_suite, select
 
     spec = load_suite(args.suite)

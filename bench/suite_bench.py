@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, ROOT, write_result
+from bench.common import RESULTS, ROOT, kept_records, write_result
 
 
 def _suite_cmd(command: str, suite: str, extra: list[str], env: dict) -> int:
@@ -58,17 +58,6 @@ def train_and_keep(spec, suite: str, run, nproc: int, kept: str, env: dict) -> i
     return 0
 
 
-def kept_records(spec, kept: str) -> list[dict]:
-    """Every kept result of the suite's members."""
-    records = []
-    for name in sorted(os.listdir(kept)):
-        if name.endswith(".json"):
-            with open(os.path.join(kept, name)) as f:
-                records.append(json.load(f))
-    members = {m.name for m in spec.members}
-    return [r for r in records if r["member"] in members]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
@@ -79,7 +68,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from mmoe_megatron.evaluation.compare import markdown, write_comparison
-    from mmoe_megatron.evaluation.suite import load_suite, select
+    from mmoe_megatron.evaluation.suite import load_suite, own_runs, select
 
     spec = load_suite(args.suite)
     slug = spec.name.replace("-", "_")
@@ -87,7 +76,7 @@ def main(argv=None) -> int:
     os.makedirs(kept, exist_ok=True)
     env = bench_env()
     if not args.report_only:
-        for run in select(spec, args.member, args.seed):
+        for run in own_runs(spec, select(spec, args.member, args.seed)):
             code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)
             if code != 0:
                 return code

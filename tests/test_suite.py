@@ -234,6 +234,11 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
     records += [_record("elastic", 3, "elastic", None, L(5.0, 5.0, 5.0)),
                 _record("sandwich", 3, "elastic", None, L(5.0, 5.0, 4.9))]
     assert comparison(spec, records)["variants"]["by_variant"]["sandwich"]["valid"]["decides"] is True
+    # A variant's run that is the reference's own run (suite same_runs_as) is not a pair.
+    shared = {**records[0], "member": "distill", "same_run_as": "elastic/seed1"}
+    records = [r for r in records if not (r["member"] == "distill" and r["seed"] == 1)] + [shared]
+    assert comparison(spec, records)["variants"]["by_variant"]["distill"]["valid"]["per_seed"] == \
+        {"2": pytest.approx(0.1)}
 
 
 def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
@@ -289,6 +294,54 @@ def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):
     assert distill.train.seed == base.train.seed == 3
     assert base.checkpoint.keep_steps == [100]
     assert distill.checkpoint.keep_steps == [round(0.25 * distill.train.train_iters)]
+
+
+def _shared_suite(tmp_path, **elastic_init):
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "sh", "base": os.path.join(ROOT, "configs", "tiny.yaml"), "seeds": [1, 2],
+        "overrides": {"model.vocab_size": 512, "data.mock": True},
+        "members": [{"name": "elastic", "role": "elastic"},
+                    {"name": "k2", "role": "specialist",
+                     "overrides": {"matryoshka.strategy": "fixed", "matryoshka.ks": [2]}},
+                    {"name": "elastic_init", "role": "elastic", "same_runs_as": "elastic",
+                     "overrides": {"data.seed": 1, "matryoshka.seed": 1}, **elastic_init}]}))
+    return str(path)
+
+
+def test_a_member_shares_exactly_the_runs_that_train_the_same(tmp_path, capsys):
+    from mmoe_megatron.evaluation.suite import Run, load_suite, own_runs, runs, shared_run, with_shared_runs
+
+    spec = load_suite(_shared_suite(tmp_path))
+    elastic, _, init = spec.members
+    # Seed 1 resolves data.seed and matryoshka.seed to 1 either way; seed 2 trains other tokens.
+    assert shared_run(spec, Run(init, 1)) == Run(elastic, 1)
+    assert shared_run(spec, Run(init, 2)) is None
+    assert shared_run(spec, Run(elastic, 1)) is None
+    assert own_runs(spec, runs(spec)) == [r for r in runs(spec) if r != Run(init, 1)]
+    assert "elastic_init/seed1 trains exactly what elastic/seed1 trains" in capsys.readouterr().out
+    records = [_record("elastic", s, "elastic", None, {1.0: {"valid": {"1": 5.0 + s}}}) for s in (1, 2)]
+    out = with_shared_runs(spec, records)
+    assert len(out) == 3 and out[:2] == records
+    assert out[2]["member"] == "elastic_init" and out[2]["seed"] == 1 and out[2]["same_run_as"] == "elastic/seed1"
+    assert out[2]["losses"] == records[0]["losses"]
+    # The member's own result, once it exists, is used instead.
+    own = _record("elastic_init", 1, "elastic", None, {1.0: {"valid": {"1": 9.0}}})
+    assert with_shared_runs(spec, records + [own])[2:] == [own]
+    # Any other difference in what trains (here the number of steps) means no sharing.
+    other = load_suite(_shared_suite(tmp_path, overrides={"data.seed": 1, "matryoshka.seed": 1,
+                                                          "train.train_iters": 70}))
+    assert shared_run(other, Run(other.members[2], 1)) is None
+    assert len(with_shared_runs(other, records)) == 2
+
+
+def test_same_runs_as_names_a_member_listed_before(tmp_path):
+    from mmoe_megatron.config import ConfigError
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    for name in ("nope", "elastic_init"):
+        with pytest.raises(ConfigError, match=rf"members\[2\]\.same_runs_as.*no member '{name}' listed before"):
+            load_suite(_shared_suite(tmp_path, same_runs_as=name))
 
 
 def test_data_seed_fixes_the_samples_whatever_the_train_seed(single_process_mcore, small_tokenizer, small_datasets,

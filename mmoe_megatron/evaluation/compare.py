@@ -174,7 +174,9 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
     ks = [str(k) for k in next(iter(reference.values())).get("trained_ks", [])]
     out = {"reference": elastic[0].name, "ks": ks, "by_variant": {}}
     for m in elastic[1:]:
-        runs = {r["seed"]: r for r in by_member[m.name]}
+        # A run the variant shares with the reference (suite same_runs_as) is no comparison.
+        runs = {r["seed"]: r for r in by_member[m.name]
+                if not str(r.get("same_run_as", "")).startswith(elastic[0].name + "/")}
         seeds = sorted(set(runs) & set(reference), key=lambda s: (s is None, s))
         entry = {}
         for domain in domain_names:

@@ -21,6 +21,8 @@ Suite file (YAML):
                                                  matryoshka.normalization: softmax_topk}}
       - {name: distill, role: elastic, overrides: {matryoshka.distill_coeff: 0.5},
          equal_compute_to: elastic}       # as many steps as give the elastic member's compute
+      - {name: elastic_data1, role: elastic, overrides: {data.seed: 1},
+         same_runs_as: elastic}           # its seed 1 trains exactly elastic's seed 1: reused
 
 A run is one (member, seed). Runs go to runs/<suite>/<member> (no seeds) or
 runs/<suite>/<member>/seed<S>; the report to runs/<suite>/report.
@@ -65,6 +67,11 @@ class MemberSpec:
     equal_compute_to: Optional[str] = None
     """Another member's name: train for as many steps as give that member's training compute
     (forward and backward FLOPs, teacher forwards of self-distillation counted)."""
+    same_runs_as: Optional[str] = None
+    """Another member's name: at a seed where this member's run would train exactly what that
+    member's run trains (the same config once the run's name and directory and the seeds that
+    default to train.seed are resolved; checked), that run is this member's too: it is not
+    trained again, and its result stands in reports for both."""
 
 
 @dataclass
@@ -165,6 +172,9 @@ def load_suite(path: str) -> SuiteSpec:
             raise ConfigError(f"members[{i}].role", f"got {m.role!r}; allowed: {', '.join(ROLES)}")
         if m.equal_compute_to is not None and m.equal_compute_to not in names:
             raise ConfigError(f"members[{i}].equal_compute_to", f"no member {m.equal_compute_to!r}")
+        if m.same_runs_as is not None and m.same_runs_as not in names[:i]:
+            raise ConfigError(f"members[{i}].same_runs_as",
+                              f"no member {m.same_runs_as!r} listed before {m.name!r}; members: {names}")
     if not any(m.role == "elastic" for m in spec.members):
         raise ConfigError("members", "a suite needs one member with role: elastic")
     for run in runs(spec):
@@ -268,6 +278,58 @@ def member_config(spec: SuiteSpec, member: MemberSpec, seed: Optional[int] = Non
 
 def run_config(spec: SuiteSpec, run: Run) -> ExperimentConfig:
     return member_config(spec, run.member, run.seed)
+
+
+def _what_trains(cfg: ExperimentConfig) -> dict:
+    """The config as training sees it: without the run's name and directory, with the seeds that
+    default to train.seed resolved."""
+    from mmoe_megatron.config.base import to_dict
+
+    out = to_dict(cfg)
+    out.pop("name", None)
+    out["logging"].pop("dir", None)
+    out["data"]["seed"] = cfg.train.seed if cfg.data.seed is None else cfg.data.seed
+    out["matryoshka"]["seed"] = cfg.k_seed
+    return out
+
+
+def shared_run(spec: SuiteSpec, run: Run) -> Optional[Run]:
+    """The run of `run.member.same_runs_as` at the same seed when it trains exactly what `run`
+    would (`_what_trains`), else None."""
+    name = run.member.same_runs_as
+    if name is None:
+        return None
+    other = Run(next(m for m in spec.members if m.name == name), run.seed)
+    return other if _what_trains(run_config(spec, run)) == _what_trains(run_config(spec, other)) else None
+
+
+def with_shared_runs(spec: SuiteSpec, records: list[dict]) -> list[dict]:
+    """`records` plus, for each run missing from them whose training another member's run shares
+    (`shared_run`), that run's record under this member's name, marked `same_run_as`."""
+    have = {(r["member"], r.get("seed")) for r in records}
+    by_run = {(r["member"], r.get("seed")): r for r in records}
+    out = list(records)
+    for run in runs(spec):
+        if (run.member.name, run.seed) in have:
+            continue
+        other = shared_run(spec, run)
+        if other is not None and (other.member.name, other.seed) in by_run:
+            out.append({**by_run[(other.member.name, other.seed)], "member": run.member.name,
+                        "role": run.member.role, "same_run_as": other.label})
+    return out
+
+
+def own_runs(spec: SuiteSpec, chosen: list[Run]) -> list[Run]:
+    """`chosen` without the runs another member's run stands for (`shared_run`), each named."""
+    out = []
+    for run in chosen:
+        other = shared_run(spec, run)
+        if other is None:
+            out.append(run)
+        else:
+            print(f"{run.label} trains exactly what {other.label} trains (same_runs_as): that run is "
+                  "used, not trained again", flush=True)
+    return out
 
 
 def select(spec: SuiteSpec, which: Optional[str], seed: Optional[int] = None) -> list[Run]:
@@ -467,7 +529,8 @@ def specialist_k(member: MemberSpec) -> Optional[int]:
 
 def load_results(spec: SuiteSpec, results_dir: Optional[str] = None) -> list[dict]:
     """results.json of every evaluated run, from the runs directory or from `results_dir` (where
-    `bench.suite_bench` keeps a copy per run); runs not evaluated yet are left out."""
+    `bench.suite_bench` keeps a copy per run), with the runs members share (`with_shared_runs`);
+    runs not evaluated yet are left out."""
     found = []
     for run in runs(spec):
         if results_dir is not None:
@@ -477,7 +540,7 @@ def load_results(spec: SuiteSpec, results_dir: Optional[str] = None) -> list[dic
         if os.path.isfile(path):
             with open(path) as f:
                 found.append(json.load(f))
-    return found
+    return with_shared_runs(spec, found)
 
 
 def result_file_name(run: Run) -> str:
@@ -495,7 +558,7 @@ def main(argv=None) -> int:
                         help="command that starts the training processes")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     spec = load_suite(args.suite)
-    chosen = select(spec, args.member, args.seed)
+    chosen = own_runs(spec, select(spec, args.member, args.seed))
     if args.command in ("train", "run"):
         for run in chosen:
             code = train_run(spec, run, args.launcher)
