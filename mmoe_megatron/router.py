@@ -16,7 +16,6 @@ W ranked slots (the widest k in use), S sequence, B batch.
 
 from __future__ import annotations
 
-import bisect
 import math
 from typing import Optional, Sequence, Union
 
@@ -31,6 +30,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from mmoe_megatron.serving.layer_ks import log_k_weights
 
 NORMALISATIONS = ("topk_softmax", "softmax_topk")
 
@@ -267,19 +268,12 @@ class MatryoshkaRouter(TopKRouter):
 
 def temperature_weights(ks: Sequence[int], max_k: int) -> torch.Tensor:
     """[K, max_k + 1]: column k holds the weights of the trained ks' log-temperatures whose sum is
-    the log-temperature at k, linear in log k between neighbouring trained ks and constant beyond
-    the ends. Column 0 is zero (no k)."""
+    the log-temperature at k (`log_k_weights`: linear in log k between neighbouring trained ks,
+    constant beyond the ends; serving engines apply the same rule). Column 0 is zero (no k)."""
     weights_KE = torch.zeros(len(ks), max_k + 1)
     for k in range(1, max_k + 1):
-        if k <= ks[0]:
-            weights_KE[0, k] = 1.0
-        elif k >= ks[-1]:
-            weights_KE[-1, k] = 1.0
-        else:
-            hi = bisect.bisect_left(ks, k)
-            lo = hi - 1
-            frac = (math.log(k) - math.log(ks[lo])) / (math.log(ks[hi]) - math.log(ks[lo]))
-            weights_KE[lo, k], weights_KE[hi, k] = 1.0 - frac, frac
+        for i, w in log_k_weights(ks, k):
+            weights_KE[i, k] = w
     return weights_KE
 
 

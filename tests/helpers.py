@@ -44,3 +44,20 @@ def logged_steps(run_dir) -> dict[int, tuple]:
     from mmoe_megatron.training.metrics import read_metrics
 
     return {step: (r["loss"], r["grad_norm"], r["lr"]) for step, r in read_metrics(str(run_dir))["train"].items()}
+
+
+def set_gate_log_temperatures(model) -> list[list[float]]:
+    """Give every MoE layer's learned gate temperatures (one per trained k) distinct values far
+    from 1 (T from about 0.5 to 2), as a long training run might, so that folding them into the
+    gates, or forgetting to, changes the logits visibly. Returns them in layer order."""
+    values = []
+    with torch.no_grad():
+        names = [n for n, _ in model.named_parameters() if n.endswith("router.log_temperature")]
+        assert names, "the model has no learned gate temperatures"
+        params = dict(model.named_parameters())
+        for layer, name in enumerate(names):
+            param = params[name]
+            log_t = torch.linspace(0.6, -0.5, param.numel()) * (1.0 + 0.25 * layer)
+            param.copy_(log_t.to(param.dtype))
+            values.append([float(x) for x in param.float()])
+    return values

@@ -2,10 +2,11 @@
 checked with real transformers in fp32 on CPU.
 
 Export: a tiny Matryoshka MoE (MoE layers 0, 2, 3 and a dense layer 1, head_dim 24 != 64 / 4, a
-vocabulary of 520 padded to 576 rows) trains 3 steps on mock data with expert parallelism 2 on two
-gloo processes. Those processes then compute, with the trained megatron model in its EP-2 layout,
-the reference logits at several ks and a greedy continuation; the main process exports the saved
-checkpoint with the CLI, loads it with AutoModelForCausalLM and compares.
+vocabulary of 520 padded to 576 rows, a learned gate temperature per k) trains 3 steps on mock
+data with expert parallelism 2 on two gloo processes; its temperatures are then set far from 1
+(T 0.5 to 2, different in every layer) and saved. Those processes then compute, with the megatron
+model in its EP-2 layout, the reference logits at several ks and a greedy continuation; the main
+process exports the saved checkpoint with the CLI, loads it with AutoModelForCausalLM and compares.
 Import: a random Qwen3-MoE built by transformers (tied embeddings, norm_topk_prob false, a dense
 first layer) is imported with the CLI; megatron must reproduce its logits, and exporting the
 imported weights must give back the original file bit for bit.
@@ -21,7 +22,7 @@ import torch
 
 from tests.data_fixtures import small_tokenizer  # noqa: F401
 from tests.dist import run_distributed
-from tests.helpers import causal_mask, tiny_config
+from tests.helpers import causal_mask, set_gate_log_temperatures, tiny_config
 
 VOCAB = 520  # padded by make_vocab_size_divisible_by=64 to 576 rows
 PADDED = 576
@@ -45,7 +46,7 @@ def _train_config(run_dir: str):
         "data.seq_length": SEQ, "train.micro_batch_size": 2, "train.global_batch_size": 4,
         "train.train_iters": 3, "train.eval_interval": 0, "train.eval_iters": 1, "train.log_interval": 1,
         "optimizer.warmup_iters": 1, "matryoshka.eval_ks": [4], "parallel.expert": 2,
-        "matryoshka.widths": [0.25, 0.5, 1.0],
+        "matryoshka.widths": [0.25, 0.5, 1.0], "matryoshka.gate_temperature": "learned",
         "logging.dir": run_dir, "logging.tensorboard": False,
     })
 
@@ -66,8 +67,9 @@ def _train_ep2_and_reference(rank, world_size, run_dir, tokens, prompt):
     trainer = Trainer(cfg)
     trainer.fit()
     model = trainer.engine.module
+    out = {"log_temperatures": set_gate_log_temperatures(model), "logits": []}
+    trainer.save()
     model.eval()
-    out = {"logits": []}
     with torch.no_grad():
         for spec in SPECS:
             set_point(model, spec)
@@ -182,6 +184,37 @@ def test_export_refuses_widths_one_config_cannot_express(exported, tmp_path, cap
         read_budgets(str(budgets), 0.5)
     budgets.write_text(json.dumps({"narrow": {"ks": [2, 2, 1], "widths": [0.5, 0.5, 0.5]}}))
     assert read_budgets(str(budgets), 0.5) == {"narrow": [2, 2, 1]}
+
+
+def test_learned_temperatures_are_folded_at_the_export_k_and_rescaled_for_others(exported):
+    """The gates hold the temperature of the export's k; load_hf_model and set_hf_topk rescale
+    them for any other k, also one after another; a plain from_pretrained at another k keeps the
+    export's temperature, which the temperatures set by the fixture make visibly wrong."""
+    from transformers import AutoModelForCausalLM
+
+    from mmoe_megatron.export import current_hf_topk, load_hf_model, set_hf_topk
+
+    with open(os.path.join(exported["dir"], "config.json")) as f:
+        record = json.load(f)["matryoshka"]["gate_temperatures"]
+    assert record["trained_ks"] == [1, 2, 3, 4] and record["folded_ks"] == [SERVE_K] * 3
+    assert torch.allclose(torch.tensor(record["log_temperatures"]), torch.tensor(exported["ref"]["log_temperatures"]))
+    refs = dict(zip(map(str, SPECS), exported["ref"]["logits"]))
+    model = load_hf_model(exported["dir"], k=1, dtype=torch.float32).eval()
+    diffs = {}
+    for spec in (4, [1, 4, 2], 1, SERVE_K):
+        set_hf_topk(model, spec)
+        assert current_hf_topk(model) == ([spec] * 3 if isinstance(spec, int) else spec)
+        with torch.no_grad():
+            diffs[str(spec)] = float((model(exported["tokens"]).logits - refs[str(spec)]).abs().max())
+    print("max |HF - megatron| logits after successive set_hf_topk:", diffs)
+    assert max(diffs.values()) < TOL, diffs
+    plain = AutoModelForCausalLM.from_pretrained(exported["dir"], num_experts_per_tok=4, dtype=torch.float32).eval()
+    with torch.no_grad():
+        wrong = float((plain(exported["tokens"]).logits - refs["4"]).abs().max())
+    # The experts of a model trained 3 steps add little to the logits, so the temperature moves
+    # them by ~1e-2 (measured 9.6e-3), still 10 times the tolerance and 1e4 times the rounding.
+    print(f"max |HF at k=4 with the export k's temperature - megatron at k=4| logits: {wrong:.2e}")
+    assert wrong > 10 * TOL
 
 
 def test_per_layer_budget_loads_by_name(exported):
@@ -369,7 +402,6 @@ def test_transformer_engine_names_round_trip(imported):
 @pytest.mark.parametrize("overrides, field", [
     ({"model.normalization": "LayerNorm"}, "model.normalization"),
     ({"model.qk_layernorm": False}, "model.qk_layernorm"),
-    ({"matryoshka.gate_temperature": "learned"}, "matryoshka.gate_temperature"),
 ])
 def test_export_refuses_what_qwen3_moe_cannot_express(overrides, field):
     from mmoe_megatron.export import ExportError, hf_config_dict, to_hf_state_dict
@@ -379,6 +411,23 @@ def test_export_refuses_what_qwen3_moe_cannot_express(overrides, field):
         to_hf_state_dict(cfg, {})
     with pytest.raises(ExportError, match=field):
         hf_config_dict(cfg, 256, k=2)
+
+
+def test_export_of_learned_temperatures_needs_one_k_and_the_temperatures(exported):
+    from mmoe_megatron.evaluation.run import latest_checkpoint
+    from mmoe_megatron.export import ExportError, hf_config_dict, to_hf_state_dict
+    from mmoe_megatron.training.checkpoint import load_global_state_dict
+
+    cfg = _train_config(exported["run"])
+    weights = load_global_state_dict(latest_checkpoint(cfg))
+    for k in (None, [1, 2, 4]):
+        with pytest.raises(ExportError, match=r"learned a gate temperature per k; give the one k to export at"):
+            to_hf_state_dict(cfg, weights, k=k)
+    with pytest.raises(ExportError, match=r"gate_temperature=learned but no learned temperatures were given"):
+        hf_config_dict(cfg, PADDED, k=2)
+    del weights["decoder.layers.2.mlp.router.log_temperature"]
+    with pytest.raises(ExportError, match=r"no decoder\.layers\.2\.mlp\.router\.log_temperature"):
+        to_hf_state_dict(cfg, weights, k=2)
 
 
 @pytest.mark.parametrize("k, budgets, message", [

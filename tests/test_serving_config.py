@@ -10,8 +10,10 @@ import warnings
 
 import pytest
 
-from mmoe_megatron.serving.layer_ks import (BUDGET_KEY, LAYER_KS_KEY, ServingConfigError, moe_layer_indices,
-                                            serving_layer_ks)
+import math
+
+from mmoe_megatron.serving.layer_ks import (BUDGET_KEY, LAYER_KS_KEY, TEMPERATURE_KEY, ServingConfigError,
+                                            gate_scales, moe_layer_indices, serving_layer_ks)
 from tests.helpers import ROOT, tiny_config
 
 # A config.json as the exporter writes it: 4 layers, layer 1 dense, 8 experts, served at k = 2.
@@ -48,6 +50,31 @@ def test_bad_requests_name_the_problem_and_the_fix(overrides, message):
 def test_a_budget_name_needs_a_recorded_budget():
     with pytest.raises(ServingConfigError, match=r"recorded in config.json matryoshka.layer_budgets: none"):
         serving_layer_ks({**{k: v for k, v in CONFIG.items() if k != "matryoshka"}, BUDGET_KEY: "mean_k=2"})
+
+
+# Learned temperatures at trained ks 1, 2, 4, folded into the gates at k = 2 (log T(2) = 0 here).
+TEMPERATURES = {"trained_ks": [1, 2, 4], "folded_ks": [2, 2, 2],
+                "log_temperatures": [[0.3, 0.0, -0.6], [0.0, 0.2, 0.4], [0.5, 0.0, -1.0]]}
+
+
+def test_gate_scales_move_the_folded_temperature_to_each_layers_k():
+    config = {**CONFIG, "matryoshka": {TEMPERATURE_KEY: TEMPERATURES}}
+    scales = gate_scales(config, {0: 1, 2: 4, 3: 3})
+    # T(2) / T(k): layer 0 at k=1 exp(0 - 0.3); layer 2 at k=4 exp(0.2 - 0.4); layer 3 at k=3, a
+    # log2(1.5) = 0.585 share of the way from log T(2) = 0 to log T(4) = -1: exp(0 + 0.585).
+    assert scales == pytest.approx({0: math.exp(-0.3), 2: math.exp(-0.2), 3: math.exp(0.5849625)}, rel=1e-6)
+    assert gate_scales(config, {0: 2, 2: 2, 3: 2}) == {0: 1.0, 2: 1.0, 3: 1.0}
+    # Beyond the trained range: the nearest end's temperature.
+    assert gate_scales(config, {0: 8})[0] == pytest.approx(math.exp(0.6))
+    # A model already rescaled to k = 4 in layer 2 goes back to k = 2 by the inverse factor.
+    assert gate_scales(config, {2: 2}, folded={2: 4})[2] == pytest.approx(math.exp(0.2))
+    assert gate_scales(CONFIG, {0: 1, 2: 4, 3: 3}) == {}  # trained without learned temperatures
+
+
+def test_gate_scales_refuse_a_record_of_another_model():
+    short = {**TEMPERATURES, "log_temperatures": TEMPERATURES["log_temperatures"][:2]}
+    with pytest.raises(ServingConfigError, match=r"2 layers' temperatures but the model has 3 MoE layers"):
+        gate_scales({**CONFIG, "matryoshka": {TEMPERATURE_KEY: short}}, {0: 1})
 
 
 def test_importing_the_plugin_does_not_import_vllm():

@@ -44,6 +44,13 @@ Decisions:
   `moe_intermediate_size` = c: a plain, smaller Qwen3-MoE. One config has one
   `moe_intermediate_size`, so per-layer widths that differ are refused (`check_serving_width`);
   the vLLM plugin (`mmoe_megatron.serving`) serves per-layer k, not per-layer widths.
+* Learned gate temperatures (`matryoshka.gate_temperature: learned`): a layer routing at k divides
+  its selected logits by T(k), which Qwen3-MoE has no place for; logits are linear in the gate
+  weight, so the export writes `mlp.gate.weight` / T(k) at the served k (the same experts are
+  chosen; their weights are megatron's at that k) and records every layer's log-temperatures
+  under `matryoshka.gate_temperatures`. `load_hf_model` and the vLLM plugin rescale the gates for
+  any other k (`mmoe_megatron.serving.layer_ks.gate_scales`); a plain engine asked for another k
+  keeps the served k's temperature.
 
 Shape legend: H hidden, D head dim, NH query heads, NG key/value heads (query groups),
 R = (NH + 2 NG) D rows of the fused QKV weight, I expert hidden width, E experts.
@@ -58,6 +65,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from mmoe_megatron.config import ExperimentConfig
+from mmoe_megatron.serving.layer_ks import TEMPERATURE_KEY, log_temperature_at
 
 KSpec = Union[int, Sequence[int]]
 MATRYOSHKA_KEY = "matryoshka"
@@ -129,12 +137,6 @@ def num_experts_of(hf: Mapping) -> int:
 def check_exportable(cfg: ExperimentConfig) -> None:
     """Raise ExportError for the first setting Qwen3-MoE cannot express."""
     m = cfg.model
-    if cfg.matryoshka.gate_temperature != "none":
-        raise ExportError(
-            f"matryoshka.gate_temperature={cfg.matryoshka.gate_temperature}: Qwen3-MoE routes every k "
-            "with the same gate weights, so temperatures learned per k have no place in one export; "
-            "evaluate this model with mmoe_megatron's own evaluation, or train with gate_temperature: none"
-        )
     if m.normalization != "RMSNorm":
         raise ExportError(
             f"model.normalization={m.normalization}: Qwen3-MoE uses RMSNorm everywhere and a LayerNorm "
@@ -196,12 +198,15 @@ def check_serving_k(cfg_or_dims: Union[ExperimentConfig, Dims], k: KSpec, what: 
 def hf_config_dict(
     cfg: ExperimentConfig, vocab_size: int, k: int, layer_budgets: Optional[Mapping[str, Sequence[int]]] = None,
     dtype: str = "float32", special_tokens: Optional[Mapping[str, Optional[int]]] = None, width: float = 1.0,
+    log_temperatures: Optional[Sequence[Sequence[float]]] = None,
 ) -> dict:
     """The Qwen3-MoE config.json for a megatron config, served at `k` experts per token with the
     experts at `width` of their FFN.
 
     `vocab_size` is the padded embedding size; `layer_budgets` (name -> one k per MoE layer,
-    i.e. budgets.json) and the training range are recorded under the `matryoshka` key.
+    i.e. budgets.json), the training range and the learned gate temperatures (`log_temperatures`,
+    from `gate_log_temperatures`; folded at `k` by `to_hf_state_dict`) are recorded under the
+    `matryoshka` key.
     """
     columns = check_serving_width(cfg, width)
     check_exportable(cfg)
@@ -253,17 +258,28 @@ def hf_config_dict(
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         out[name] = (special_tokens or {}).get(name)
-    out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets, columns / moe.expert_ffn_hidden_size)
+    out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets, columns / moe.expert_ffn_hidden_size,
+                                            log_temperatures)
     return out
 
 
-def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]], width: float = 1.0) -> dict:
+def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]], width: float = 1.0,
+                      log_temperatures: Optional[Sequence[Sequence[float]]] = None) -> dict:
     """How the model was trained to be elastic, and the per-layer budgets found for it."""
     mat = cfg.matryoshka
+    num_moe = cfg.num_moe_layers
+    if (mat.gate_temperature == "learned") != (log_temperatures is not None):
+        raise ExportError(
+            f"matryoshka.gate_temperature={mat.gate_temperature} but "
+            f"{'no' if log_temperatures is None else 'some'} learned temperatures were given; pass "
+            "gate_log_temperatures(cfg, weights) of the checkpoint being exported")
+    temperatures = {} if log_temperatures is None else {TEMPERATURE_KEY: {
+        "trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
+        "log_temperatures": [[float(x) for x in layer] for layer in log_temperatures]}}
     widths = {} if not mat.elastic_width and width == 1.0 else {
         "trained_widths": list(mat.widths), "serving_width": width,
         "full_moe_intermediate_size": cfg.moe.expert_ffn_hidden_size}
-    return {**widths,
+    return {**widths, **temperatures,
         "method": mat.method,
         "strategy": mat.strategy,
         "trained_ks": list(mat.ks),
@@ -274,8 +290,12 @@ def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[
         "serving_k": int(k),
         "moe_layers": dims_from_config(cfg).moe_layers,
         "layer_budgets": {name: list(v) for name, v in budgets.items()},
-        "usage": "any k in 1..num_experts: from_pretrained(path, num_experts_per_tok=k); per MoE layer: "
-                 "set model.model.layers[i].mlp.gate.top_k (mmoe_megatron.export.load_hf_model)",
+        "usage": ("any k in 1..num_experts: from_pretrained(path, num_experts_per_tok=k); per MoE layer: "
+                  "set model.model.layers[i].mlp.gate.top_k (mmoe_megatron.export.load_hf_model)"
+                  if log_temperatures is None else
+                  "mmoe_megatron.export.load_hf_model(path, k) for any k or one k per MoE layer: it also "
+                  "rescales the gates by the learned temperatures (gate_temperatures); from_pretrained "
+                  "with another num_experts_per_tok keeps the temperature of serving_k"),
     }
 
 
@@ -345,14 +365,36 @@ def expected_hf_keys(dims: Dims) -> set[str]:
     return keys
 
 
+def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> Optional[list[list[float]]]:
+    """Each MoE layer's learned log-temperatures (one per trained k, `cfg.matryoshka.ks`), in layer
+    order; None for a model trained without them."""
+    if cfg.matryoshka.gate_temperature != "learned":
+        return None
+    out = []
+    for n in dims_from_config(cfg).moe_layers:
+        name = f"decoder.layers.{n}.mlp.router.log_temperature"
+        if name not in global_sd:
+            raise ExportError(f"the config says matryoshka.gate_temperature=learned but the checkpoint has no {name}; "
+                              "were the config and the weights saved together?")
+        out.append([float(x) for x in global_sd[name].float()])
+    return out
+
+
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
-                     width: float = 1.0) -> dict[str, torch.Tensor]:
+                     width: float = 1.0, k: Optional[int] = None) -> dict[str, torch.Tensor]:
     """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`), the experts
-    sliced to `width`. Raises ExportError for a setting Qwen3-MoE cannot express or a weight it
-    has no place for."""
+    sliced to `width`, learned gate temperatures folded into the gates at `k` (required for such
+    a model). Raises ExportError for a setting Qwen3-MoE cannot express or a weight it has no
+    place for."""
     check_exportable(cfg)
     columns = check_serving_width(cfg, width)
     dims = dims_from_config(cfg)
+    log_temperatures = gate_log_temperatures(cfg, global_sd)
+    if log_temperatures is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ExportError(f"k={k!r}: the model learned a gate temperature per k; give the one k to export "
+                              "at, whose temperature is folded into the gate weights")
+        check_serving_k(dims, k, "k")
     out: dict[str, torch.Tensor] = {}
 
     def put(name: str, value: torch.Tensor) -> None:
@@ -370,6 +412,8 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
         n, rest = int(match.group(1)), match.group(2)
         p = f"model.layers.{n}."
         expert = _EXPERT.match(rest)
+        if rest == "mlp.router.log_temperature" and log_temperatures is not None:
+            continue  # folded into mlp.gate.weight below
         if rest in _SIMPLE_LAYER:
             put(p + _SIMPLE_LAYER[rest], value)
         elif rest == "self_attention.linear_qkv.weight":
@@ -395,6 +439,11 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
                 "router expert bias are not part of Qwen3-MoE)"
             )
     check_complete(out, dims, "the megatron checkpoint")
+    for n, log_t in zip(dims.moe_layers, log_temperatures or []):
+        # The router multiplies the selected logits by exp(-log T(k)) (router.py _inverse_temperature).
+        gate = out[f"model.layers.{n}.mlp.gate.weight"]
+        inverse = torch.exp(torch.tensor(-log_temperature_at(cfg.matryoshka.ks, log_t, k)))
+        out[f"model.layers.{n}.mlp.gate.weight"] = (gate.float() * inverse).to(gate.dtype).contiguous()
     return out
 
 

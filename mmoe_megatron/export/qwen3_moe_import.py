@@ -4,6 +4,9 @@ of `qwen3_moe`, whose docstring holds the parameter mapping), for continued pret
 Accepted: Qwen's per-expert keys and transformers 5's fused `mlp.experts.gate_up_proj` [E, 2I, H]
 / `down_proj` [E, H, I]. Refused (ExportError naming the config.json field): other model types,
 non-SiLU activations, attention biases, sliding windows, scaled rotary.
+An export of a model with learned gate temperatures imports with its gates as written (the
+temperature of its serving k folded in) and no temperatures; `matryoshka.gate_temperature:
+learned` in the new run learns them again, starting at 1.
 """
 
 from __future__ import annotations

@@ -9,21 +9,29 @@ Why two mechanisms (transformers 5.23, models/qwen3_moe/modeling_qwen3_moe.py): 
 `config.num_experts_per_tok` into `gate.top_k` when the model is built, so changing the config
 afterwards does nothing; one k is therefore passed to `from_pretrained`. The experts read k from
 the shape of the routing indices, so a per-layer k is set on each layer's `mlp.gate.top_k`.
+A model trained with learned gate temperatures holds them folded at its export k; setting
+another k also rescales that layer's gate weight (`mmoe_megatron.serving.layer_ks.gate_scales`).
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Union
 
+import torch
+
 from mmoe_megatron.export.qwen3_moe import MATRYOSHKA_KEY, ExportError
+from mmoe_megatron.serving.layer_ks import gate_scales
 
 HFKSpec = Union[None, int, str, Sequence[int]]
 
 
 def moe_gates(model) -> list:
     """The routers (`Qwen3MoeTopKRouter`) of the model's MoE layers, in layer order."""
-    layers = model.model.layers
-    return [layer.mlp.gate for layer in layers if hasattr(layer.mlp, "gate")]
+    return list(_indexed_gates(model).values())
+
+
+def _indexed_gates(model) -> dict:
+    return {i: layer.mlp.gate for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")}
 
 
 def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
@@ -36,8 +44,17 @@ def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
     bad = [x for x in ks if not 1 <= x <= num_experts]
     if bad:
         raise ExportError(f"k={k}: every k must lie in 1..{num_experts} (the experts per layer); got {bad}")
-    for gate, layer_k in zip(gates, ks):
-        gate.top_k = layer_k
+    indexed = _indexed_gates(model)
+    layer_ks = dict(zip(indexed, ks))
+    # The k whose temperature each gate holds now (the export's until a first rescale).
+    folded = {i: gate.folded_k for i, gate in indexed.items() if hasattr(gate, "folded_k")}
+    scales = gate_scales(model.config, layer_ks, folded)
+    with torch.no_grad():
+        for i, gate in indexed.items():
+            gate.top_k = layer_ks[i]
+            if i in scales:
+                gate.weight.mul_(scales[i])
+                gate.folded_k = layer_ks[i]
 
 
 def current_hf_topk(model) -> list[int]:

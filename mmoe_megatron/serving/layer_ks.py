@@ -9,16 +9,29 @@ ask for a per-layer k; neither is part of Qwen3-MoE, so the export stays a plain
 
 With neither, every MoE layer routes at `num_experts_per_tok`. Pure Python (no torch, no vLLM):
 the engine plugin and the tests use the same resolution and the same errors.
+
+A model trained with learned gate temperatures (`matryoshka.gate_temperature: learned`) divides
+a layer's selected logits by a temperature T(k) that depends on the k it routes at. Logits are
+linear in the gate weight, so the export writes each MoE layer's gate weight divided by T(k) at
+the k it was exported for (`folded_ks`) and records the log-temperatures; a layer served at
+another k multiplies its gate weight by T(folded k) / T(k) (`gate_scales`). An engine that
+changes k without the plugin keeps the exported k's temperature: the same experts, mixed with
+slightly different weights.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import bisect
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 LAYER_KS_KEY = "matryoshka_layer_ks"
 BUDGET_KEY = "matryoshka_budget"
 RECORD_KEY = "matryoshka"
 """config.json's record of elastic training, written by mmoe_megatron.export (its `layer_budgets`)."""
+TEMPERATURE_KEY = "gate_temperatures"
+"""Under RECORD_KEY: {"trained_ks": [...], "log_temperatures": [[one per trained k] per MoE layer],
+"folded_ks": [the k whose temperature each MoE layer's gate weight holds]}."""
 ARCHITECTURE = "MatryoshkaQwen3MoeForCausalLM"
 """The architecture name the vLLM plugin registers; select it with --hf-overrides."""
 
@@ -80,3 +93,46 @@ def serving_layer_ks(config: Any) -> dict[int, int]:
         raise ServingConfigError(
             f"{what}: every k must be an int in 1..{num_experts} (the experts per MoE layer); got {bad}")
     return dict(zip(layers, ks))
+
+
+# --- learned gate temperatures ---------------------------------------------------------------------
+
+
+def log_k_weights(ks: Sequence[int], k: int) -> list[tuple[int, float]]:
+    """(index into `ks`, weight) pairs whose weighted sum of the trained ks' log-temperatures is
+    the log-temperature at `k`: linear in log k between neighbouring trained ks (sorted), the
+    nearest end's beyond them."""
+    if k <= ks[0]:
+        return [(0, 1.0)]
+    if k >= ks[-1]:
+        return [(len(ks) - 1, 1.0)]
+    hi = bisect.bisect_left(ks, k)
+    lo = hi - 1
+    frac = (math.log(k) - math.log(ks[lo])) / (math.log(ks[hi]) - math.log(ks[lo]))
+    return [(lo, 1.0 - frac), (hi, frac)]
+
+
+def log_temperature_at(ks: Sequence[int], log_temperatures: Sequence[float], k: int) -> float:
+    return sum(w * float(log_temperatures[i]) for i, w in log_k_weights(ks, k))
+
+
+def gate_scales(config: Any, layer_ks: Mapping[int, int],
+                folded: Optional[Mapping[int, int]] = None) -> dict[int, float]:
+    """{MoE layer index: the factor its exported gate weight is multiplied by to route at
+    `layer_ks[layer]`}: T(folded k) / T(k). Empty for a model without learned temperatures.
+    `folded` overrides the recorded folded k of some layers (a model already rescaled)."""
+    record = (_get(config, RECORD_KEY) or {}).get(TEMPERATURE_KEY)
+    if not record:
+        return {}
+    ks, log_ts = list(record["trained_ks"]), record["log_temperatures"]
+    layers = moe_layer_indices(config)
+    if len(log_ts) != len(layers) or len(record["folded_ks"]) != len(layers):
+        raise ServingConfigError(
+            f"config.json {RECORD_KEY}.{TEMPERATURE_KEY} has {len(log_ts)} layers' temperatures but the "
+            f"model has {len(layers)} MoE layers; the config does not belong to these weights, re-export")
+    folded_ks = dict(zip(layers, record["folded_ks"]))
+    folded_ks.update(folded or {})
+    by_layer = dict(zip(layers, log_ts))
+    return {layer: math.exp(log_temperature_at(ks, by_layer[layer], folded_ks[layer])
+                            - log_temperature_at(ks, by_layer[layer], k))
+            for layer, k in layer_ks.items()}

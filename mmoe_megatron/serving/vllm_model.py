@@ -9,13 +9,18 @@ right when the layer is built, not patched afterwards. Each decoder layer here i
 copy of the engine config whose model config carries that layer's k; the weights, the weight
 loading and everything else are the stock Qwen3-MoE's, so any Qwen3-MoE export loads unchanged.
 Which k each layer gets, and the errors for a request the model cannot serve, come from
-`mmoe_megatron.serving.layer_ks` and are raised while the engine starts.
+`mmoe_megatron.serving.layer_ks` and are raised while the engine starts. A model trained with
+learned gate temperatures has them folded into its gate weights at the export's k; each layer's
+gate weight is rescaled to its own k while the weights load (`gate_scales`).
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from typing import Iterable
 
+import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
@@ -24,9 +29,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models import qwen3_moe
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
-from mmoe_megatron.serving.layer_ks import serving_layer_ks
+from mmoe_megatron.serving.layer_ks import gate_scales, serving_layer_ks
 
 logger = init_logger(__name__)
+_GATE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
 
 
 def _with_top_k(vllm_config: VllmConfig, k: int) -> VllmConfig:
@@ -71,7 +77,11 @@ class MatryoshkaQwen3MoeForCausalLM(qwen3_moe.Qwen3MoeForCausalLM):
         config = vllm_config.model_config.hf_text_config
         # The user's mistake is raised before anything is allocated.
         self.layer_top_ks = serving_layer_ks(config)
+        self.gate_scales = gate_scales(config, self.layer_top_ks)
         logger.info("Matryoshka Qwen3-MoE: top-k per MoE layer %s", self.layer_top_ks)
+        if self.gate_scales:
+            logger.info("Matryoshka Qwen3-MoE: gate weights rescaled to the learned temperature of each "
+                        "layer's k by %s", {i: round(f, 6) for i, f in self.gate_scales.items()})
         self.config = config
         self.quant_config = vllm_config.quant_config
         if getattr(config, "mlp_only_layers", []):  # dense layers hold a fused gate_up_proj
@@ -84,6 +94,15 @@ class MatryoshkaQwen3MoeForCausalLM(qwen3_moe.Qwen3MoeForCausalLM):
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self._set_moe_metadata()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        def rescaled():
+            for name, tensor in weights:
+                match = _GATE.match(name)
+                scale = self.gate_scales.get(int(match.group(1))) if match else None
+                yield name, tensor if scale is None else (tensor.float() * scale).to(tensor.dtype)
+
+        return super().load_weights(rescaled())
 
     def _set_moe_metadata(self) -> None:
         """The expert counts vLLM's MixtureOfExperts interface reads (expert load balancing)."""
