@@ -94,6 +94,14 @@ def schema_default(key: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+SEED_SOURCES = ("data.seed", "matryoshka.seed")
+"""Settings that fix what a run's seed would otherwise set (its data order, its k draws)."""
+
+
+def holds_a_seed_source(overrides: dict) -> bool:
+    return any(key in overrides for key in SEED_SOURCES)
+
+
 def ladder_defaults_section(record: dict) -> str:
     """Which training-side method against the tax became a default: a variant is kept when it beats
     the reference elastic model on every seed on the validation split (held-out shown, not used)."""
@@ -118,7 +126,14 @@ def ladder_defaults_section(record: dict) -> str:
              "column is reported, never used to choose.", "",
              "| variant | setting | validation: mean (per seed) | better on every seed (enough seeds) | held-out: mean (per seed) | is the default |",
              "|---|---|---|---|---|---|"]
+    diagnostic = sorted(name for name in variants["by_variant"] if holds_a_seed_source(overrides.get(name, {})))
+    if diagnostic:
+        lines[2] += (f" Members that hold a seed source fixed ({', '.join(SEED_SOURCES)}) measure where the "
+                     f"seed spread comes from, on other tokens or k draws than the reference, and are no "
+                     f"candidates: {', '.join(diagnostic)}.")
     for name, per_domain in variants["by_variant"].items():
+        if name in diagnostic:
+            continue
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
         valid = per_domain.get("valid")
         held = [e for d, e in per_domain.items() if d != "valid"]
