@@ -136,8 +136,8 @@ class MatryoshkaConfig:
     logits before the softmax over them (the combine weights; which experts are chosen is
     unchanged), so the weighting of k = 8 experts can differ from that of k = 2. ks between trained
     ks interpolate the log-temperature in log k; ks outside the range take the nearest end's.
-    Needs topk_softmax and more than one k. The exporter refuses it: one Qwen3-MoE export has one
-    set of gate weights for every k."""
+    Needs topk_softmax and more than one k. The export folds the temperature of its k into the
+    gate weights and records the others (`load_hf_model` and the vLLM plugin rescale for any k)."""
     sync_check_interval: int = field(0, ge=0)
     """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
     eval_ks: list[int] = field([], ge=1)
