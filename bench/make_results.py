@@ -141,7 +141,8 @@ def ladder_defaults_section(record: dict) -> str:
         is_default = all(schema_default(k) == v for k, v in overrides.get(name, {}).items())
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
                      f"{_verdict(valid)} | "
-                     f"{'; '.join(cell(e) for e in held) or '-'} | {'yes' if is_default else 'no'} |")
+                     f"{'; '.join(cell(e) for e in held) or '-'} | "
+                     f"{'yes' if is_default else 'no, though it meets the criterion' if valid and valid.get('decides') else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
