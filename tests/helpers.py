@@ -52,11 +52,9 @@ def set_gate_log_temperatures(model) -> list[list[float]]:
     gates, or forgetting to, changes the logits visibly. Returns them in layer order."""
     values = []
     with torch.no_grad():
-        names = [n for n, _ in model.named_parameters() if n.endswith("router.log_temperature")]
-        assert names, "the model has no learned gate temperatures"
-        params = dict(model.named_parameters())
-        for layer, name in enumerate(names):
-            param = params[name]
+        params = [p for n, p in model.named_parameters() if n.endswith("router.log_temperature")]
+        assert params, "the model has no learned gate temperatures"
+        for layer, param in enumerate(params):
             log_t = torch.linspace(0.6, -0.5, param.numel()) * (1.0 + 0.25 * layer)
             param.copy_(log_t.to(param.dtype))
             values.append([float(x) for x in param.float()])

@@ -167,6 +167,8 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
     """Every other elastic model against the first (the reference elastic model), paired by seed:
     the difference of their mean loss over the reference's trained uniform ks at the end of
     training (negative: the variant is better), per seed and domain."""
+    from mmoe_megatron.evaluation.suite import Run
+
     elastic = [m for m in members if m.role == "elastic"]
     if len(elastic) < 2:
         return {}
@@ -176,7 +178,7 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
     for m in elastic[1:]:
         # A run the variant shares with the reference (suite same_runs_as) is no comparison.
         runs = {r["seed"]: r for r in by_member[m.name]
-                if not str(r.get("same_run_as", "")).startswith(elastic[0].name + "/")}
+                if r.get("same_run_as") != Run(elastic[0], r["seed"]).label}
         seeds = sorted(set(runs) & set(reference), key=lambda s: (s is None, s))
         entry = {}
         for domain in domain_names:

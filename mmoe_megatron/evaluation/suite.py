@@ -306,11 +306,10 @@ def shared_run(spec: SuiteSpec, run: Run) -> Optional[Run]:
 def with_shared_runs(spec: SuiteSpec, records: list[dict]) -> list[dict]:
     """`records` plus, for each run missing from them whose training another member's run shares
     (`shared_run`), that run's record under this member's name, marked `same_run_as`."""
-    have = {(r["member"], r.get("seed")) for r in records}
     by_run = {(r["member"], r.get("seed")): r for r in records}
     out = list(records)
     for run in runs(spec):
-        if (run.member.name, run.seed) in have:
+        if (run.member.name, run.seed) in by_run:
             continue
         other = shared_run(spec, run)
         if other is not None and (other.member.name, other.seed) in by_run:

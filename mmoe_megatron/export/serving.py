@@ -36,7 +36,8 @@ def _indexed_gates(model) -> dict:
 
 def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
     """Route every MoE layer at `k`, or MoE layer i at `k[i]` (dense layers are skipped)."""
-    gates = moe_gates(model)
+    indexed = _indexed_gates(model)
+    gates = list(indexed.values())
     num_experts = gates[0].num_experts if gates else 0
     ks = [k] * len(gates) if isinstance(k, int) else [int(x) for x in k]
     if len(ks) != len(gates):
@@ -44,7 +45,6 @@ def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
     bad = [x for x in ks if not 1 <= x <= num_experts]
     if bad:
         raise ExportError(f"k={k}: every k must lie in 1..{num_experts} (the experts per layer); got {bad}")
-    indexed = _indexed_gates(model)
     layer_ks = dict(zip(indexed, ks))
     # The k whose temperature each gate holds now (the export's until a first rescale).
     folded = {i: gate.folded_k for i, gate in indexed.items() if hasattr(gate, "folded_k")}
