@@ -216,7 +216,8 @@ class MatryoshkaRouter(TopKRouter):
     def _inverse_temperature(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
         """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
         log_t_K = self.log_temperature.float().to(device)
-        weights_EK = self.temperature_weights_EK.to(device)
+        # fp32 whatever the model's dtype (a bf16 model's buffers are cast with it).
+        weights_EK = self.temperature_weights_EK.to(device=device, dtype=torch.float32)
         inverse = torch.exp(-(weights_EK[budget] @ log_t_K))
         return inverse if isinstance(budget, int) else inverse.unsqueeze(1)
 

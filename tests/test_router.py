@@ -227,6 +227,25 @@ def test_learned_temperature_divides_the_selected_logits_of_each_k(single_proces
         assert torch.allclose(per_token_TE[rows_T], tempered(x)[0][rows_T], atol=1e-6)
 
 
+def test_learned_temperature_routes_a_bf16_router_as_its_fp32_original(single_process_mcore):
+    # A bf16 model casts its buffers too; the temperature stays computed in fp32.
+    ks = [1, 2, 4]
+    router = make_router(single_process_mcore, **{"matryoshka.ks": ks, "matryoshka.gate_temperature": "learned"})
+    with torch.no_grad():
+        router.log_temperature.copy_(torch.log(torch.tensor([1.0, 0.5, 2.0])))
+    half = make_router(single_process_mcore, **{"matryoshka.ks": ks, "matryoshka.gate_temperature": "learned"})
+    half.load_state_dict(router.state_dict())
+    half = half.to(torch.bfloat16)
+    x = hidden()
+    for k in (2, 3, 4):
+        router.set_k(k)
+        half.set_k(k)
+        probs_TE, map_TE = router(x)
+        half_TE, half_map_TE = half(x.to(torch.bfloat16))
+        assert half.temperature(k) == pytest.approx(router.temperature(k), rel=1e-2)
+        assert torch.allclose(half_TE.float(), probs_TE, atol=2e-2)
+
+
 def test_learned_temperature_gets_a_gradient_only_from_ks_that_mix_experts(single_process_mcore):
     router = make_router(single_process_mcore, **{"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0,
                                                   "matryoshka.gate_temperature": "learned"})
