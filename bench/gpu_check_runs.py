@@ -249,8 +249,11 @@ def training_variants() -> list[Variant]:
         fixed = {"matryoshka.strategy": "fixed", "matryoshka.ks": [k], "matryoshka.normalization": norm}
         out.append(Variant(f"matryoshka k={k}", k, fixed))
         out.append(Variant(f"stock k={k}", k, fixed, stock=True))
+    # What per-token ks cost against a fixed k, all else as the fixed-k runs (full-width experts,
+    # no gate temperatures), priced at the mean k; the parity cases cover the widths.
     out.append(Variant(f"elastic per-token k in {ELASTIC_KS}", sum(ELASTIC_KS) / len(ELASTIC_KS),
-                       {"matryoshka.strategy": "token", "matryoshka.ks": list(ELASTIC_KS)}))
+                       {"matryoshka.strategy": "token", "matryoshka.ks": list(ELASTIC_KS),
+                        "matryoshka.widths": [1.0], "matryoshka.gate_temperature": "none"}))
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 from bench.common import RESULTS, ROOT
 
@@ -94,6 +95,27 @@ def schema_default(key: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+def default_settings(spec) -> tuple[dict, Callable[[str], bool]]:
+    """The suite's pins (overrides of settings whose schema default is `auto`, which keep its runs
+    trained as they were recorded) and a test of whether a member trains with today's defaults:
+    every setting it sets, pins included, equals what the key resolves to in the suite's base config
+    with the suite's other overrides."""
+    from mmoe_megatron.config import load_config
+
+    pins = {k: v for k, v in spec.overrides.items() if schema_default(k) == "auto"}
+    base = load_config(spec.base, [(k, v) for k, v in spec.overrides.items() if k not in pins])
+    members = {m.name: m for m in spec.members}
+
+    def value(key: str):
+        section, _, name = key.partition(".")
+        return getattr(getattr(base, section), name)
+
+    def is_default(name: str) -> bool:
+        return all(value(k) == v for k, v in {**pins, **members[name].overrides}.items())
+
+    return pins, is_default
+
+
 SEED_SOURCES = ("data.seed", "matryoshka.seed")
 """Settings that fix what a run's seed would otherwise set (its data order, its k draws)."""
 
@@ -118,9 +140,12 @@ def ladder_defaults_section(record: dict) -> str:
         return ""
     spec = load_suite(os.path.join(ROOT, record["data"]["suite"]))
     overrides = {m.name: m.overrides for m in spec.members}
+    pins, is_default = default_settings(spec)
+    reference = (f"the elastic model with {', '.join(f'`{k}: {v}`' for k, v in pins.items())}, as the ladder "
+                 f"began" if pins else "the current defaults")
     lines = ["## Defaults chosen from the elasticity ladder", "",
              f"Criterion: mean validation loss over k = {', '.join(variants['ks'])} at the end of training, "
-             f"paired by seed against `{variants['reference']}` (the current defaults), at equal training "
+             f"paired by seed against `{variants['reference']}` ({reference}), at equal training "
              f"compute; a variant becomes the default only if it is better on every seed, on at least "
              f"{SEEDS_TO_DECIDE} seeds. The held-out "
              "column is reported, never used to choose.", "",
@@ -138,11 +163,10 @@ def ladder_defaults_section(record: dict) -> str:
         valid = per_domain.get("valid")
         held = [e for d, e in per_domain.items() if d != "valid"]
         cell = lambda e: f"{e['mean']:+.4f} ({', '.join(f'{d:+.4f}' for d in e['per_seed'].values())})"
-        is_default = all(schema_default(k) == v for k, v in overrides.get(name, {}).items())
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
                      f"{_verdict(valid)} | "
                      f"{'; '.join(cell(e) for e in held) or '-'} | "
-                     f"{'yes' if is_default else 'no, though it meets the criterion' if valid and valid.get('decides') else 'no'} |")
+                     f"{'yes' if is_default(name) else 'no, though it meets the criterion' if valid and valid.get('decides') else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -192,7 +192,7 @@ def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides
     ({"matryoshka.widths": [0.5, 0.25, 1.0]}, "matryoshka.widths", "strictly increasing"),
     ({"matryoshka.widths": [0.0, 1.0]}, "matryoshka.widths", "must be > 0"),
     ({"matryoshka.widths": [0.5, 1.0], "matryoshka.width_probs": [1.0]}, "matryoshka.width_probs", "one probability per width"),
-    ({"matryoshka.width_strategy": "token"}, "matryoshka.width_strategy", "more than one width"),
+    ({"matryoshka.widths": [1.0], "matryoshka.width_strategy": "token"}, "matryoshka.width_strategy", "more than one width"),
     ({"matryoshka.widths": [0.5, 1.0], "matryoshka.width_pairing": "joint", "matryoshka.width_strategy": "layerwise"},
      "matryoshka.width_pairing", "drawn as often"),
     ({"matryoshka.widths": [0.5, 1.0], "parallel.tensor": 2}, "matryoshka.widths", "tensor parallelism"),
@@ -207,6 +207,51 @@ def test_bad_widths_are_refused_at_load(tiny_config_path, overrides, field, mess
     with pytest.raises(ConfigError, match=message) as err:
         load_config(tiny_config_path, list(overrides.items()))
     assert err.value.path == field
+
+
+ELASTIC_WIDTHS = [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("overrides, temperature, widths", [
+    ({}, "learned", ELASTIC_WIDTHS),  # tiny.yaml: elastic, topk_softmax, experts of 64 columns
+    ({"matryoshka.strategy": "fixed", "matryoshka.ks": [2]}, "none", [1.0]),  # a specialist
+    ({"matryoshka.ks": [4]}, "none", [1.0]),  # one k, drawn per token
+    ({"matryoshka.method": "top_p", "matryoshka.strategy": "fixed", "matryoshka.ks": [4]}, "none", [1.0]),
+    ({"matryoshka.normalization": "softmax_topk"}, "none", ELASTIC_WIDTHS),
+    ({"parallel.tensor": 2}, "learned", [1.0]),
+    ({"matryoshka.shrink_fraction": 0.5}, "learned", [1.0]),
+    ({"moe.expert_ffn_hidden_size": 30}, "learned", [1.0]),  # 0.25 x 30 is no whole column
+    ({"matryoshka.gate_temperature": "none", "matryoshka.widths": [0.5, 1.0]}, "none", [0.5, 1.0]),
+    ({"matryoshka.gate_temperature": "auto", "matryoshka.widths": "auto"}, "learned", ELASTIC_WIDTHS),
+])
+def test_auto_settings_resolve_by_what_the_model_trains(overrides, temperature, widths, tmp_path):
+    cfg = load_config(TINY, list(overrides.items()))
+    assert (cfg.matryoshka.gate_temperature, cfg.matryoshka.widths) == (temperature, widths)
+    # A saved config writes an auto setting as auto and an explicit one as given; it loads equal.
+    path = tmp_path / "config.yaml"
+    save_config(cfg, str(path))
+    saved = yaml.safe_load(path.read_text())["matryoshka"]
+    for name, value in (("gate_temperature", temperature), ("widths", widths)):
+        given = overrides.get(f"matryoshka.{name}", "auto")
+        assert saved[name] == ("auto" if given == "auto" else value)
+    assert load_config(str(path)) == cfg
+    assert yaml.safe_load(dump_config(cfg))["matryoshka"]["widths"] == widths  # what trains
+
+
+def test_a_specialist_derived_from_a_saved_elastic_config_trains_full_width_without_temperatures(tmp_path):
+    path = tmp_path / "elastic.yaml"
+    save_config(load_config(TINY), str(path))
+    specialist = load_config(str(path), [("matryoshka.strategy", "fixed"), ("matryoshka.ks", [2])])
+    assert (specialist.matryoshka.gate_temperature, specialist.matryoshka.widths) == ("none", [1.0])
+
+
+def test_auto_widths_that_resolve_to_full_width_refuse_width_settings():
+    with pytest.raises(ConfigError, match="more than one width") as err:
+        load_config(TINY, [("matryoshka.strategy", "fixed"), ("matryoshka.ks", [2]),
+                           ("matryoshka.width_probs", [1.0])])
+    assert err.value.path == "matryoshka.width_probs"
+    with pytest.raises(ConfigError, match=r"expected 'auto' \| list of float"):
+        load_config(TINY, [("matryoshka.widths", "half")])
 
 
 def test_a_suite_budget_or_point_no_member_can_run_is_refused_at_load(tmp_path):

@@ -458,7 +458,7 @@ def test_export_refuses_weights_without_a_counterpart():
     from mmoe_megatron.export import ExportError, to_hf_state_dict
 
     with pytest.raises(ExportError, match=r"decoder\.layers\.0\.self_attention\.linear_qkv\.bias"):
-        to_hf_state_dict(tiny_config(), {"decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(4)})
+        to_hf_state_dict(tiny_config(), {"decoder.layers.0.self_attention.linear_qkv.bias": torch.zeros(4)}, k=2)
 
 
 @pytest.mark.parametrize("change, field", [

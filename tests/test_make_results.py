@@ -1,9 +1,13 @@
-"""bench.make_results: a ladder variant counts as the default only when every setting it overrides
-is the schema's default, whatever config section the setting is in."""
+"""bench.make_results: a ladder variant counts as the default only when every setting it trains
+with (its own and the suite's pins of `auto` settings) is what today's defaults resolve to,
+whatever config section the setting is in."""
 
 import dataclasses
+import os
 
-from bench.make_results import holds_a_seed_source, schema_default
+from bench.make_results import default_settings, holds_a_seed_source, schema_default
+from mmoe_megatron.evaluation.suite import load_suite
+from tests.helpers import TINY
 
 
 def test_schema_default_reads_every_section():
@@ -23,3 +27,31 @@ def test_members_that_fix_a_seed_source_are_no_default_candidates():
     assert holds_a_seed_source({"data.seed": 1})
     assert holds_a_seed_source({"matryoshka.seed": 1, "matryoshka.widths": [0.5, 1.0]})
     assert not holds_a_seed_source({"matryoshka.gate_temperature": "learned", "train.seed": 3})
+
+
+def test_a_variant_is_the_default_when_it_trains_as_the_auto_settings_resolve(tmp_path):
+    suite = tmp_path / "ladder.yaml"
+    suite.write_text(f"""
+name: ladder
+base: {os.path.abspath(TINY)}
+overrides:
+  matryoshka.ks: [1, 2, 4, 8]
+  matryoshka.gate_temperature: none
+  matryoshka.widths: [1.0]
+members:
+  - {{name: elastic, role: elastic}}
+  - {{name: k2, role: specialist, overrides: {{matryoshka.strategy: fixed, matryoshka.ks: [2]}}}}
+  - {{name: widths, role: elastic, overrides: {{matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}}}
+  - name: both
+    role: elastic
+    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+  - name: both_k1grad_none
+    role: elastic
+    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0],
+                matryoshka.k1_router_grad: none}}
+""")
+    pins, is_default = default_settings(load_suite(str(suite)))
+    assert pins == {"matryoshka.gate_temperature": "none", "matryoshka.widths": [1.0]}
+    # The reference trains with the pinned settings; one axis alone is not today's default either.
+    assert [is_default(m) for m in ("elastic", "k2", "widths", "both", "both_k1grad_none")] == [
+        False, False, False, True, False]

@@ -67,7 +67,7 @@ def test_slimmable_experts_pass_the_check_and_stock_experts_with_widths_fail(sin
                        match=r"layer 3: experts are .*SequentialMLP, not slimmable experts"):
         model.build_model(cfg, VOCAB)
     # With one width the stock experts are the same model, and are accepted.
-    model.build_model(tiny_config(), VOCAB)
+    model.build_model(tiny_config(**{"matryoshka.widths": [1.0]}), VOCAB)
 
 
 def test_stock_routing_is_still_allowed_when_asked_for(single_process_mcore):

@@ -23,7 +23,7 @@ def schedules(gbs=8, seed=7, **mat):
 
 
 def test_full_width_only_means_no_width_axis_and_the_k_fingerprint_unchanged():
-    cfg = MatryoshkaConfig()
+    cfg = MatryoshkaConfig(widths=[1.0])
     k = KSchedule.from_config(cfg, 7, 8)
     assert WidthSchedule.from_config(cfg, 7, 8) is None
     assert grid_fingerprint(k, None) == k.fingerprint()

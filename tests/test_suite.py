@@ -280,7 +280,7 @@ def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):
     path.write_text(yaml.safe_dump({
         "name": "ec", "base": os.path.join(ROOT, "configs", "tiny.yaml"), "seeds": [3],
         "overrides": {"model.vocab_size": 512, "data.mock": True, "train.train_iters": 400, "optimizer.warmup_iters": 10,
-                      "matryoshka.ks": [1, 2, 4, 8]},
+                      "matryoshka.ks": [1, 2, 4, 8], "matryoshka.widths": [1.0]},  # every k at full width
         "eval": {"fractions": [0.25, 1.0]},
         "members": [{"name": "elastic", "role": "elastic"},
                     {"name": "distill", "role": "elastic", "equal_compute_to": "elastic",

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
          "--layer-ks", "1,2,3,4", "--layer-ks", "4,3,2,1"], env)
     timings["budget search"] = run(
         [py, "-m", "mmoe_megatron.evaluation.budget", "--run", args.run, "--mean-k", "1.5",
-         "--mean-k", "2", "--ks", "1,2,3,4"], env)
+         "--mean-k", "2", "--ks", "1,2,3,4", "--widths", "1"], env)
     export_dir = args.out or os.path.join("exports", os.path.basename(os.path.normpath(args.run)))
     timings["export"] = run(
         [py, "-m", "tools.export_hf", "--run", args.run, "--k", str(args.serve_k),

@@ -35,6 +35,7 @@ __all__ = [
     "OptimizerConfig",
     "ParallelConfig",
     "TrainConfig",
+    "as_written",
     "config_from_dict",
     "dump_config",
     "load_config",
@@ -90,14 +91,27 @@ def load_config(path: str, overrides: Iterable[tuple[str, object]] = ()) -> Expe
     return config_from_dict(data, overrides)
 
 
+def as_written(cfg: ExperimentConfig) -> dict:
+    """The config's plain data with every setting that was `auto` written as auto again, so that
+    it resolves for the model it ends up configuring: an elastic run's config overridden to a
+    fixed-k specialist trains full-width experts without gate temperatures, as that specialist's
+    own config would."""
+    data = to_dict(cfg)
+    for name in cfg.matryoshka.resolved_auto:
+        data["matryoshka"][name] = "auto"
+    return data
+
+
 def save_config(cfg: ExperimentConfig, path: str) -> None:
-    """Write the resolved config; `load_config(path)` gives back an equal config."""
+    """Write the config, `auto` settings as auto (`as_written`), every other field resolved;
+    `load_config(path)` gives back an equal config."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(as_written(cfg), f, sort_keys=False)
     os.replace(tmp, path)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
+    """Every field as it trains (`auto` settings resolved)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -59,7 +59,7 @@ def _check_bounds(value: Any, meta: typing.Mapping, path: str) -> None:
         if key in meta:
             items = value if isinstance(value, list) else [value]
             for item in items:
-                if item is not None and not op(item, meta[key]):
+                if item is not None and not isinstance(item, str) and not op(item, meta[key]):
                     raise ConfigError(path, f"got {item!r}; must be {word} {meta[key]}")
 
 

@@ -138,7 +138,8 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     """Parameters of the model, and those a token touches at `k` (default k_max) with its experts
     at `width` (default full): an expert at width w has 3 x hidden x (w x expert FFN) weights.
 
-    Counts what megatron-core allocates: padded vocabulary, QK-norm weights, the router.
+    Counts what megatron-core allocates: padded vocabulary, QK-norm weights, the router (with its
+    learned temperatures).
     """
     m, moe = cfg.model, cfg.moe
     h = m.hidden_size
@@ -153,6 +154,8 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     expert = 3 * h * moe.expert_ffn_hidden_size
     columns = iter(expert_columns(cfg, width))
     router = moe.num_experts * h
+    if cfg.matryoshka.gate_temperature == "learned":
+        router += len(cfg.matryoshka.ks)  # one log-temperature per trained k
     embedding = vocab * h * (1 if m.tie_embeddings else 2)
 
     ks = iter(_per_layer_ks(cfg, cfg.matryoshka.k_max if k is None else k))

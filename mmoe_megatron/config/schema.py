@@ -8,6 +8,7 @@ checked by the loader (`config.base`); relations between fields are checked by t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -102,6 +103,10 @@ class MoEConfig:
         return [1 if i % self.layer_freq == 0 else 0 for i in range(num_layers)]
 
 
+AUTO_WIDTHS = (0.25, 0.5, 0.75, 1.0)
+"""The expert widths `matryoshka.widths: auto` trains an elastic model at."""
+
+
 @dataclass
 class MatryoshkaConfig:
     method: Literal["matryoshka", "top_p", "emoe"] = "matryoshka"
@@ -131,13 +136,16 @@ class MatryoshkaConfig:
     """With topk_softmax, a token routed to one expert has weight 1 and its router gets no LM-loss
     gradient. straight_through keeps the weight at 1 but passes the gradient of the expert's
     softmax probability (weight 1 + (p - stop_grad(p))); none leaves only the aux losses."""
-    gate_temperature: Literal["none", "learned"] = "none"
+    gate_temperature: Literal["auto", "none", "learned"] = "auto"
     """learned: every MoE layer learns one temperature per trained k that divides the selected
     logits before the softmax over them (the combine weights; which experts are chosen is
     unchanged), so the weighting of k = 8 experts can differ from that of k = 2. ks between trained
     ks interpolate the log-temperature in log k; ks outside the range take the nearest end's.
     Needs topk_softmax and more than one k. The export folds the temperature of its k into the
-    gate weights and records the others (`load_hf_model` and the vLLM plugin rescale for any k)."""
+    gate weights and records the others (`load_hf_model` and the vLLM plugin rescale for any k).
+    auto (the default): learned for an elastic model (method matryoshka, more than one k, strategy
+    not fixed) with topk_softmax, none otherwise: learned together with elastic widths, it lowered
+    the elastic model's validation loss on each of 3 seeds (RESULTS.md, the elasticity ladder)."""
     sync_check_interval: int = field(0, ge=0)
     """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
     eval_ks: list[int] = field([], ge=1)
@@ -172,12 +180,15 @@ class MatryoshkaConfig:
     distill_temperature: float = field(1.0, gt=0)
     """Softmax temperature T of the distillation targets and student."""
     # --- the width axis: slimmable experts (MoSE, arXiv 2602.06154) ----------------------------
-    widths: list[float] = field([1.0], gt=0, le=1)
+    widths: Union[Literal["auto"], list[float]] = field("auto", gt=0, le=1)
     """Fractions of its FFN at which an expert can run: at width w an expert uses the first
     w x moe.expert_ffn_hidden_size columns of its gate and up projections and the same rows of its
     down projection (a nested prefix, so the experts at width w are part of those at any wider w).
     Strictly increasing, must contain 1.0, and each w x expert_ffn_hidden_size must be a whole number
-    of columns. [1.0]: every expert at full width, as without this axis."""
+    of columns. [1.0]: every expert at full width, as without this axis.
+    auto (the default): AUTO_WIDTHS for an elastic model (method matryoshka, more than one k,
+    strategy not fixed) whose expert FFN divides by 4, without tensor parallelism or progressive
+    shrinking, which refuse elastic widths; [1.0] otherwise (a fixed-k specialist, a baseline)."""
     width_strategy: Optional[Literal["global", "microbatch", "layerwise", "token"]] = None
     """How often a width is drawn, with the same meanings as `strategy`. null: as `strategy`, or
     token when `strategy` is fixed (a fixed-k model with elastic width, as in MoSE)."""
@@ -187,6 +198,9 @@ class MatryoshkaConfig:
     """independent: the width is drawn independently of k. joint: one draw sets both, the q-th
     quantile of the k distribution with the q-th quantile of the width distribution (few experts
     run narrow, many run wide); needs the width drawn as often as k (width_strategy null)."""
+
+    resolved_auto: tuple = dataclasses.field(default=(), init=False, compare=False, repr=False)
+    """The fields that were `auto` before `resolve_auto` (a saved config writes them as auto)."""
 
     def check(self, path: str) -> None:
         if not self.ks:
@@ -220,7 +234,7 @@ class MatryoshkaConfig:
             raise ConfigError(
                 f"{path}.coupled", f"sandwich ({self.sandwich}) + coupled ({self.coupled}) exceed 1"
             )
-        single_k = self.strategy == "fixed" or len(self.ks) < 2
+        single_k = not self.elastic
         for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction"):
             if getattr(self, name) > 0 and (single_k or self.method != "matryoshka"):
                 raise ConfigError(
@@ -281,7 +295,27 @@ class MatryoshkaConfig:
             )
 
     @property
+    def elastic(self) -> bool:
+        """Trains at more than one k: the model the elastic-only settings apply to."""
+        return self.method == "matryoshka" and self.strategy != "fixed" and len(self.ks) > 1
+
+    def resolve_auto(self, expert_ffn_hidden_size: int, tensor_parallel: int) -> None:
+        """Replace each `auto` setting by the value it stands for (`ExperimentConfig.check` calls
+        this first, so a loaded config, and the config a run saves, holds the values trained)."""
+        auto = tuple(name for name in ("gate_temperature", "widths") if getattr(self, name) == "auto")
+        if "gate_temperature" in auto:
+            learned = self.elastic and self.normalization == "topk_softmax"
+            self.gate_temperature = "learned" if learned else "none"
+        if "widths" in auto:
+            slimmable = (self.elastic and tensor_parallel == 1 and self.shrink_fraction == 0
+                         and expert_ffn_hidden_size % 4 == 0)
+            self.widths = list(AUTO_WIDTHS) if slimmable else [1.0]
+        self.resolved_auto += auto
+
+    @property
     def elastic_width(self) -> bool:
+        if self.widths == "auto":
+            raise ValueError("matryoshka.widths is still auto: ExperimentConfig.check() resolves it")
         return len(self.widths) > 1
 
     @property
@@ -463,6 +497,7 @@ class ExperimentConfig:
         """Cross-field validation; returns self so loading can chain it."""
         self.model.check("model")
         self.moe.check("moe", self.model.num_layers)
+        self.matryoshka.resolve_auto(self.moe.expert_ffn_hidden_size, self.parallel.tensor)
         self.matryoshka.check("matryoshka")
         self.matryoshka.check_widths("matryoshka")
         self.parallel.check("parallel")

@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="validation samples per evaluation")
     p.add_argument("--widths", default=None,
                    help="allowed expert widths per layer, e.g. 0.25,0.5,1: search per-layer (k, width) under "
-                        "--flops-per-token budgets (default: the run's trained widths when it has several)")
+                        "--flops-per-token budgets (default: the run's trained widths when it has several); "
+                        "1: full-width experts, a per-layer k search (budgets as --mean-k too)")
     p.add_argument("--method", choices=["search", "exhaustive"], default="search")
     p.add_argument("--out", default=None, help="output directory (default: the run directory)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -284,6 +285,8 @@ def main(argv=None) -> int:
     ks = [int(k) for k in args.ks.split(",")] if args.ks else list(range(1, cfg.moe.num_experts + 1))
     widths = ([float(w) for w in args.widths.split(",")] if args.widths
               else (list(cfg.matryoshka.widths) if cfg.matryoshka.elastic_width else None))
+    if widths == [1.0]:
+        widths = None  # full-width experts only: the per-layer k search
     grid = None
     if widths is not None:
         from mmoe_megatron.data import resolve_vocab_size

@@ -73,8 +73,8 @@ def export_to_hf(
     setting = ("model.kv_channels" if m.kv_channels else
                f"model.hidden_size / model.num_attention_heads = {m.hidden_size} / {m.num_attention_heads}")
     warn_serving_problems(dims_from_config(cfg).head_dim, setting)
-    log_temperatures = gate_log_temperatures(cfg, global_sd)
     hf_sd = to_hf_state_dict(cfg, global_sd, width, k)
+    log_temperatures = gate_log_temperatures(cfg, global_sd)
     vocab_rows = int(hf_sd["model.embed_tokens.weight"].shape[0])
     budgets = dict(layer_budgets or {})
     # validates k and the budgets

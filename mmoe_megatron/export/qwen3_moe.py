@@ -389,8 +389,8 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
     check_exportable(cfg)
     columns = check_serving_width(cfg, width)
     dims = dims_from_config(cfg)
-    log_temperatures = gate_log_temperatures(cfg, global_sd)
-    if log_temperatures is not None:
+    learned = cfg.matryoshka.gate_temperature == "learned"
+    if learned:
         if isinstance(k, bool) or not isinstance(k, int):
             raise ExportError(f"k={k!r}: the model learned a gate temperature per k; give the one k to export "
                               "at, whose temperature is folded into the gate weights")
@@ -412,7 +412,7 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
         n, rest = int(match.group(1)), match.group(2)
         p = f"model.layers.{n}."
         expert = _EXPERT.match(rest)
-        if rest == "mlp.router.log_temperature" and log_temperatures is not None:
+        if rest == "mlp.router.log_temperature" and learned:
             continue  # folded into mlp.gate.weight below
         if rest in _SIMPLE_LAYER:
             put(p + _SIMPLE_LAYER[rest], value)
@@ -439,7 +439,7 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
                 "router expert bias are not part of Qwen3-MoE)"
             )
     check_complete(out, dims, "the megatron checkpoint")
-    for n, log_t in zip(dims.moe_layers, log_temperatures or []):
+    for n, log_t in zip(dims.moe_layers, gate_log_temperatures(cfg, global_sd) or []):
         # The router multiplies the selected logits by exp(-log T(k)) (router.py _inverse_temperature).
         gate = out[f"model.layers.{n}.mlp.gate.weight"]
         inverse = torch.exp(torch.tensor(-log_temperature_at(cfg.matryoshka.ks, log_t, k)))

@@ -5,8 +5,9 @@ Accepted: Qwen's per-expert keys and transformers 5's fused `mlp.experts.gate_up
 / `down_proj` [E, H, I]. Refused (ExportError naming the config.json field): other model types,
 non-SiLU activations, attention biases, sliding windows, scaled rotary.
 An export of a model with learned gate temperatures imports with its gates as written (the
-temperature of its serving k folded in) and no temperatures; `matryoshka.gate_temperature:
-learned` in the new run learns them again, starting at 1.
+temperature of its serving k folded in) and no temperatures; an elastic continued run learns them
+again (`matryoshka.gate_temperature: auto`), starting at 1. Its experts train at full width only
+(`matryoshka.widths: [1.0]`): Qwen's expert columns are not nested prefixes.
 """
 
 from __future__ import annotations
@@ -150,5 +151,9 @@ def experiment_sections(hf: Mapping, ks: Optional[Sequence[int]] = None) -> dict
         "matryoshka": {
             "ks": sorted(set(int(x) for x in ks)),
             "normalization": "topk_softmax" if norm_topk else "softmax_topk",
+            # The imported experts' columns are not ordered as nested prefixes: continued
+            # training at narrower widths would start from broken experts. Set widths to train
+            # them slimmable anyway.
+            "widths": [1.0],
         },
     }
