@@ -146,9 +146,12 @@ def test_zero_with_expert_parallel_matches_single_process(single_process_mcore, 
         assert experts == ([0, 1, 2, 3] if rank % 2 == 0 else [4, 5, 6, 7])
         for name, value in r["params"].items():
             # AdamW divides each update by its gradient's running RMS, so an entry whose gradients
-            # are at rounding level (a rare token's embedding) moves by up to lr = 1e-3 in either
-            # process on its rounding alone; 1e-5 is 1% of that, far below any real difference.
-            assert torch.allclose(value, ref_params[name], rtol=1e-4, atol=1e-5), (rank, name)
+            # are at rounding level (a rare token's embedding row, an expert column few tokens
+            # reach at their width) moves by up to lr = 1e-3 per step on its rounding alone: all
+            # but 0.1% of the entries must agree to 2e-6, and every entry to 1e-4.
+            off = ~torch.isclose(value, ref_params[name], rtol=1e-4, atol=2e-6)
+            assert off.sum() <= 1e-3 * off.numel(), (rank, name, int(off.sum()))
+            assert torch.allclose(value, ref_params[name], rtol=0, atol=1e-4), (rank, name)
     # ... and nothing stayed at its initial value (the update reached every parameter).
     assert all(n in {**ranks[0]["params"], **ranks[1]["params"]} for n in ref_params)
     if zero_stage == 2:
