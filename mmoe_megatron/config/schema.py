@@ -234,17 +234,14 @@ class MatryoshkaConfig:
             raise ConfigError(
                 f"{path}.coupled", f"sandwich ({self.sandwich}) + coupled ({self.coupled}) exceed 1"
             )
-        single_k = not self.elastic
         for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction"):
-            if getattr(self, name) > 0 and (single_k or self.method != "matryoshka"):
+            if getattr(self, name) > 0 and not self.elastic:
                 raise ConfigError(
                     f"{path}.{name}",
                     "only for an elastic model (method matryoshka, more than one k, strategy not "
                     "fixed); set it to 0",
                 )
-        if self.gate_temperature == "learned" and (
-            single_k or self.method != "matryoshka" or self.normalization != "topk_softmax"
-        ):
+        if self.gate_temperature == "learned" and (not self.elastic or self.normalization != "topk_softmax"):
             raise ConfigError(
                 f"{path}.gate_temperature",
                 "a temperature per k needs an elastic model (method matryoshka, more than one k, "
@@ -301,7 +298,8 @@ class MatryoshkaConfig:
 
     def resolve_auto(self, expert_ffn_hidden_size: int, tensor_parallel: int) -> None:
         """Replace each `auto` setting by the value it stands for (`ExperimentConfig.check` calls
-        this first, so a loaded config, and the config a run saves, holds the values trained)."""
+        this first, so a loaded config holds the values trained; a saved one writes them as auto
+        again, `config.as_written`)."""
         auto = tuple(name for name in ("gate_temperature", "widths") if getattr(self, name) == "auto")
         if "gate_temperature" in auto:
             learned = self.elastic and self.normalization == "topk_softmax"
