@@ -187,7 +187,7 @@ class MatryoshkaConfig:
     Strictly increasing, must contain 1.0, and each w x expert_ffn_hidden_size must be a whole number
     of columns. [1.0]: every expert at full width, as without this axis.
     auto (the default): AUTO_WIDTHS for an elastic model (method matryoshka, more than one k,
-    strategy not fixed) whose expert FFN divides by 4, without tensor parallelism or progressive
+    strategy not fixed) whose expert FFN they cut in whole columns, without tensor parallelism or progressive
     shrinking, which refuse elastic widths; [1.0] otherwise (a fixed-k specialist, a baseline)."""
     width_strategy: Optional[Literal["global", "microbatch", "layerwise", "token"]] = None
     """How often a width is drawn, with the same meanings as `strategy`. null: as `strategy`, or
@@ -305,8 +305,8 @@ class MatryoshkaConfig:
             learned = self.elastic and self.normalization == "topk_softmax"
             self.gate_temperature = "learned" if learned else "none"
         if "widths" in auto:
-            slimmable = (self.elastic and tensor_parallel == 1 and self.shrink_fraction == 0
-                         and expert_ffn_hidden_size % 4 == 0)
+            whole_columns = all(float(w * expert_ffn_hidden_size).is_integer() for w in AUTO_WIDTHS)
+            slimmable = self.elastic and tensor_parallel == 1 and self.shrink_fraction == 0 and whole_columns
             self.widths = list(AUTO_WIDTHS) if slimmable else [1.0]
         self.resolved_auto += auto
 
