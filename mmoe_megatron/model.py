@@ -57,7 +57,7 @@ def router_builder(cfg: ExperimentConfig):
                                  pool_k=mat.emoe_pool_k, sharpen_coeff=mat.emoe_sharpen_coeff)
     temperature_ks = mat.ks if mat.gate_temperature == "learned" else None
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad,
-                             temperature_ks=temperature_ks)
+                             temperature_ks=temperature_ks, added_expert_grad=mat.expert_grad == "added")
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
@@ -70,12 +70,13 @@ def experts_spec(cfg: ExperimentConfig, experts):
     entry = compat.experts_entry(experts)
     module = entry.module if entry is not None else None
     if module not in (SequentialMLP, TEGroupedMLP):
-        if cfg.matryoshka.elastic_width:
-            raise ValueError(f"slimmable experts replace SequentialMLP or TEGroupedMLP, not "
-                             f"{getattr(module, '__name__', repr(experts))}")
+        if cfg.matryoshka.elastic_width or cfg.matryoshka.expert_grad == "added":
+            raise ValueError(f"slimmable experts (elastic widths, expert_grad added) replace SequentialMLP or "
+                             f"TEGroupedMLP, not {getattr(module, '__name__', repr(experts))}")
         return experts
     return compat.with_experts(experts, experts_class(module is TEGroupedMLP),
-                               widths=tuple(cfg.matryoshka.widths))
+                               widths=tuple(cfg.matryoshka.widths),
+                               added_expert_grad=cfg.matryoshka.expert_grad == "added")
 
 
 def layer_specs(cfg: ExperimentConfig, tconfig, stock_routing: bool = False) -> list:

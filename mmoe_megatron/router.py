@@ -53,10 +53,18 @@ class MatryoshkaRouter(TopKRouter):
     the softmax over them (topk_softmax only). The ranking, hence the experts chosen, is
     unchanged; so is the aux loss, which sees the scores at temperature 1. Other ks interpolate
     linearly in log k (`temperature_weights`).
+
+    With `added_expert_grad`, a training forward marks, for a token routed at k, its experts
+    ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
+    (`slimmable.py`) use the magnitude and give those rows' outputs no gradient, so a token trains
+    only the experts that its k added to the prefix served at k // 2: they fit what the prefix
+    misses, as the stages of boosting do. The router's gradient and every value are unchanged.
+    A sign is exact in any dtype and rides through the dispatchers with the weights.
     """
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
-                 temperature_ks: Optional[Sequence[int]] = None, **router_kwargs):
+                 temperature_ks: Optional[Sequence[int]] = None, added_expert_grad: bool = False,
+                 **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -86,6 +94,7 @@ class MatryoshkaRouter(TopKRouter):
                 torch.zeros(len(self.temperature_ks), dtype=config.params_dtype)
             )
             setattr(self.log_temperature, "sequence_parallel", config.sequence_parallel)
+        self.added_expert_grad = added_expert_grad
         self.pre_softmax = config.moe_router_pre_softmax
         self.k_max_trained = config.moe_router_topk
         self._k: int = config.moe_router_topk
@@ -208,6 +217,8 @@ class MatryoshkaRouter(TopKRouter):
             if self.is_aux_loss_enabled():
                 probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
 
+        if self.added_expert_grad and self.training and torch.is_grad_enabled():
+            probs_TE = mark_prefix_rows(probs_TE, ids_TW, budget)
         if self.probe is not None:
             self.probe(scores_TE, routing_map_TE)
         self.last_k = budget
@@ -265,6 +276,16 @@ class MatryoshkaRouter(TopKRouter):
             probs_TE, coeff, aux_loss, "load_balancing_loss", self.tp_cp_group,
             valid_token_count=num_tokens,
         )
+
+
+def mark_prefix_rows(probs_TE: torch.Tensor, ids_TW: torch.Tensor, budget: Union[int, torch.Tensor]):
+    """The weights with those of each token's experts ranked within its first k // 2 negated
+    (`ids_TW`: the experts by rank; `budget`: k, one for all tokens or one per token [T])."""
+    slots_W = torch.arange(ids_TW.shape[1], device=ids_TW.device)
+    half = budget // 2
+    prefix_TW = (slots_W < half).expand_as(ids_TW) if isinstance(half, int) else slots_W[None, :] < half[:, None]
+    prefix_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, ids_TW, prefix_TW)
+    return torch.where(prefix_TE, -probs_TE, probs_TE)
 
 
 def temperature_weights(ks: Sequence[int], max_k: int) -> torch.Tensor:

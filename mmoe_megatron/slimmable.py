@@ -24,6 +24,10 @@ bit for bit the model without this axis. Per-token levels travel with their toke
 dispatcher as one extra hidden column that `MatryoshkaMoELayer` appends before dispatch and removes
 after combine (`router.py`); the experts read it, compute, and return a zero column in its place.
 
+With `added_expert_grad` (the router's option of that name, `router.py`), rows whose weight the
+router negated keep their value but give their expert no gradient: the experts run on the weights'
+magnitudes and `stop_marked_rows` cuts the rest of the gradient from those rows' outputs.
+
 Shape suffixes: N dispatched (token, expert) rows, H hidden size, I expert FFN width,
 C active columns, S sequence, B batch, E local experts.
 """
@@ -50,9 +54,12 @@ def width_columns(width: float, ffn_hidden_size: int) -> int:
 
 
 class _WidthState:
-    """The width of the next forwards: shared by the local and the grouped experts."""
+    """The width of the next forwards and the marked rows (`forward`): shared by the local and the
+    grouped experts."""
 
-    def _init_width_state(self, widths: Sequence[float], ffn_hidden_size: int) -> None:
+    def _init_width_state(self, widths: Sequence[float], ffn_hidden_size: int,
+                          added_expert_grad: bool) -> None:
+        self.added_expert_grad = added_expert_grad
         self.widths = tuple(float(w) for w in widths)
         self.ffn_hidden_size = ffn_hidden_size
         # Columns of each level (1-based levels; index 0 unused so levels index directly).
@@ -61,6 +68,17 @@ class _WidthState:
         self.token_levels_SB: Optional[torch.Tensor] = None
         # What the last forward used: a width (float) or the per-token levels (sync check).
         self.last_width = None
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers):
+        if not self.added_expert_grad:
+            return self._forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers)
+        if buffers:
+            raise ValueError(f"added_expert_grad does not write into the dispatcher's zero-copy buffers "
+                             f"({sorted(buffers)}); use the alltoall or allgather dispatcher")
+        marked_N = torch.signbit(permuted_probs)
+        probs_N = permuted_probs.abs()
+        output_NH, bias = self._forward(permuted_local_hidden_states, tokens_per_expert, probs_N)
+        return stop_marked_rows(output_NH, probs_N, marked_N), bias
 
     def set_width(self, width: float) -> None:
         """Run every token at `width` (any whole-column fraction, not only the trained ones)."""
@@ -108,6 +126,16 @@ class _WidthState:
         return torch.cat([output_NH, output_NH.new_zeros(output_NH.shape[0], 1)], dim=-1)
 
 
+def stop_marked_rows(output_NH, probs_N, marked_N):
+    """The experts' outputs p x f(x) with the marked rows' gradient to f(x) (the expert's weights
+    and input) cut and their gradient to p kept: sg(p f(x)) x p / sg(p), the same value (p / sg(p)
+    is exactly 1)."""
+    p_N = probs_N.detach()
+    ratio_N = probs_N / torch.where(p_N == 0, torch.ones_like(p_N), p_N)
+    stopped_NH = output_NH.detach() * ratio_N.unsqueeze(-1).to(output_NH.dtype)
+    return torch.where(marked_N.unsqueeze(-1), stopped_NH, output_NH)
+
+
 def sliced_swiglu(x_NH, fc1_weight_FH, fc2_weight_HI, probs_N, columns: int, activation_func):
     """A SwiGLU expert on its first `columns` columns, weighted by the router probabilities: the
     same operations, in the same order, as megatron-core's MLP forward (mlp.py:215-241)."""
@@ -134,12 +162,12 @@ class SlimmableSequentialMLP(_WidthState, SequentialMLP):
     """megatron-core's SequentialMLP whose experts run at a chosen width (module docstring)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None,
-                 widths: Sequence[float] = (1.0,), **experts_kwargs):
+                 widths: Sequence[float] = (1.0,), added_expert_grad: bool = False, **experts_kwargs):
         # experts_kwargs: what megatron-core hands its experts beyond these (0.19.2: name,
         # moe_layer.py:326); passed on unchanged.
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          **experts_kwargs)
-        self._init_width_state(widths, self.config.moe_ffn_hidden_size)
+        self._init_width_state(widths, self.config.moe_ffn_hidden_size, added_expert_grad)
 
     def _expert(self, index: int, x_NH, probs_N, columns: int):
         expert = self.local_experts[index]
@@ -148,13 +176,13 @@ class SlimmableSequentialMLP(_WidthState, SequentialMLP):
         return sliced_swiglu(x_NH, expert.linear_fc1.weight, expert.linear_fc2.weight, probs_N, columns,
                              self.config.activation_func)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def _forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         if self.carries_levels:
             x_NH, levels_N = self._split_channel(permuted_local_hidden_states)
             return self._with_channel(self._per_token(x_NH, tokens_per_expert, permuted_probs, levels_N)), None
         self.last_width = self.width
         if self.columns == self.ffn_hidden_size:
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return SequentialMLP.forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         counts = tokens_per_expert.tolist()
         outputs = [self._expert(e, x_NH, probs_N, self.columns) for e, (x_NH, probs_N) in enumerate(zip(
             torch.split(permuted_local_hidden_states, counts), torch.split(permuted_probs, counts)))]
@@ -190,14 +218,14 @@ class SlimmableTEGroupedMLP(_WidthState, TEGroupedMLP):
     sliced experts (`export`)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None,
-                 widths: Sequence[float] = (1.0,), **experts_kwargs):
+                 widths: Sequence[float] = (1.0,), added_expert_grad: bool = False, **experts_kwargs):
         # experts_kwargs: what megatron-core hands its experts beyond these (0.19.2: name,
         # moe_layer.py:326); passed on unchanged.
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
                          **experts_kwargs)
-        self._init_width_state(widths, self.config.moe_ffn_hidden_size)
+        self._init_width_state(widths, self.config.moe_ffn_hidden_size, added_expert_grad)
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers):
+    def _forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers):
         # buffers: 0.19.2's NCCL-EP zero-copy output/grad buffers (moe_layer.py:550-560), passed
         # only by that dispatcher; the masked path writes its own tensors.
         if (self.carries_levels or self.columns < self.ffn_hidden_size) and buffers:
@@ -210,7 +238,8 @@ class SlimmableTEGroupedMLP(_WidthState, TEGroupedMLP):
             return self._with_channel(self._masked(x_NH, tokens_per_expert, permuted_probs, columns_N)), None
         self.last_width = self.width
         if self.columns == self.ffn_hidden_size:
-            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs, **buffers)
+            return TEGroupedMLP.forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs,
+                                        **buffers)
         columns_N = torch.full((permuted_local_hidden_states.shape[0],), self.columns,
                                device=permuted_local_hidden_states.device)
         return self._masked(permuted_local_hidden_states, tokens_per_expert, permuted_probs, columns_N), None

@@ -179,6 +179,14 @@ class MatryoshkaConfig:
     forward per micro-batch (counted in the training compute). 0 = off."""
     distill_temperature: float = field(1.0, gt=0)
     """Softmax temperature T of the distillation targets and student."""
+    expert_grad: Literal["all", "added"] = "all"
+    """all: a token's loss trains every expert it is routed to. added: a token routed at k trains
+    only its experts ranked k // 2 + 1 ... k, those its k adds to the routing at k // 2 (its other
+    experts still give their outputs, and the router its full gradient); each expert then learns
+    what the prefix served at the smaller k misses, as a boosting stage does, and the experts
+    ranked within k // 2 learn from the tokens drawn at the smaller ks. Every rank up to k_max must
+    be trained by some k (each k trains ranks k // 2 + 1 ... k: ks 1, 2, 4, 8 cover 1 ... 8). Same
+    compute. Needs method matryoshka and the local or grouped experts."""
     # --- the width axis: slimmable experts (MoSE, arXiv 2602.06154) ----------------------------
     widths: Union[Literal["auto"], list[float]] = field("auto", gt=0, le=1)
     """Fractions of its FFN at which an expert can run: at width w an expert uses the first
@@ -241,6 +249,16 @@ class MatryoshkaConfig:
                     "only for an elastic model (method matryoshka, more than one k, strategy not "
                     "fixed); set it to 0",
                 )
+        if self.expert_grad == "added":
+            if not self.elastic:
+                raise ConfigError(f"{path}.expert_grad", "added trains each expert rank from one k; it "
+                                  "needs an elastic model (method matryoshka, more than one k, strategy "
+                                  "not fixed): set it to all")
+            untrained = [r for r in range(1, self.k_max + 1) if not any(k // 2 < r <= k for k in self.ks)]
+            if untrained:
+                raise ConfigError(f"{path}.expert_grad",
+                                  f"with ks {self.ks} no k trains the experts ranked {untrained} (k trains "
+                                  f"ranks k // 2 + 1 ... k); add ks, e.g. doubling ones, or set it to all")
         if self.gate_temperature == "learned" and (not self.elastic or self.normalization != "topk_softmax"):
             raise ConfigError(
                 f"{path}.gate_temperature",
