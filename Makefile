@@ -49,14 +49,17 @@ $(SERVING_STAMP): serving-requirements.txt constraints.txt pyproject.toml tools/
 
 # The serving tests run the engines from .venv-serving; if it cannot be built they skip and print
 # the end of the build log. Building it is mostly downloading and unpacking, so it runs while the
-# other tests do, and the serving tests run once it is done.
+# other tests do, and the serving tests run as soon as it is done, beside the other tests; their
+# report (.cache/serving-tests.log) follows the other tests' report.
 SERVING_TESTS := tests/test_serving_engines.py
 test: setup
 	@mkdir -p .cache
-	@$(MAKE) --no-print-directory serving-setup > .cache/serving-setup.log 2>&1 & serving=$$!; \
+	@{ $(MAKE) --no-print-directory serving-setup > .cache/serving-setup.log 2>&1 \
+	    || echo "the serving venv could not be built (.cache/serving-setup.log); the serving tests will skip"; \
+	  $(BIN)/python -m pytest -q $(SERVING_TESTS); } > .cache/serving-tests.log 2>&1 & serving=$$!; \
 	$(BIN)/python -m pytest -q tests --ignore=$(SERVING_TESTS); status=$$?; \
-	wait $$serving || echo "the serving venv could not be built (.cache/serving-setup.log); the serving tests will skip" >&2; \
-	$(BIN)/python -m pytest -q $(SERVING_TESTS) || status=1; \
+	wait $$serving || status=1; \
+	echo "--- the serving tests ($(SERVING_TESTS), run beside the others):"; cat .cache/serving-tests.log; \
 	exit $$status
 
 demo: setup
