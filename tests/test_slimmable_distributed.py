@@ -3,9 +3,10 @@ single-process reference, at mixed (k, width) draws, under both dispatchers.
 
 As in test_elastic_distributed.py, each rank takes its half of one global batch and the reference
 runs the two halves as two micro-batches with all eight experts on one process. Variants: k and
-width drawn per token (independently), and one k and one width per layer drawn jointly. Losses,
-every gradient and the ks and widths used must agree, and the sync check must name a rank whose
-experts run at another width.
+width drawn per token (independently), the same with expert_grad added (the marked weights
+travel with their tokens), and one k and one width per layer drawn jointly. Losses, every gradient
+and the ks and widths used must agree, and the sync check must name a rank whose experts run at
+another width.
 """
 
 import pytest
@@ -19,6 +20,7 @@ STEP = 3
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 VARIANTS = {
     "token": {"matryoshka.strategy": "token"},
+    "token-added": {"matryoshka.strategy": "token", "matryoshka.expert_grad": "added"},
     "layerwise-joint": {"matryoshka.strategy": "layerwise", "matryoshka.width_pairing": "joint"},
 }
 
@@ -124,7 +126,7 @@ def test_expert_parallel_matches_single_process_at_mixed_k_and_width(single_proc
             assert r["loss"] == pytest.approx(ref_losses[rank], rel=1e-6, abs=1e-6)
             assert r["used"] == ref_used[rank]
         ks, widths = ranks[0][variant]["used"]
-        if variant == "token":
+        if variant.startswith("token"):
             # Per-token draws: every width occurs, and k and width are not the same draw.
             levels = torch.tensor(widths)
             assert set(levels.unique().tolist()) == {1, 2, 3, 4}
@@ -139,7 +141,13 @@ def test_expert_parallel_matches_single_process_at_mixed_k_and_width(single_proc
         for result in ranks:
             message = result[variant]["desync"]
             assert message is not None and "MoE layer 1" in message and "rank 1" in message, message
-            assert ("width level" in message) if variant != "token" else ("per-token widths differ" in message)
+            assert ("per-token widths differ" in message) if variant.startswith("token") else ("width level" in message)
+    # expert_grad added keeps every value and changes the experts' gradients, on every rank.
+    for result in ranks:
+        assert result["token-added"]["loss"] == result["token"]["loss"]
+        plain, added = result["token"]["grads"], result["token-added"]["grads"]
+        experts = [n for n in plain if ".experts." in n and plain[n].any()]
+        assert experts and all(not torch.allclose(added[n], plain[n]) for n in experts)
 
 
 def _resume_worker(rank, world_size, tmp):
