@@ -16,7 +16,6 @@ W ranked slots (the widest k in use), S sequence, B batch.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -297,14 +296,6 @@ def temperature_weights(ks: Sequence[int], max_k: int) -> torch.Tensor:
         for i, w in log_k_weights(ks, k):
             weights_KE[i, k] = w
     return weights_KE
-
-
-def learned_temperatures(global_sd, ks: Sequence[int]) -> dict[str, list[float]]:
-    """k -> the temperature of each MoE layer (in layer order) at every trained k, read from global
-    weights; empty when the model has no learned temperatures."""
-    names = sorted((n for n in global_sd if n.endswith("router.log_temperature")),
-                   key=lambda n: int(n.split("decoder.layers.")[1].split(".")[0]))
-    return {str(k): [math.exp(float(global_sd[n][i])) for n in names] for i, k in enumerate(ks)} if names else {}
 
 
 class ElasticAlltoAllTokenDispatcher(MoEAlltoAllTokenDispatcher):

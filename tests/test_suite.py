@@ -15,7 +15,7 @@ import yaml
 
 from tests.data_fixtures import data_config, small_datasets, small_tokenizer  # noqa: F401
 from tests.dist import run_distributed
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_config
 
 KS = [1, 2, 4, 8]
 
@@ -246,16 +246,21 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
 def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     from mmoe_megatron.evaluation.compare import comparison, markdown
     from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
-    from mmoe_megatron.router import learned_temperatures
+    from mmoe_megatron.export.qwen3_moe import ExportError, gate_temperatures
 
-    # Layers 2 and 10 (sorted by number, not as strings), trained ks 1, 2, 4.
-    sd = {"decoder.layers.10.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.5, 0.25])),
-          "decoder.layers.2.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.8, 0.4])),
-          "decoder.layers.2.mlp.router.weight": torch.zeros(4, 8)}
-    temps = learned_temperatures(sd, [1, 2, 4])
+    # MoE layers 0 and 1 of two (given in reverse order), trained ks 1, 2, 4.
+    cfg = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4],
+                         "matryoshka.gate_temperature": "learned"})
+    sd = {"decoder.layers.1.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.5, 0.25])),
+          "decoder.layers.0.mlp.router.log_temperature": torch.log(torch.tensor([1.0, 0.8, 0.4])),
+          "decoder.layers.0.mlp.router.weight": torch.zeros(4, 8)}
+    temps = gate_temperatures(cfg, sd)
     assert temps.keys() == {"1", "2", "4"}
     assert temps["2"] == pytest.approx([0.8, 0.5]) and temps["4"] == pytest.approx([0.4, 0.25])
-    assert learned_temperatures({"decoder.layers.2.mlp.router.weight": torch.zeros(4, 8)}, [1, 2]) == {}
+    plain = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4], "matryoshka.gate_temperature": "none"})
+    assert gate_temperatures(plain, {"decoder.layers.0.mlp.router.weight": torch.zeros(4, 8)}) == {}
+    with pytest.raises(ExportError, match="decoder.layers.1.mlp.router.log_temperature"):
+        gate_temperatures(cfg, {k: v for k, v in sd.items() if not k.startswith("decoder.layers.1.")})
 
     spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(), members=[
         MemberSpec("elastic", "elastic"), MemberSpec("temperature", "elastic")])

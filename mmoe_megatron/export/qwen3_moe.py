@@ -58,6 +58,7 @@ R = (NH + 2 NG) D rows of the fused QKV weight, I expert hidden width, E experts
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -378,6 +379,14 @@ def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.T
                               "were the config and the weights saved together?")
         out.append([float(x) for x in global_sd[name].float()])
     return out
+
+
+def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """k -> each MoE layer's learned temperature at that trained k, in layer order (what the suite
+    reports); empty for a model trained without them."""
+    log_temperatures = gate_log_temperatures(cfg, global_sd) or []
+    return {str(k): [math.exp(layer[i]) for layer in log_temperatures]
+            for i, k in enumerate(cfg.matryoshka.ks)} if log_temperatures else {}
 
 
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
