@@ -57,7 +57,7 @@ def router_builder(cfg: ExperimentConfig):
                                  pool_k=mat.emoe_pool_k, sharpen_coeff=mat.emoe_sharpen_coeff)
     temperature_ks = mat.ks if mat.gate_temperature == "learned" else None
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad,
-                             temperature_ks=temperature_ks, added_expert_grad=mat.expert_grad == "added")
+                             temperature_ks=temperature_ks, added_grad_ks=mat.added_grad_ks)
 
 
 def experts_spec(cfg: ExperimentConfig, experts):

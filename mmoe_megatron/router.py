@@ -53,8 +53,8 @@ class MatryoshkaRouter(TopKRouter):
     unchanged; so is the aux loss, which sees the scores at temperature 1. Other ks interpolate
     linearly in log k (`temperature_weights`).
 
-    With `added_expert_grad`, a training forward marks, for a token routed at k, its experts
-    ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
+    With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
+    experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
     (`slimmable.py`) use the magnitude and give those rows' outputs no gradient, so a token trains
     only the experts that its k added to the prefix served at k // 2: they fit what the prefix
     misses, as the stages of boosting do. The router's gradient and every value are unchanged.
@@ -62,7 +62,7 @@ class MatryoshkaRouter(TopKRouter):
     """
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
-                 temperature_ks: Optional[Sequence[int]] = None, added_expert_grad: bool = False,
+                 temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
                  **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
@@ -93,7 +93,10 @@ class MatryoshkaRouter(TopKRouter):
                 torch.zeros(len(self.temperature_ks), dtype=config.params_dtype)
             )
             setattr(self.log_temperature, "sequence_parallel", config.sequence_parallel)
-        self.added_expert_grad = added_expert_grad
+        # The leading ranks whose experts a token routed at k does not train: k // 2 at the
+        # added_grad_ks, 0 elsewhere (indexed by k, 0..E).
+        self.untrained_prefix = tuple(k // 2 if k in set(added_grad_ks) else 0 for k in range(self.num_experts + 1))
+        self.register_buffer("untrained_prefix_E", torch.tensor(self.untrained_prefix), persistent=False)
         self.pre_softmax = config.moe_router_pre_softmax
         self.k_max_trained = config.moe_router_topk
         self._k: int = config.moe_router_topk
@@ -216,8 +219,9 @@ class MatryoshkaRouter(TopKRouter):
             if self.is_aux_loss_enabled():
                 probs_TE = self._apply_elastic_aux_loss(probs_TE, scores_TE, selected_TE)
 
-        if self.added_expert_grad and self.training and torch.is_grad_enabled():
-            probs_TE = mark_prefix_rows(probs_TE, ids_TW, budget)
+        if any(self.untrained_prefix) and self.training and torch.is_grad_enabled():
+            prefix = self.untrained_prefix[budget] if isinstance(budget, int) else self.untrained_prefix_E[budget]
+            probs_TE = mark_prefix_rows(probs_TE, ids_TW, prefix)
         if self.probe is not None:
             self.probe(scores_TE, routing_map_TE)
         self.last_k = budget
@@ -277,12 +281,11 @@ class MatryoshkaRouter(TopKRouter):
         )
 
 
-def mark_prefix_rows(probs_TE: torch.Tensor, ids_TW: torch.Tensor, budget: Union[int, torch.Tensor]):
-    """The weights with those of each token's experts ranked within its first k // 2 negated
-    (`ids_TW`: the experts by rank; `budget`: k, one for all tokens or one per token [T])."""
+def mark_prefix_rows(probs_TE: torch.Tensor, ids_TW: torch.Tensor, prefix: Union[int, torch.Tensor]):
+    """The weights with those of each token's `prefix` top-ranked experts negated (`ids_TW`: the
+    experts by rank; `prefix`: one count for all tokens or one per token [T])."""
     slots_W = torch.arange(ids_TW.shape[1], device=ids_TW.device)
-    half = budget // 2
-    prefix_TW = (slots_W < half).expand_as(ids_TW) if isinstance(half, int) else slots_W[None, :] < half[:, None]
+    prefix_TW = (slots_W < prefix).expand_as(ids_TW) if isinstance(prefix, int) else slots_W[None, :] < prefix[:, None]
     prefix_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, ids_TW, prefix_TW)
     return torch.where(prefix_TE, -probs_TE, probs_TE)
 

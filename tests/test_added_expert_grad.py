@@ -18,10 +18,12 @@ def added_config(**overrides):
                           **overrides})
 
 
-def test_the_router_marks_the_experts_ranked_within_half_of_each_tokens_k(single_process_mcore):
+@pytest.mark.parametrize("added_ks", [None, [8]])
+def test_the_router_marks_the_experts_ranked_within_half_of_each_tokens_k(single_process_mcore, added_ks):
+    """Every k (expert_grad_ks null), or only k = 8: the tokens drawn at the other ks are unmarked."""
     from mmoe_megatron.model import build_model, elastic_routers
 
-    router = elastic_routers(build_model(added_config(), VOCAB))[0]
+    router = elastic_routers(build_model(added_config(**{"matryoshka.expert_grad_ks": added_ks}), VOCAB))[0]
     gen = torch.Generator().manual_seed(3)
     seq, batch = 16, 2
     logits_SBE = torch.randn(seq, batch, E, generator=gen)
@@ -29,15 +31,17 @@ def test_the_router_marks_the_experts_ranked_within_half_of_each_tokens_k(single
     router.train()
     router.set_token_ks(ks_SB, width=max(KS))
     marked_TE, _ = router.routing(logits_SBE)
-    router.added_expert_grad = False
+    marks = router.untrained_prefix
+    router.untrained_prefix = (0,) * (E + 1)
     plain_TE, routing_map_TE = router.routing(logits_SBE)
-    router.added_expert_grad = True
+    router.untrained_prefix = marks
 
     assert torch.equal(marked_TE.abs(), plain_TE)  # every weight's magnitude unchanged
     order_TE = torch.argsort(logits_SBE.reshape(-1, E), dim=1, descending=True)
     expected_TE = torch.zeros(seq * batch, E, dtype=torch.bool)
     for t, k in enumerate(ks_SB.reshape(-1).tolist()):
-        expected_TE[t, order_TE[t, :k // 2]] = True
+        if added_ks is None or k in added_ks:
+            expected_TE[t, order_TE[t, :k // 2]] = True
     assert expected_TE.sum() > 0 and (routing_map_TE | ~expected_TE).all()
     assert torch.equal(torch.signbit(marked_TE), expected_TE)
 
@@ -118,6 +122,9 @@ def test_a_model_computes_the_same_loss_and_at_k_1_the_same_gradients(single_pro
     ({"matryoshka.ks": [1, 3, 8]}, "ranked [4]"),
     ({"matryoshka.ks": [2, 4, 8]}, "ranked [1]"),
     ({"matryoshka.ks": [8], "matryoshka.strategy": "fixed"}, "needs an elastic model"),
+    ({"matryoshka.ks": [1, 8], "matryoshka.expert_grad_ks": [8]}, "ranked [2, 3, 4]"),
+    ({"matryoshka.expert_grad_ks": [3]}, "some of the trained ks"),
+    ({"matryoshka.expert_grad": "all", "matryoshka.expert_grad_ks": [8]}, "only used with expert_grad: added"),
 ])
 def test_ks_that_leave_a_rank_untrained_are_refused(overrides, fragment):
     with pytest.raises(ConfigError, match="expert_grad") as err:

@@ -187,6 +187,10 @@ class MatryoshkaConfig:
     ranked within k // 2 learn from the tokens drawn at the smaller ks. Every rank up to k_max must
     be trained by some k (each k trains ranks k // 2 + 1 ... k: ks 1, 2, 4, 8 cover 1 ... 8). Same
     compute. Needs method matryoshka and the local or grouped experts."""
+    expert_grad_ks: Optional[list[int]] = field(None, ge=1)
+    """With expert_grad added, the ks it applies to (a subset of ks); tokens drawn at the other ks
+    train every expert they use. null: every k. E.g. [k_max]: only the widest routing's added
+    experts fit the residual of its first half, which the smaller ks keep training in full."""
     # --- the width axis: slimmable experts (MoSE, arXiv 2602.06154) ----------------------------
     widths: Union[Literal["auto"], list[float]] = field("auto", gt=0, le=1)
     """Fractions of its FFN at which an expert can run: at width w an expert uses the first
@@ -249,12 +253,20 @@ class MatryoshkaConfig:
                     "only for an elastic model (method matryoshka, more than one k, strategy not "
                     "fixed); set it to 0",
                 )
+        if self.expert_grad_ks is not None:
+            if self.expert_grad != "added":
+                raise ConfigError(f"{path}.expert_grad_ks", "only used with expert_grad: added; remove it")
+            if not self.expert_grad_ks or not set(self.expert_grad_ks) <= set(self.ks):
+                raise ConfigError(f"{path}.expert_grad_ks",
+                                  f"must list some of the trained ks {self.ks}, got {self.expert_grad_ks}")
         if self.expert_grad == "added":
             if not self.elastic:
                 raise ConfigError(f"{path}.expert_grad", "added trains each expert rank from one k; it "
                                   "needs an elastic model (method matryoshka, more than one k, strategy "
                                   "not fixed): set it to all")
-            untrained = [r for r in range(1, self.k_max + 1) if not any(k // 2 < r <= k for k in self.ks)]
+            added = self.added_grad_ks
+            untrained = [r for r in range(1, self.k_max + 1)
+                         if not any(r <= k and (k not in added or r > k // 2) for k in self.ks)]
             if untrained:
                 raise ConfigError(f"{path}.expert_grad",
                                   f"with ks {self.ks} no k trains the experts ranked {untrained} (k trains "
@@ -308,6 +320,13 @@ class MatryoshkaConfig:
                 "joint draws one quantile for k and width, so both must be drawn as often: leave "
                 "width_strategy null and use an elastic k strategy (or choose independent)",
             )
+
+    @property
+    def added_grad_ks(self) -> tuple[int, ...]:
+        """The ks at which a token trains only the experts its k adds (`expert_grad`); () for none."""
+        if self.expert_grad != "added":
+            return ()
+        return tuple(self.expert_grad_ks if self.expert_grad_ks is not None else self.ks)
 
     @property
     def elastic(self) -> bool:
