@@ -82,7 +82,7 @@ STAMP312 := $(VENV312)/.installed
 PY312_CACHE ?= $(HOME)/.cache/mmoe_megatron
 PY312_TORCH_PIN := $(shell grep -m1 '^torch==' constraints.txt)
 PY312_TORCH := $(PY312_CACHE)/$(subst ==,-,$(PY312_TORCH_PIN))-py312
-PY312_TESTS := tests/test_router.py tests/test_model.py tests/test_compat.py tests/test_baselines.py \
+PY312_TESTS := tests/test_router.py tests/test_added_expert_grad.py tests/test_model.py tests/test_compat.py tests/test_baselines.py \
 	tests/test_elastic_distributed.py tests/test_training_distributed.py tests/test_export_hf.py
 
 .PHONY: gpu-check gpu-wheels setup-py312 test-py312
