@@ -261,16 +261,17 @@ class MatryoshkaConfig:
                                   f"must list some of the trained ks {self.ks}, got {self.expert_grad_ks}")
         if self.expert_grad == "added":
             if not self.elastic:
-                raise ConfigError(f"{path}.expert_grad", "added trains each expert rank from one k; it "
-                                  "needs an elastic model (method matryoshka, more than one k, strategy "
+                raise ConfigError(f"{path}.expert_grad", "added splits the experts' training among the "
+                                  "ks; it needs an elastic model (method matryoshka, more than one k, strategy "
                                   "not fixed): set it to all")
             added = self.added_grad_ks
             untrained = [r for r in range(1, self.k_max + 1)
                          if not any(r <= k and (k not in added or r > k // 2) for k in self.ks)]
             if untrained:
                 raise ConfigError(f"{path}.expert_grad",
-                                  f"with ks {self.ks} no k trains the experts ranked {untrained} (k trains "
-                                  f"ranks k // 2 + 1 ... k); add ks, e.g. doubling ones, or set it to all")
+                                  f"with ks {self.ks} no k trains the experts ranked {untrained} (a k that it "
+                                  f"applies to trains ranks k // 2 + 1 ... k, another k ranks 1 ... k); add "
+                                  f"ks, e.g. doubling ones, narrow expert_grad_ks, or set it to all")
         if self.gate_temperature == "learned" and (not self.elastic or self.normalization != "topk_softmax"):
             raise ConfigError(
                 f"{path}.gate_temperature",
