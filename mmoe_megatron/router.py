@@ -95,7 +95,8 @@ class MatryoshkaRouter(TopKRouter):
             setattr(self.log_temperature, "sequence_parallel", config.sequence_parallel)
         # The leading ranks whose experts a token routed at k does not train: k // 2 at the
         # added_grad_ks, 0 elsewhere (indexed by k, 0..E).
-        self.untrained_prefix = tuple(k // 2 if k in set(added_grad_ks) else 0 for k in range(self.num_experts + 1))
+        added = set(added_grad_ks)
+        self.untrained_prefix = tuple(k // 2 if k in added else 0 for k in range(self.num_experts + 1))
         self.register_buffer("untrained_prefix_E", torch.tensor(self.untrained_prefix), persistent=False)
         self.pre_softmax = config.moe_router_pre_softmax
         self.k_max_trained = config.moe_router_topk
@@ -167,10 +168,7 @@ class MatryoshkaRouter(TopKRouter):
         scores_TE: torch.Tensor,
     ) -> torch.Tensor:
         """Which of the W ranked experts each token uses: the first k (Matryoshka nesting)."""
-        slots_W = torch.arange(ranked_TW.shape[1], device=ranked_TW.device)
-        if isinstance(budget, int):
-            return (slots_W < budget).expand_as(ranked_TW)
-        return slots_W[None, :] < budget[:, None]
+        return leading_slots(ranked_TW, budget)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         if padding_mask is not None:
@@ -281,12 +279,19 @@ class MatryoshkaRouter(TopKRouter):
         )
 
 
+def leading_slots(ranked_TW: torch.Tensor, count: Union[int, torch.Tensor]) -> torch.Tensor:
+    """[T, W] bool: each token's first `count` ranked slots (one count for all tokens, or one per
+    token [T])."""
+    slots_W = torch.arange(ranked_TW.shape[1], device=ranked_TW.device)
+    if isinstance(count, int):
+        return (slots_W < count).expand_as(ranked_TW)
+    return slots_W[None, :] < count[:, None]
+
+
 def mark_prefix_rows(probs_TE: torch.Tensor, ids_TW: torch.Tensor, prefix: Union[int, torch.Tensor]):
     """The weights with those of each token's `prefix` top-ranked experts negated (`ids_TW`: the
     experts by rank; `prefix`: one count for all tokens or one per token [T])."""
-    slots_W = torch.arange(ids_TW.shape[1], device=ids_TW.device)
-    prefix_TW = (slots_W < prefix).expand_as(ids_TW) if isinstance(prefix, int) else slots_W[None, :] < prefix[:, None]
-    prefix_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, ids_TW, prefix_TW)
+    prefix_TE = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, ids_TW, leading_slots(ids_TW, prefix))
     return torch.where(prefix_TE, -probs_TE, probs_TE)
 
 

@@ -384,9 +384,10 @@ def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.T
 def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
     """k -> each MoE layer's learned temperature at that trained k, in layer order (what the suite
     reports); empty for a model trained without them."""
-    log_temperatures = gate_log_temperatures(cfg, global_sd) or []
-    return {str(k): [math.exp(layer[i]) for layer in log_temperatures]
-            for i, k in enumerate(cfg.matryoshka.ks)} if log_temperatures else {}
+    log_temperatures = gate_log_temperatures(cfg, global_sd)
+    if not log_temperatures:
+        return {}
+    return {str(k): [math.exp(layer[i]) for layer in log_temperatures] for i, k in enumerate(cfg.matryoshka.ks)}
 
 
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
