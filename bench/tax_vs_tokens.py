@@ -1,0 +1,136 @@
+"""The elasticity tax against training tokens, over the rungs of the ladder.
+
+Each suite of the ladder (a rung) evaluates its runs at fractions of their training, so one rung
+gives the tax's learning curve under its own learning-rate schedule, and a longer rung says how it
+goes on with more tokens. For one elastic member and the specialists at the chosen ks, this lists
+per rung and checkpoint the tokens trained on, both losses and the tax (elastic minus specialist at
+the specialist's k), per seed and averaged over the seeds every rung has (paired: the same seeds on
+every rung), on every evaluated domain. It reads the results the suites kept in bench/results/; it
+trains and evaluates nothing.
+
+    python -m bench.tax_vs_tokens --suite bench/suites/elasticity_ladder_cpu.yaml \
+        --suite bench/suites/elasticity_ladder2x_cpu.yaml --elastic temperature_widths --k 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+from bench.common import RESULTS, ROOT, kept_records, write_result
+
+NAME = "tax_vs_tokens"
+
+
+def checkpoint_steps(fractions, iters: int) -> dict[float, str]:
+    """fraction -> the step a suite evaluates it at (the rule of `member_overrides`)."""
+    return {f: str(iters if f == 1 else max(1, round(f * iters))) for f in fractions}
+
+
+def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULTS) -> dict:
+    """The losses of one suite's elastic member and of its specialists at `ks`, per checkpoint
+    fraction, domain, k and seed, with the tokens each run had trained on (from the runs' results
+    kept in `results_dir`/<suite name>/)."""
+    from mmoe_megatron.evaluation.suite import load_suite, member_config, specialist_k
+
+    spec = load_suite(suite_path)
+    members = {m.name: m for m in spec.members}
+    if elastic not in members:
+        raise ValueError(f"{spec.name} has no member {elastic!r}; members: {sorted(members)}")
+    specialists = {specialist_k(m): m.name for m in spec.members if m.role == "specialist"}
+    missing = [k for k in ks if k not in specialists]
+    if missing:
+        raise ValueError(f"{spec.name} has no specialist at k = {missing} (its specialists: "
+                         f"{sorted(specialists)}); choose --k among the ks every rung has")
+    records = kept_records(spec, os.path.join(results_dir, spec.name.replace("-", "_")))
+    by_run = {(r["member"], r["seed"]): r for r in records}
+
+    def curve(member: str, seed):
+        record = by_run[(member, seed)]
+        cfg = member_config(spec, members[member], seed)
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        steps = checkpoint_steps(spec.eval.fractions, record["train_iters"])
+        return {f: (int(step) * tokens_per_step, record["losses"].get(step)) for f, step in steps.items()}
+
+    seeds = sorted(s for (m, s) in by_run if m == elastic
+                   and all((specialists[k], s) in by_run for k in ks))
+    out = {"suite": spec.name, "path": os.path.relpath(os.path.abspath(suite_path), ROOT), "seeds": seeds,
+           "fractions": list(spec.eval.fractions), "points": []}
+    for seed in seeds:
+        mine = curve(elastic, seed)
+        for k in ks:
+            theirs = curve(specialists[k], seed)
+            for f in spec.eval.fractions:
+                (e_tokens, e_losses), (s_tokens, s_losses) = mine[f], theirs[f]
+                if e_losses is None or s_losses is None:
+                    continue
+                for domain in s_losses:
+                    out["points"].append({
+                        "fraction": f, "seed": seed, "k": k, "domain": domain,
+                        "elastic_tokens": e_tokens, "specialist_tokens": s_tokens,
+                        "elastic": e_losses[domain][str(k)], "specialist": s_losses[domain][str(k)]})
+    return out
+
+
+def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
+    shared = sorted(set.intersection(*(set(r["seeds"]) for r in rungs)))
+    if not shared:
+        raise ValueError("the rungs share no seed with the elastic member and every specialist evaluated; "
+                         + "; ".join(f"{r['suite']}: seeds {r['seeds']}" for r in rungs))
+    lines = [f"Tax of `{elastic}` against the specialist at the same k (elastic minus specialist, nats), at "
+             "the checkpoints each rung evaluates, with the tokens each model had trained on at that point "
+             "(millions; the elastic member's steps give the reference elastic model's compute, so it may see "
+             "more tokens than the specialist). Paired by seed; the mean is over the seeds every rung has "
+             f"({', '.join(map(str, shared))}); a rung's other seeds are shown in its own column.", "",
+             "| rung | fraction | tokens (M): specialist / elastic | domain | k | elastic | specialist | "
+             "tax, seeds every rung has (mean) | tax, every seed of the rung: mean ± std (n) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    summary = []
+    for r in rungs:
+        groups: dict[tuple, list[dict]] = {}
+        for p in r["points"]:
+            groups.setdefault((p["domain"], p["k"], p["fraction"]), []).append(p)
+        for (domain, k, f), points in sorted(groups.items(), key=lambda kv: (kv[0][0] != "valid", kv[0])):
+            paired = [p for p in points if p["seed"] in shared] or points[:1]
+            tax_all = [p["elastic"] - p["specialist"] for p in points]
+            tax = [p["elastic"] - p["specialist"] for p in paired]
+            mean = lambda xs: statistics.fmean(xs) if xs else float("nan")
+            spread = (f"{mean(tax_all):+.4f} ± {statistics.stdev(tax_all):.4f} ({len(tax_all)})"
+                      if len(tax_all) > 1 else f"{tax_all[0]:+.4f} (1)")
+            lines.append(
+                f"| {r['suite']} | {f:g} | {paired[0]['specialist_tokens'] / 1e6:.2f} / "
+                f"{paired[0]['elastic_tokens'] / 1e6:.2f} | {domain} | {k} | "
+                f"{mean([p['elastic'] for p in paired]):.4f} | {mean([p['specialist'] for p in paired]):.4f} | "
+                f"{', '.join(f'{t:+.4f}' for t in tax)} ({mean(tax):+.4f}) | {spread} |")
+            if f == 1:
+                summary.append({"suite": r["suite"], "domain": domain, "k": k,
+                                "tokens": paired[0]["specialist_tokens"], "tax_shared_seeds": mean(tax),
+                                "tax_all_seeds": mean(tax_all), "n": len(tax_all)})
+    lines += ["", "At the end of each rung, on the seeds every rung has: " + "; ".join(
+        f"{s['suite']} ({s['tokens'] / 1e6:.1f} M tokens) {s['domain']} k = {s['k']}: {s['tax_shared_seeds']:+.4f}"
+        for s in summary) + "."]
+    return "\n".join(lines), {"elastic": elastic, "ks": ks, "shared_seeds": shared, "rungs": rungs,
+                              "end_of_training": summary}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--suite", action="append", required=True, help="a rung's suite file (repeatable, shortest first)")
+    p.add_argument("--elastic", required=True, help="the elastic member, by name, in every suite")
+    p.add_argument("--k", type=int, action="append", required=True,
+                   help="a k with a specialist in every suite (repeatable)")
+    args = p.parse_args(argv)
+    try:
+        rungs = [rung(path, args.elastic, args.k) for path in args.suite]
+        markdown, data = report(rungs, args.elastic, args.k)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 1
+    write_result(NAME, "The elasticity tax against training tokens, over the ladder's rungs", markdown, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
