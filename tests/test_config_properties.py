@@ -10,6 +10,7 @@ reported at train.global_batch_size). A valid mutation must load and hold the va
 
 from __future__ import annotations
 
+import copy
 import math
 
 import yaml
@@ -181,7 +182,7 @@ values = st.one_of(scalars, st.lists(st.one_of(st.integers(-1, 10), scalars), ma
 
 
 def _load(path, value):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data = copy.deepcopy(BASE)
     section, key = path.split(".")
     data.setdefault(section, {})[key] = value
     return config_from_dict(data)
@@ -215,7 +216,7 @@ def _same(held, given) -> bool:
 @given(section=st.sampled_from(SECTIONS),
        key=st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12), value=scalars)
 def test_an_unknown_key_is_refused_by_its_dotted_name(section, key, value):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data = copy.deepcopy(BASE)
     if key in data.get(section, {}) or key in config_field_names(section):
         return  # a real field, covered above
     data.setdefault(section, {})[key] = value
@@ -254,7 +255,7 @@ def consistent_routing(draw):
 @settings(max_examples=150, deadline=None)
 @given(changes=consistent_routing())
 def test_consistent_multi_field_changes_are_never_refused(changes):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data = copy.deepcopy(BASE)
     for path, value in changes.items():
         section, key = path.split(".")
         data.setdefault(section, {})[key] = value
