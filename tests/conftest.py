@@ -50,7 +50,8 @@ def slurm_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def slurm_reference(tmp_path_factory):
     """Losses of the Slurm tests' training (tests.slurm_cluster.TRAIN_ARGS) under torchrun: 2 local
-    processes, expert parallel 2, uninterrupted."""
+    processes, expert parallel 2, uninterrupted. The SIGKILL test in test_reliability.py resumes
+    the same training and compares with it too."""
     import subprocess
 
     from tests.dist import free_port

@@ -19,19 +19,17 @@ import pytest
 import torch
 
 from tests.dist import free_port, run_distributed
-from tests.helpers import ROOT, VOCAB, logged_steps, tiny_config
+from tests.helpers import ROOT, TINY, VOCAB, logged_steps, tiny_config
+from tests.slurm_cluster import STEPS
+from tests.slurm_cluster import TRAIN_ARGS as SLURM_TRAIN_ARGS
 from tests.test_training_distributed import SEQ, global_tokens, make_batch
 
 # --- a rank killed under torchrun ----------------------------------------------------------------
 
-STEPS = 10
-TRAIN_ARGS = [
-    "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--data.mock=true", "--model.vocab_size=256",
-    f"--data.seq_length={SEQ}", "--train.micro_batch_size=2", "--train.global_batch_size=8",
-    f"--train.train_iters={STEPS}", "--train.eval_interval=0", "--train.eval_iters=1",
-    "--train.log_interval=1", "--optimizer.warmup_iters=1", "--checkpoint.save_interval=4",
-    "--logging.tensorboard=false", "--parallel.expert=2", "--matryoshka.sync_check_interval=5",
-]
+# The Slurm tests' training, whose uninterrupted run under torchrun is the session's
+# `slurm_reference`; checkpoints and ks checks do not change its losses.
+TRAIN_ARGS = ["--config", TINY, *SLURM_TRAIN_ARGS, "--checkpoint.save_interval=4",
+              "--matryoshka.sync_check_interval=5"]
 
 
 def _torchrun(run_dir, log_path, pause=None, pause_rank=0):
@@ -81,14 +79,9 @@ def _latest(run_dir) -> str:
 
 
 @pytest.mark.slow
-def test_sigkilled_rank_stops_the_job_and_relaunches_resume_exactly(tmp_path):
-    reference = str(tmp_path / "reference")
-    proc = _torchrun(reference, str(tmp_path / "reference.log"))
-    log = _finish(proc, str(tmp_path / "reference.log"))
-    assert proc.returncode == 0, log[-3000:]
-
+def test_sigkilled_rank_stops_the_job_and_relaunches_resume_exactly(tmp_path, slurm_reference):
     run = str(tmp_path / "run")
-    # 1. Rank 1 dies at the start of step 7 (checkpoints are written after steps 4 and 8).
+    # 1. Rank 1 dies at the start of step 7 (checkpoints are written every 4 steps).
     proc = _torchrun(run, str(tmp_path / "1.log"), pause="step_7", pause_rank=1)
     code, latency, log = _kill_when_paused(proc, str(tmp_path / "1.log"))
     print(f"\nrank 1 SIGKILLed mid-run: torchrun exited {code} after {latency:.2f} s")
@@ -116,7 +109,7 @@ def test_sigkilled_rank_stops_the_job_and_relaunches_resume_exactly(tmp_path):
     assert "step_00000008: its save did not finish" in log
     assert _latest(run) == f"step_{STEPS:08d}"
     # Every step, including those run twice, matches the uninterrupted run bit for bit.
-    assert logged_steps(run) == logged_steps(reference)
+    assert logged_steps(run) == slurm_reference
     assert sorted(logged_steps(run)) == list(range(1, STEPS + 1))
 
 
