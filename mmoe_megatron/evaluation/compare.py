@@ -297,7 +297,8 @@ def markdown(data: dict, level: int = 2) -> str:
         for domain, s in data["largest_seed_std"].items():
             if s is not None:
                 parts.append(f"{domain}: {s['std']:.4f} ({s['member']}, k={s['k']})")
-        lines += ["Largest seed-to-seed standard deviation of any model at any k: " + "; ".join(parts) + ".", ""]
+        lines += ["Largest seed-to-seed standard deviation of any model at any k: "
+                  + ("; ".join(parts) if parts else "none (no model has two seeds)") + ".", ""]
     if len(data["provenance"]) > 1:
         lines += ["Runs of this table were trained with different code versions or CPUs: "
                   + "; ".join(f"{p['runs']} run(s) at {p['code_version']} on {p['cpu']}" for p in data["provenance"])
