@@ -93,21 +93,21 @@ def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
         for p in r["points"]:
             groups.setdefault((p["domain"], p["k"], p["fraction"]), []).append(p)
         for (domain, k, f), points in sorted(groups.items(), key=lambda kv: (kv[0][0] != "valid", kv[0])):
-            paired = [p for p in points if p["seed"] in shared] or points[:1]
+            paired = [p for p in points if p["seed"] in shared]
             tax_all = [p["elastic"] - p["specialist"] for p in points]
             tax = [p["elastic"] - p["specialist"] for p in paired]
-            mean = lambda xs: statistics.fmean(xs) if xs else float("nan")
-            spread = (f"{mean(tax_all):+.4f} ± {statistics.stdev(tax_all):.4f} ({len(tax_all)})"
+            spread = (f"{statistics.fmean(tax_all):+.4f} ± {statistics.stdev(tax_all):.4f} ({len(tax_all)})"
                       if len(tax_all) > 1 else f"{tax_all[0]:+.4f} (1)")
-            lines.append(
-                f"| {r['suite']} | {f:g} | {paired[0]['specialist_tokens'] / 1e6:.2f} / "
-                f"{paired[0]['elastic_tokens'] / 1e6:.2f} | {domain} | {k} | "
-                f"{mean([p['elastic'] for p in paired]):.4f} | {mean([p['specialist'] for p in paired]):.4f} | "
-                f"{', '.join(f'{t:+.4f}' for t in tax)} ({mean(tax):+.4f}) | {spread} |")
-            if f == 1:
+            # A shared seed's run may lack a checkpoint: the row then shows only the rung's own seeds.
+            cells = (f"{statistics.fmean(p['elastic'] for p in paired):.4f} | "
+                     f"{statistics.fmean(p['specialist'] for p in paired):.4f} | "
+                     f"{', '.join(f'{t:+.4f}' for t in tax)} ({statistics.fmean(tax):+.4f})") if paired else "- | - | -"
+            lines.append(f"| {r['suite']} | {f:g} | {points[0]['specialist_tokens'] / 1e6:.2f} / "
+                         f"{points[0]['elastic_tokens'] / 1e6:.2f} | {domain} | {k} | {cells} | {spread} |")
+            if f == 1 and paired:
                 summary.append({"suite": r["suite"], "domain": domain, "k": k,
-                                "tokens": paired[0]["specialist_tokens"], "tax_shared_seeds": mean(tax),
-                                "tax_all_seeds": mean(tax_all), "n": len(tax_all)})
+                                "tokens": points[0]["specialist_tokens"], "tax_shared_seeds": statistics.fmean(tax),
+                                "tax_all_seeds": statistics.fmean(tax_all), "n": len(tax_all)})
     lines += ["", "At the end of each rung, on the seeds every rung has: " + "; ".join(
         f"{s['suite']} ({s['tokens'] / 1e6:.1f} M tokens) {s['domain']} k = {s['k']}: {s['tax_shared_seeds']:+.4f}"
         for s in summary) + "."]

@@ -77,3 +77,13 @@ def test_a_k_without_a_specialist_and_rungs_without_a_shared_seed_are_refused(ru
     _keep(tmp_path / "results", "rung-c", "k2", 3, 100, {50: (5.0, 6.0), 100: (4.5, 5.5)})
     with pytest.raises(ValueError, match="share no seed"):
         tvt.report([tvt.rung(p, "el", [2], results) for p in (paths[1], other)], "el", [2])
+
+
+def test_a_checkpoint_the_shared_seed_lacks_shows_only_the_rungs_own_seeds(rungs, tmp_path):
+    paths, results = rungs
+    # rung-a's seed 1 (the seed both rungs have) without its half-way evaluation.
+    _keep(tmp_path / "results", "rung-a", "el", 1, 100, {100: (4.5, 5.5)})
+    markdown, data = tvt.report([tvt.rung(p, "el", [2], results) for p in paths], "el", [2])
+    # Seed 2 alone at 0.5: 5.2 - 5.0.
+    assert "| rung-a | 0.5 | 0.03 / 0.03 | valid | 2 | - | - | - | +0.2000 (1) |" in markdown
+    assert "| rung-a | 1 | 0.05 / 0.05 | valid | 2 | 4.5000 | 4.4000 | +0.1000 (+0.1000) |" in markdown
