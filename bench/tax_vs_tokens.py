@@ -24,15 +24,11 @@ from bench.common import RESULTS, ROOT, kept_records, write_result
 NAME = "tax_vs_tokens"
 
 
-def checkpoint_steps(fractions, iters: int) -> dict[float, str]:
-    """fraction -> the step a suite evaluates it at (the rule of `member_overrides`)."""
-    return {f: str(iters if f == 1 else max(1, round(f * iters))) for f in fractions}
-
-
 def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULTS) -> dict:
     """The losses of one suite's elastic member and of its specialists at `ks`, per checkpoint
     fraction, domain, k and seed, with the tokens each run had trained on (from the runs' results
     kept in `results_dir`/<suite name>/)."""
+    from mmoe_megatron.evaluation.compare import fraction_steps
     from mmoe_megatron.evaluation.suite import load_suite, member_config, specialist_k
 
     spec = load_suite(suite_path)
@@ -51,8 +47,9 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
         record = by_run[(member, seed)]
         cfg = member_config(spec, members[member], seed)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        steps = checkpoint_steps(spec.eval.fractions, record["train_iters"])
-        return {f: (int(step) * tokens_per_step, record["losses"].get(step)) for f, step in steps.items()}
+        steps = fraction_steps(record, spec.eval.fractions)  # fraction label -> step
+        return {f: (int(steps[f"{f:g}"]) * tokens_per_step, record["losses"].get(steps[f"{f:g}"]))
+                for f in spec.eval.fractions}
 
     seeds = sorted(s for (m, s) in by_run if m == elastic
                    and all((specialists[k], s) in by_run for k in ks))

@@ -2,19 +2,17 @@
 the tokens of each point, from kept results written here by hand."""
 
 import json
-import os
 
 import pytest
 
 from bench import tax_vs_tokens as tvt
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import TINY
 
 
 def _suite(tmp_path, name, iters, seeds):
     path = tmp_path / f"{name}.yaml"
     path.write_text(
-        f"name: {name}\nbase: {ROOT}/configs/tiny.yaml\nseeds: {seeds}\n"
+        f"name: {name}\nbase: {TINY}\nseeds: {seeds}\n"
         f"overrides: {{train.train_iters: {iters}, train.global_batch_size: 8, train.micro_batch_size: 4, "
         f"data.seq_length: 64}}\n"
         "eval: {fractions: [0.5, 1.0]}\n"

@@ -30,7 +30,7 @@ def _stats(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def _fraction_steps(record: dict, fractions: list[float]) -> dict[str, str]:
+def fraction_steps(record: dict, fractions: list[float]) -> dict[str, str]:
     """fraction label -> step (as the string key of record["losses"])."""
     iters = record["train_iters"]
     return {f"{f:g}": str(max(1, round(f * iters))) for f in fractions}
@@ -61,12 +61,12 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
     domain_names = [VALID] + [h.name for h in spec.eval.heldout]
     columns: list[str] = []
     for r in records:  # in order of first appearance; a run evaluated on fewer points leaves gaps
-        for c in r["losses"][_fraction_steps(r, fractions)[final]][VALID]:
+        for c in r["losses"][fraction_steps(r, fractions)[final]][VALID]:
             if c not in columns:
                 columns.append(c)
 
     def losses(record, fraction, domain) -> dict[str, float]:
-        return record["losses"][_fraction_steps(record, fractions)[fraction]][domain]
+        return record["losses"][fraction_steps(record, fractions)[fraction]][domain]
 
     tables = {}
     for domain in domain_names:
