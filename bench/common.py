@@ -121,6 +121,20 @@ def measure_kept_runs(spec, kept: str, measure, members=None, seeds=None) -> int
     return len(chosen)
 
 
+def final_model(spec, run):
+    """(run directory, config as the run saved it for the validation domain, final checkpoint, the
+    model loaded from it) of a suite run, in this process (`measure_kept_runs` set it up)."""
+    from mmoe_megatron.data import resolve_vocab_size
+    from mmoe_megatron.evaluation.run import load_model, run_config as saved_config
+    from mmoe_megatron.evaluation.suite import domains, run_dir
+    from mmoe_megatron.training.checkpoint import tag_for
+
+    out = run_dir(spec, run)
+    cfg = saved_config(out, domains(spec)[0][1])
+    checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(cfg.train.train_iters))
+    return out, cfg, checkpoint, load_model(cfg, checkpoint, resolve_vocab_size(cfg))
+
+
 def kept_records(spec, kept: str) -> list[dict]:
     """The records kept in `kept` (one JSON file per run) whose member suite `spec` still has,
     with the runs members share (`same_runs_as`: the other member's record under this name)."""

@@ -26,12 +26,11 @@ assembled from every kept file.
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
 
-from bench.common import kept_runs_parser, run_kept_benchmark
+from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 METRICS = {"effective": "effective experts", "added_weight": "added weight", "added_norm": "added norm",
            "alignment": "alignment", "similarity": "expert similarity"}
@@ -155,16 +154,12 @@ class ContributionProbe:
 
 
 def measure_run(spec, run) -> dict:
-    from mmoe_megatron.data import build_datasets, resolve_vocab_size
+    from mmoe_megatron.data import build_datasets
     from mmoe_megatron.evaluation.core import eval_indices, losses_at
-    from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
-    from mmoe_megatron.training.checkpoint import tag_for
+    from mmoe_megatron.evaluation.run import causal_mask, run_config as saved_config
+    from mmoe_megatron.evaluation.suite import domains, specialist_k
 
-    out = run_dir(spec, run)
-    cfg = saved_config(out, domains(spec)[0][1])
-    checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(cfg.train.train_iters))
-    model = load_model(cfg, checkpoint, resolve_vocab_size(cfg))
+    out, cfg, checkpoint, model = final_model(spec, run)
     mask = causal_mask(cfg.data.seq_length, "cpu")
     n = spec.eval.num_samples
     by_domain = {}

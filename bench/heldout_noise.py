@@ -25,7 +25,7 @@ import json
 import os
 import statistics
 
-from bench.common import kept_runs_parser, run_kept_benchmark
+from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 AGREE = 1e-3
 """The first block must reproduce the suite's kept loss to this many nats (same samples, same weights)."""
@@ -47,16 +47,12 @@ def suite_losses(results_path: str) -> dict:
 
 
 def measure_run(spec, run, num_samples: int) -> dict:
-    from mmoe_megatron.data import build_datasets, resolve_vocab_size
+    from mmoe_megatron.data import build_datasets
     from mmoe_megatron.evaluation.core import losses_at
-    from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
-    from mmoe_megatron.training.checkpoint import tag_for
+    from mmoe_megatron.evaluation.run import causal_mask, run_config as saved_config
+    from mmoe_megatron.evaluation.suite import domains, specialist_k
 
-    out = run_dir(spec, run)
-    cfg = saved_config(out, domains(spec)[0][1])
-    checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(cfg.train.train_iters))
-    model = load_model(cfg, checkpoint, resolve_vocab_size(cfg))
+    out, cfg, checkpoint, model = final_model(spec, run)
     mask = causal_mask(cfg.data.seq_length, "cpu")
     block = spec.eval.num_samples
     recorded = suite_losses(os.path.join(out, "eval", "results.json"))

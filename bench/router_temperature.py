@@ -20,10 +20,9 @@ from every kept file.
 
 from __future__ import annotations
 
-import os
 import statistics
 
-from bench.common import kept_runs_parser, run_kept_benchmark
+from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3)
 MIN_GAIN = 1e-4
@@ -49,17 +48,12 @@ def choose(losses: dict[float, float]) -> float:
 
 
 def measure_run(spec, run, num_calibration: int) -> dict:
-    from mmoe_megatron.data import build_datasets, resolve_vocab_size
+    from mmoe_megatron.data import build_datasets
     from mmoe_megatron.evaluation.core import eval_indices, losses_at
-    from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
-    from mmoe_megatron.training.checkpoint import tag_for
+    from mmoe_megatron.evaluation.run import causal_mask, run_config as saved_config
+    from mmoe_megatron.evaluation.suite import domains, specialist_k
 
-    out = run_dir(spec, run)
-    cfg = saved_config(out, domains(spec)[0][1])
-    checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(cfg.train.train_iters))
-    vocab = resolve_vocab_size(cfg)
-    model = load_model(cfg, checkpoint, vocab)
+    out, cfg, checkpoint, model = final_model(spec, run)
     originals = [r.weight.detach().clone() for r in routers(model)]
     if not originals:
         raise ValueError(f"{run.label}: no Matryoshka router in the model")
