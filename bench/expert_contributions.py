@@ -123,10 +123,13 @@ class ContributionProbe:
         if not bool((counts_T == k).all()):
             raise ValueError("the expert contributions need one k for every token; evaluate at a uniform k")
         layer = self.layers[i]
+        experts = layer.experts
+        if getattr(experts, "carries_levels", False) or getattr(experts, "columns", None) not in (
+                None, getattr(experts, "ffn_hidden_size", None)):
+            raise ValueError("the expert contributions run the experts at full width; evaluate at width 1")
         x_TH = self._inputs[i].reshape(-1, self._inputs[i].shape[-1]).detach()
         w_TK, ids_TK = probs_TE.masked_fill(~routing_map_TE, float("-inf")).topk(k, dim=1, sorted=True)
         f_TKH = torch.zeros(*ids_TK.shape, x_TH.shape[-1], dtype=x_TH.dtype, device=x_TH.device)
-        experts = layer.experts
         for e in torch.unique(ids_TK).tolist():
             expert = experts.local_experts[e]
             rows_T, slots_T = (ids_TK == e).nonzero(as_tuple=True)

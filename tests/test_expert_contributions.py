@@ -91,6 +91,21 @@ def test_probe_refuses_tokens_at_different_ks(single_process_mcore):
             forward_loss(model, tokens, labels)
 
 
+def test_probe_refuses_experts_below_full_width(single_process_mcore):
+    from mmoe_megatron.evaluation.core import set_point
+    from mmoe_megatron.model import build_model
+
+    cfg = tiny_config(**{"matryoshka.ks": [1, 2, 4, 8], "data.seq_length": 16})
+    model = build_model(cfg, VOCAB)
+    model.eval()
+    tokens, labels = tiny_batch(cfg, 2)
+    set_point(model, 2, 0.5)
+    with torch.no_grad(), ec.ContributionProbe(model) as probe:
+        probe.begin("half width")
+        with pytest.raises(ValueError, match="at full width; evaluate at width 1"):
+            forward_loss(model, tokens, labels)
+
+
 def test_report_cells_are_means_and_spreads_over_seeds():
     spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[1, 2], heldout=[], data_seed=None),
                            members=[SimpleNamespace(name="elastic"), SimpleNamespace(name="k2")])
