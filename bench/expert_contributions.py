@@ -34,8 +34,6 @@ from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 METRICS = {"effective": "effective experts", "added_weight": "added weight", "added_norm": "added norm",
            "alignment": "alignment", "similarity": "expert similarity"}
-ADDED = ("added_weight", "added_norm", "alignment")
-"""Metrics of the experts a k adds: none at k = 1."""
 
 
 def token_stats(w_TK: torch.Tensor, f_TKH: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,6 +125,8 @@ class ContributionProbe:
         if getattr(experts, "carries_levels", False) or getattr(experts, "columns", None) not in (
                 None, getattr(experts, "ffn_hidden_size", None)):
             raise ValueError("the expert contributions run the experts at full width; evaluate at width 1")
+        if self.label is None and not self.keep_last:
+            return  # nothing asked of this forward
         x_TH = self._inputs[i].reshape(-1, self._inputs[i].shape[-1]).detach()
         w_TK, ids_TK = probs_TE.masked_fill(~routing_map_TE, float("-inf")).topk(k, dim=1, sorted=True)
         f_TKH = torch.zeros(*ids_TK.shape, x_TH.shape[-1], dtype=x_TH.dtype, device=x_TH.device)
