@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_para
 
 from mmoe_megatron.serving.layer_ks import log_k_weights
 
-NORMALISATIONS = ("topk_softmax", "softmax_topk")
+NORMALISATIONS = ("topk_softmax", "softmax_topk", "nested")
 
 
 class MatryoshkaRouter(TopKRouter):
@@ -42,6 +42,12 @@ class MatryoshkaRouter(TopKRouter):
       topk_softmax  softmax over the selected logits; weights sum to 1 at every k.
       softmax_topk  softmax over all E experts, then keep the selected; weights sum to < 1
                     and grow with k.
+      nested        the weights top-k_max-then-softmax gives the k_max top-ranked experts (k_max
+                    the trained maximum), kept for the first k of them, each scaled by its
+                    doubling block's learned gate exp(`log_block_gate`[j]) (blocks of ranks
+                    1 | 2 | 3-4 | 5-8 | ..., gates 1 at init): a token's weights do not depend on
+                    its k, so the output at 2k is the output at k plus the added block's
+                    (`nested_weights`), and at k_max with gates 1 it is topk_softmax's.
     Under topk_softmax a token with k = 1 has weight exactly 1, so the LM loss gives its router
     no gradient. With `k1_router_grad="straight_through"` the weight is 1 + (p - stop_grad(p)),
     p the token's full-softmax probability of its expert: the forward is unchanged, and the
@@ -63,7 +69,7 @@ class MatryoshkaRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
-                 **router_kwargs):
+                 nested: bool = False, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -99,6 +105,15 @@ class MatryoshkaRouter(TopKRouter):
         self.untrained_prefix = tuple(k // 2 if k in added else 0 for k in range(self.num_experts + 1))
         self.register_buffer("untrained_prefix_E", torch.tensor(self.untrained_prefix), persistent=False)
         self.pre_softmax = config.moe_router_pre_softmax
+        self.nested = nested
+        if nested:
+            if self.pre_softmax or self.temperature_ks is not None:
+                raise ValueError("the nested combine weights the k_max top logits itself: not with "
+                                 "softmax_topk or a temperature per k")
+            self.log_block_gate = torch.nn.Parameter(
+                torch.zeros(len(rank_blocks(self.num_experts)), dtype=config.params_dtype)
+            )
+            setattr(self.log_block_gate, "sequence_parallel", config.sequence_parallel)
         self.k_max_trained = config.moe_router_topk
         self._k: int = config.moe_router_topk
         self._token_ks_SB: Optional[torch.Tensor] = None
@@ -160,8 +175,9 @@ class MatryoshkaRouter(TopKRouter):
     # --- routing ---------------------------------------------------------------------------
 
     def ranking_width(self) -> int:
-        """How many top-ranked experts to sort per token (the widest budget in use)."""
-        return self._width
+        """How many top-ranked experts to sort per token (the widest budget in use; under the
+        nested combine at least k_max, whose logits normalise every k's weights)."""
+        return max(self._width, self.k_max_trained) if self.nested else self._width
 
     def slot_mask(
         self, ranked_TW: torch.Tensor, ids_TW: torch.Tensor, budget: Union[int, torch.Tensor],
@@ -188,9 +204,14 @@ class MatryoshkaRouter(TopKRouter):
         else:
             if self.temperature_ks is not None:
                 ranked_TW = ranked_TW * self._inverse_temperature(budget, ranked_TW.device)
-            masked_TW = ranked_TW.masked_fill(~active_TW, float("-inf"))
-            probs_TW = torch.softmax(masked_TW, dim=-1, dtype=torch.float32).type_as(logits_TE)
-            if self.k1_router_grad == "straight_through" and self.training:
+            if self.nested:
+                probs_TW = nested_weights(ranked_TW, active_TW, self.log_block_gate, self.k_max_trained)
+                probs_TW = probs_TW.type_as(logits_TE)
+            else:
+                masked_TW = ranked_TW.masked_fill(~active_TW, float("-inf"))
+                probs_TW = torch.softmax(masked_TW, dim=-1, dtype=torch.float32).type_as(logits_TE)
+            # Under the nested combine a k = 1 weight depends on the router already.
+            if self.k1_router_grad == "straight_through" and self.training and not self.nested:
                 probs_TW = self._straight_through_k1(probs_TW, active_TW, scores_TE, ids_TW)
 
         probs_TE = torch.zeros_like(logits_TE).scatter(1, ids_TW, probs_TW)
@@ -286,6 +307,29 @@ def leading_slots(ranked_TW: torch.Tensor, count: Union[int, torch.Tensor]) -> t
     if isinstance(count, int):
         return (slots_W < count).expand_as(ranked_TW)
     return slots_W[None, :] < count[:, None]
+
+
+def rank_blocks(width: int) -> list[tuple[int, int]]:
+    """The nested combine's blocks of ranked slots, [start, stop) up to `width`: (0, 1), (1, 2),
+    (2, 4), (4, 8), ... (the ranks a doubling k adds), the last one cut at `width`."""
+    blocks, start = [], 0
+    while start < width:
+        stop = min(max(1, 2 * start), width)
+        blocks.append((start, stop))
+        start = stop
+    return blocks
+
+
+def nested_weights(ranked_TW: torch.Tensor, active_TW: torch.Tensor, log_gate_J: torch.Tensor,
+                   k_max: int) -> torch.Tensor:
+    """[T, W] fp32 combine weights of the nested combine (W >= k_max ranked logits, best first):
+    exp(logit_r) / sum of exp over the first k_max ranks, times the gate exp(log_gate_J[j]) of
+    the rank's block j in `rank_blocks`; 0 in inactive slots."""
+    logits_TW = ranked_TW.float()
+    log_norm_T1 = torch.logsumexp(logits_TW[:, :k_max], dim=1, keepdim=True)
+    gate_J = log_gate_J.float().to(ranked_TW.device)
+    log_gate_W = torch.cat([gate_J[j].expand(b - a) for j, (a, b) in enumerate(rank_blocks(ranked_TW.shape[1]))])
+    return torch.exp(logits_TW - log_norm_T1 + log_gate_W) * active_TW
 
 
 def mark_prefix_rows(probs_TE: torch.Tensor, ids_TW: torch.Tensor, prefix: Union[int, torch.Tensor]):

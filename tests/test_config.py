@@ -176,6 +176,12 @@ def test_every_shipped_config_loads():
      "matryoshka.gate_temperature", "needs an elastic model"),
     ({"matryoshka.gate_temperature": "learned", "matryoshka.normalization": "softmax_topk"},
      "matryoshka.gate_temperature", "topk_softmax"),
+    ({"matryoshka.gate_temperature": "learned", "matryoshka.normalization": "nested"},
+     "matryoshka.gate_temperature", "topk_softmax"),
+    ({"matryoshka.normalization": "nested", "matryoshka.method": "emoe", "matryoshka.strategy": "fixed",
+      "matryoshka.ks": [2], "matryoshka.emoe_pool_k": 4}, "matryoshka.normalization", "method emoe"),
+    ({"matryoshka.normalization": "nested", "matryoshka.strategy": "fixed", "matryoshka.ks": [1]},
+     "matryoshka.normalization", "use softmax_topk for a k = 1 model"),
 ])
 def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides, field, message):
     from mmoe_megatron.config import ConfigError, load_config
@@ -218,6 +224,7 @@ ELASTIC_WIDTHS = [0.25, 0.5, 0.75, 1.0]
     ({"matryoshka.ks": [4]}, "none", [1.0]),  # one k, drawn per token
     ({"matryoshka.method": "top_p", "matryoshka.strategy": "fixed", "matryoshka.ks": [4]}, "none", [1.0]),
     ({"matryoshka.normalization": "softmax_topk"}, "none", ELASTIC_WIDTHS),
+    ({"matryoshka.normalization": "nested"}, "none", ELASTIC_WIDTHS),
     ({"parallel.tensor": 2}, "learned", [1.0]),
     ({"matryoshka.shrink_fraction": 0.5}, "learned", [1.0]),
     ({"moe.expert_ffn_hidden_size": 30}, "learned", [1.0]),  # 0.25 x 30 is no whole column

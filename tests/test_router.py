@@ -20,6 +20,7 @@ def make_router(single_process_mcore, **overrides):
         transformer_config(cfg), get_default_pg_collection(),
         k1_router_grad=cfg.matryoshka.k1_router_grad,
         temperature_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_temperature == "learned" else None,
+        nested=cfg.matryoshka.normalization == "nested",
     )
     return router
 
@@ -275,3 +276,83 @@ def test_a_model_with_learned_temperatures_starts_as_the_model_without(single_pr
             set_topk(plain, k)
             set_topk(tempered, k)
             assert forward_loss(tempered, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+
+
+# --- the nested combine ---------------------------------------------------------------------------
+
+
+def test_rank_blocks_double():
+    from mmoe_megatron.router import rank_blocks
+
+    assert rank_blocks(1) == [(0, 1)]
+    assert rank_blocks(8) == [(0, 1), (1, 2), (2, 4), (4, 8)]
+    assert rank_blocks(6) == [(0, 1), (1, 2), (2, 4), (4, 6)]
+    assert rank_blocks(9) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 9)]
+
+
+def test_nested_weights_are_the_k_max_softmax_truncated_and_gated_per_doubling_block(single_process_mcore):
+    # tiny.yaml trains ks 1-4: k_max = 4; E = 8, so ks 5-8 are served beyond the training range.
+    router = make_router(single_process_mcore, **{"matryoshka.normalization": "nested",
+                                                  "matryoshka.gate_temperature": "none"})
+    plain = make_router(single_process_mcore, **{"matryoshka.gate_temperature": "none"})
+    router.eval(), plain.eval()
+    x = hidden()
+    # Gates 1 (the initial value): at k_max the weights are top-k-then-softmax's.
+    router.set_k(4), plain.set_k(4)
+    assert torch.allclose(router(x)[0], plain(x)[0], atol=1e-6)
+    gates = [1.5, 0.5, 2.0, 0.25]  # blocks: rank 1 | rank 2 | ranks 3-4 | ranks 5-8
+    with torch.no_grad():
+        router.log_block_gate.copy_(torch.log(torch.tensor(gates)))
+    logits_TE = router.gating(x).view(-1, E)
+    top_TE, ids_TE = torch.sort(logits_TE, dim=1, descending=True)
+    share_TE = torch.exp(top_TE - torch.logsumexp(top_TE[:, :4], dim=1, keepdim=True))
+    gate_E = torch.tensor([1.5, 0.5, 2.0, 2.0, 0.25, 0.25, 0.25, 0.25])
+    weights = {}
+    for k in range(1, E + 1):
+        router.set_k(k)
+        probs_TE, map_TE = router(x)
+        expected_TE = torch.zeros_like(logits_TE).scatter(1, ids_TE[:, :k], (share_TE * gate_E)[:, :k])
+        assert torch.equal(map_TE, expected_TE > 0)
+        assert torch.allclose(probs_TE, expected_TE, atol=1e-6)
+        weights[k] = probs_TE
+    # A larger k adds experts and leaves the weights of those it had exactly as they were.
+    for k in range(1, E):
+        assert torch.equal(weights[k + 1] * (weights[k] > 0), weights[k])
+
+
+def test_nested_gates_learn_from_the_blocks_in_use_and_k1_weights_depend_on_the_router(single_process_mcore):
+    router = make_router(single_process_mcore, **{"matryoshka.normalization": "nested", "moe.aux_loss_coeff": 0.0,
+                                                  "matryoshka.k1_router_grad": "none"})
+    router.train()
+    x = hidden()
+    for k, moved in ((1, [True, False, False, False]), (3, [True, True, True, False]), (5, [True] * 4)):
+        router.zero_grad()
+        router.set_k(k)
+        probs_TE, _ = router(x)
+        (probs_TE * torch.arange(1.0, E + 1)).sum().backward()  # a stand-in for the LM loss
+        assert [bool(g != 0) for g in router.log_block_gate.grad] == moved, (k, router.log_block_gate.grad)
+        # Even at k = 1, with no straight-through estimator, the router learns from the LM loss:
+        # the weight is the expert's share of the k_max softmax.
+        assert router.weight.grad.abs().sum() > 1e-3
+
+
+def test_a_nested_model_starts_as_top_k_then_softmax_at_k_max(single_process_mcore):
+    """Gates start at 1: at k_max the initial model's loss is the plain model's; at a smaller k it
+    is not (the weights are no longer renormalised over the k experts)."""
+    from mmoe_megatron.model import build_model, set_topk
+
+    overrides = {"matryoshka.gate_temperature": "none"}
+    plain = build_model(tiny_config(**overrides), VOCAB)
+    nested = build_model(tiny_config(**overrides, **{"matryoshka.normalization": "nested"}), VOCAB)
+    gates = {n: p for n, p in nested.named_parameters() if n.endswith("log_block_gate")}
+    assert len(gates) == 4 and all(torch.equal(p, torch.zeros(4)) for p in gates.values())
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), nested.eval()
+    with torch.no_grad():
+        losses = {}
+        for k in (2, 4):
+            set_topk(plain, k)
+            set_topk(nested, k)
+            losses[k] = (forward_loss(plain, tokens, labels).item(), forward_loss(nested, tokens, labels).item())
+    assert losses[4][1] == pytest.approx(losses[4][0], abs=1e-5)
+    assert abs(losses[2][1] - losses[2][0]) > 1e-4

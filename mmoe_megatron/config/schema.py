@@ -129,9 +129,14 @@ class MatryoshkaConfig:
     """With distribution explicit: one probability per entry of ks, summing to 1."""
     seed: Optional[int] = field(None, ge=0)
     """Seed of the k draws; null means train.seed."""
-    normalization: Literal["topk_softmax", "softmax_topk"] = "topk_softmax"
+    normalization: Literal["topk_softmax", "softmax_topk", "nested"] = "topk_softmax"
     """topk_softmax: softmax over the k selected logits (weights sum to 1, as in Qwen3-MoE with
-    norm_topk_prob). softmax_topk: softmax over all experts, keep the top k (sum < 1)."""
+    norm_topk_prob). softmax_topk: softmax over all experts, keep the top k (sum < 1). nested:
+    the weights topk_softmax gives at k_max, kept for a token's first k experts, each scaled by
+    a gate per doubling block of ranks (1 | 2 | 3-4 | 5-8 | ...) that every MoE layer learns (1
+    at the start): a token's weights do not depend on its k, so doubling k adds the next block to
+    the output without reweighting the experts it had, and the gates decide how much each block
+    adds. Needs method matryoshka and no temperature per k; not exportable to Qwen3-MoE."""
     k1_router_grad: Literal["straight_through", "none"] = "straight_through"
     """With topk_softmax, a token routed to one expert has weight 1 and its router gets no LM-loss
     gradient. straight_through keeps the weight at 1 but passes the gradient of the expert's
@@ -143,9 +148,10 @@ class MatryoshkaConfig:
     ks interpolate the log-temperature in log k; ks outside the range take the nearest end's.
     Needs topk_softmax and more than one k. The export folds the temperature of its k into the
     gate weights and records the others (`load_hf_model` and the vLLM plugin rescale for any k).
-    auto (the default): learned for an elastic model (method matryoshka, more than one k, strategy
-    not fixed) with topk_softmax, none otherwise: learned together with elastic widths, it lowered
-    the elastic model's validation loss on each of 3 seeds (RESULTS.md, the elasticity ladder)."""
+    auto (the default): learned for an elastic model (method matryoshka, more than one k,
+    strategy not fixed) with topk_softmax, none otherwise: learned together with elastic
+    widths, it lowered the elastic model's validation loss on each of 3 seeds (RESULTS.md, the
+    elasticity ladder)."""
     sync_check_interval: int = field(0, ge=0)
     """Every N steps gather the ks each rank used and fail on any mismatch (0 = off)."""
     eval_ks: list[int] = field([], ge=1)
@@ -278,12 +284,18 @@ class MatryoshkaConfig:
                 "a temperature per k needs an elastic model (method matryoshka, more than one k, "
                 "strategy not fixed) with normalization topk_softmax; set it to none",
             )
-        if self.k_max == 1 and self.normalization == "topk_softmax":
+        if self.normalization == "nested" and self.method != "matryoshka":
+            raise ConfigError(
+                f"{path}.normalization",
+                f"nested weights blocks of a ranking's leading experts; method {self.method} does not "
+                "use a leading prefix of the ranking; use topk_softmax or softmax_topk",
+            )
+        if self.k_max == 1 and self.normalization != "softmax_topk":
             # megatron-core refuses this at build time (transformer_config.py:1633-1641).
             raise ConfigError(
                 f"{path}.normalization",
-                "with k_max = 1, top-k-then-softmax gives every token weight 1; "
-                "use softmax_topk for a k = 1 model",
+                f"with k_max = 1, {self.normalization} gives every token a weight that does not depend "
+                "on the router; use softmax_topk for a k = 1 model",
             )
 
     def check_widths(self, path: str) -> None:

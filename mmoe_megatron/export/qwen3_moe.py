@@ -143,6 +143,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             f"model.normalization={m.normalization}: Qwen3-MoE uses RMSNorm everywhere and a LayerNorm "
             "(mean-centred, with a bias) is not expressible as one; train with model.normalization: RMSNorm"
         )
+    if cfg.matryoshka.normalization == "nested":
+        raise ExportError(
+            "matryoshka.normalization=nested: Qwen3-MoE weights its top-k experts by one softmax over "
+            "them (or over all experts), not by a gated softmax per block of ranks, so the model cannot be "
+            "written without changing its outputs; export a model trained with topk_softmax or softmax_topk"
+        )
     if not m.qk_layernorm:
         raise ExportError(
             "model.qk_layernorm=false: Qwen3-MoE always applies q_norm/k_norm (RMSNorm over head_dim), and "
