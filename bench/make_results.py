@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from bench.common import RESULTS, ROOT
 
-ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "tax_vs_tokens", "expert_contributions_elasticity_ladder_2x_cpu",
+ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "tax_vs_tokens", "expert_contributions_elasticity_ladder_cpu",
+         "expert_contributions_elasticity_ladder_2x_cpu",
          "router_temperature_elasticity_ladder_cpu", "heldout_noise_elasticity_ladder_cpu", "slimmable_cpu",
          "router_overhead", "cost_vs_k", "serving_speed", "serving_speed_ffn4096", "elasticity_cpu",
          "ablations_cpu", "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu", "gpu_check"]
@@ -125,6 +126,20 @@ def holds_a_seed_source(overrides: dict) -> bool:
     return any(key in overrides for key in SEED_SOURCES)
 
 
+def default_member(spec, is_default: Callable[[str], bool], reference: str) -> Optional[str]:
+    """The member that trains with today's defaults at the reference's compute (the one a
+    candidate has to beat), or None."""
+    return next((m.name for m in spec.members if m.equal_compute_to in (None, reference)
+                 and m.name != reference and is_default(m.name)), None)
+
+
+def against(entry: dict, base: dict) -> dict:
+    """A variant's paired differences to another variant, per seed they share, from their
+    differences to the same reference."""
+    shared = [s for s in entry["per_seed"] if s in base["per_seed"]]
+    return {s: entry["per_seed"][s] - base["per_seed"][s] for s in shared}
+
+
 def ladder_defaults_section(record: dict) -> str:
     """Which training-side method against the tax became a default: a variant is kept when it beats
     the reference elastic model on every seed on the validation split (held-out shown, not used)."""
@@ -152,6 +167,12 @@ def ladder_defaults_section(record: dict) -> str:
              "column is reported, never used to choose.", "",
              "| variant | setting | validation: mean (per seed) | better on every seed (enough seeds) | held-out: mean (per seed) | is the default |",
              "|---|---|---|---|---|---|"]
+    members = {m.name: m for m in spec.members}
+    default = default_member(spec, is_default, variants["reference"])
+    if default:
+        lines[2] += (f" A variant that meets the criterion but is not the default is compared with `{default}` "
+                     f"(today's defaults at the same compute), paired by seed: a lower mean is needed on every "
+                     f"seed to replace it. A setting trained at another member's compute says so.")
     diagnostic = sorted(name for name in variants["by_variant"] if holds_a_seed_source(overrides.get(name, {})))
     if diagnostic:
         lines[2] += (f" Members that hold a seed source fixed ({', '.join(SEED_SOURCES)}) measure where the "
@@ -161,13 +182,26 @@ def ladder_defaults_section(record: dict) -> str:
         if name in diagnostic:
             continue
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
+        compute_of = members[name].equal_compute_to if name in members else None
+        if compute_of not in (None, variants["reference"]):
+            setting += f" (at `{compute_of}`'s training compute)"
         valid = per_domain.get("valid")
         held = [e for d, e in per_domain.items() if d != "valid"]
         cell = lambda e: f"{e['mean']:+.4f} ({', '.join(f'{d:+.4f}' for d in e['per_seed'].values())})"
+        if is_default(name):
+            verdict = "yes"
+        elif valid and valid.get("decides") and default and "valid" in variants["by_variant"].get(default, {}):
+            diffs = against(valid, variants["by_variant"][default]["valid"])
+            beats = bool(diffs) and all(d < 0 for d in diffs.values())
+            verdict = (f"{'no, though it beats' if beats else 'no: not lower on every seed than'} `{default}` "
+                       f"({', '.join(f'{d:+.4f}' for d in diffs.values())})")
+        elif valid and valid.get("decides"):
+            verdict = "no, though it meets the criterion"
+        else:
+            verdict = "no"
         lines.append(f"| {name} | {setting} | {cell(valid) if valid else '-'} | "
                      f"{_verdict(valid)} | "
-                     f"{'; '.join(cell(e) for e in held) or '-'} | "
-                     f"{'yes' if is_default(name) else 'no, though it meets the criterion' if valid and valid.get('decides') else 'no'} |")
+                     f"{'; '.join(cell(e) for e in held) or '-'} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@ whatever config section the setting is in."""
 import dataclasses
 import os
 
+import pytest
+
 from bench.make_results import default_settings, holds_a_seed_source, schema_default
 from mmoe_megatron.evaluation.suite import load_suite
 from tests.helpers import TINY
@@ -55,3 +57,38 @@ members:
     # The reference trains with the pinned settings; one axis alone is not today's default either.
     assert [is_default(m) for m in ("elastic", "k2", "widths", "both", "both_k1grad_none")] == [
         False, False, False, True, False]
+
+
+def test_a_candidate_is_compared_with_the_default_at_the_reference_compute(tmp_path):
+    from bench.make_results import against, default_member
+
+    suite = tmp_path / "ladder.yaml"
+    suite.write_text(f"""
+name: ladder
+base: {os.path.abspath(TINY)}
+overrides:
+  matryoshka.ks: [1, 2, 4, 8]
+  matryoshka.gate_temperature: none
+  matryoshka.widths: [1.0]
+members:
+  - {{name: elastic, role: elastic}}
+  - {{name: k8, role: specialist, overrides: {{matryoshka.strategy: fixed, matryoshka.ks: [8]}}}}
+  - name: both_k8compute
+    role: elastic
+    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+    equal_compute_to: k8
+  - name: both
+    role: elastic
+    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+    equal_compute_to: elastic
+""")
+    spec = load_suite(str(suite))
+    _, is_default = default_settings(spec)
+    # Both train with today's defaults; only `both` does so at the reference's compute.
+    assert is_default("both_k8compute") and is_default("both")
+    assert default_member(spec, is_default, "elastic") == "both"
+    # Differences to the same reference, per seed: the candidate against `both` is their difference,
+    # over the seeds both have.
+    candidate = {"per_seed": {"1": -0.020, "2": -0.030, "3": -0.010}}
+    default = {"per_seed": {"1": -0.015, "2": -0.035}}
+    assert against(candidate, default) == pytest.approx({"1": -0.005, "2": 0.005})
