@@ -31,7 +31,9 @@ def test_members_that_fix_a_seed_source_are_no_default_candidates():
     assert not holds_a_seed_source({"matryoshka.gate_temperature": "learned", "train.seed": 3})
 
 
-def test_a_variant_is_the_default_when_it_trains_as_the_auto_settings_resolve(tmp_path):
+def ladder(tmp_path, members: str):
+    """A ladder suite on tiny.yaml pinning the `auto` settings as the real ladder does, with
+    the reference `elastic` and `members` (YAML list items)."""
     suite = tmp_path / "ladder.yaml"
     suite.write_text(f"""
 name: ladder
@@ -42,17 +44,23 @@ overrides:
   matryoshka.widths: [1.0]
 members:
   - {{name: elastic, role: elastic}}
-  - {{name: k2, role: specialist, overrides: {{matryoshka.strategy: fixed, matryoshka.ks: [2]}}}}
-  - {{name: widths, role: elastic, overrides: {{matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}}}
+{members}""")
+    return load_suite(str(suite))
+
+
+def test_a_variant_is_the_default_when_it_trains_as_the_auto_settings_resolve(tmp_path):
+    spec = ladder(tmp_path, """\
+  - {name: k2, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [2]}}
+  - {name: widths, role: elastic, overrides: {matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
   - name: both
     role: elastic
-    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}
   - name: both_k1grad_none
     role: elastic
-    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0],
-                matryoshka.k1_router_grad: none}}
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0],
+                matryoshka.k1_router_grad: none}
 """)
-    pins, is_default = default_settings(load_suite(str(suite)))
+    pins, is_default = default_settings(spec)
     assert pins == {"matryoshka.gate_temperature": "none", "matryoshka.widths": [1.0]}
     # The reference trains with the pinned settings; one axis alone is not today's default either.
     assert [is_default(m) for m in ("elastic", "k2", "widths", "both", "both_k1grad_none")] == [
@@ -62,27 +70,17 @@ members:
 def test_a_candidate_is_compared_with_the_default_at_the_reference_compute(tmp_path):
     from bench.make_results import against, default_member
 
-    suite = tmp_path / "ladder.yaml"
-    suite.write_text(f"""
-name: ladder
-base: {os.path.abspath(TINY)}
-overrides:
-  matryoshka.ks: [1, 2, 4, 8]
-  matryoshka.gate_temperature: none
-  matryoshka.widths: [1.0]
-members:
-  - {{name: elastic, role: elastic}}
-  - {{name: k8, role: specialist, overrides: {{matryoshka.strategy: fixed, matryoshka.ks: [8]}}}}
+    spec = ladder(tmp_path, """\
+  - {name: k8, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [8]}}
   - name: both_k8compute
     role: elastic
-    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}
     equal_compute_to: k8
   - name: both
     role: elastic
-    overrides: {{matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}}
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}
     equal_compute_to: elastic
 """)
-    spec = load_suite(str(suite))
     _, is_default = default_settings(spec)
     # Both train with today's defaults; only `both` does so at the reference's compute.
     assert is_default("both_k8compute") and is_default("both")
