@@ -33,12 +33,15 @@ def test_members_that_fix_a_seed_source_are_no_default_candidates():
 
 def ladder(tmp_path, members: str):
     """A ladder suite on tiny.yaml pinning the `auto` settings as the real ladder does, with
-    the reference `elastic` and `members` (YAML list items)."""
+    the reference `elastic` and `members` (YAML list items); on synthetic data, so that a member
+    at another's compute needs no tokenizer."""
     suite = tmp_path / "ladder.yaml"
     suite.write_text(f"""
 name: ladder
 base: {os.path.abspath(TINY)}
 overrides:
+  data.mock: true
+  model.vocab_size: 256
   matryoshka.ks: [1, 2, 4, 8]
   matryoshka.gate_temperature: none
   matryoshka.widths: [1.0]

@@ -383,3 +383,38 @@ def test_every_shipped_suite_loads_with_valid_member_configs(path, monkeypatch):
     spec = load_suite(path)
     assert any(m.role == "elastic" for m in spec.members)
     assert len(runs(spec)) >= len(spec.members)
+
+
+def test_code_version_is_dirty_for_code_changes_not_for_rewritten_results(tmp_path):
+    from mmoe_megatron.evaluation.suite import code_version
+
+    repo = str(tmp_path)
+    git = ["git", "-C", repo, "-c", "user.name=t", "-c", "user.email=t@t"]
+    os.makedirs(tmp_path / "bench" / "results")
+    for name in ("model.py", "RESULTS.md", "bench/results/run.json"):
+        (tmp_path / name).write_text("v1\n")
+    subprocess.run(["git", "init", "-q", repo], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "v1"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert code_version(repo) == head[:12]
+    # A benchmark rewrites its results: the code is what it was.
+    (tmp_path / "RESULTS.md").write_text("v2\n")
+    (tmp_path / "bench" / "results" / "run.json").write_text("v2\n")
+    (tmp_path / "untracked.py").write_text("x\n")
+    assert code_version(repo) == head[:12]
+    assert code_version(str(tmp_path / "bench")) == head[:12]  # from inside the checkout too
+    (tmp_path / "model.py").write_text("v2\n")
+    assert code_version(repo) == head[:12] + "+dirty"
+    assert code_version(str(tmp_path / "bench")) == head[:12] + "+dirty"
+    assert code_version(str(tmp_path / "nowhere")) == "unknown"
+
+
+def test_provenance_names_the_instruction_set_torch_runs_on():
+    from mmoe_megatron.evaluation.compare import machine_label
+    from mmoe_megatron.evaluation.suite import provenance
+
+    launch = provenance()
+    assert launch["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine_label({"cpu": "AMD EPYC", "cpu_capability": "AVX512"}) == "AMD EPYC (AVX512)"
+    assert machine_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records from before it was kept

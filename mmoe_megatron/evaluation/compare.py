@@ -130,7 +130,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
     gaps = {}
     if primary is not None:
         gaps = {k: v["mean"] for k, v in tax[primary][VALID][final]["by_k"].items()}
-    provenance = Counter((launch.get("code_version"), launch.get("cpu")) for r in records
+    provenance = Counter((launch.get("code_version"), machine_label(launch)) for r in records
                          for launch in r.get("launches", [])[:1])
     flops = {r["member"]: r["flops_per_token"] for r in records}
     frontiers = {d: {row["name"]: [{"label": label, "flops": f, "loss": loss} for f, loss, label in frontier(
@@ -144,6 +144,12 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
             "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
             "temperatures": _temperatures(members, by_member),
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
+
+
+def machine_label(launch: dict) -> Optional[str]:
+    """A launch's CPU, with the instruction set torch ran on where it was recorded."""
+    cpu, capability = launch.get("cpu"), launch.get("cpu_capability")
+    return f"{cpu} ({capability})" if capability else cpu
 
 
 def _temperatures(members, by_member) -> dict:

@@ -376,25 +376,41 @@ def training_flops(cfg: ExperimentConfig, vocab_size: int) -> float:
     return per_token * tokens
 
 
-def provenance() -> dict:
-    """The code version and machine of a launch (results of different ones are told apart)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULT_PATHS = ("bench/results", "RESULTS.md")
+"""Tracked files that benchmarks rewrite: changes to them do not make the code version dirty."""
+
+
+def code_version(root: str) -> str:
+    """The commit checked out at `root` (any directory of the checkout; 12 hex digits), with
+    "+dirty" when a tracked file other than the results (`RESULT_PATHS`) differs from it; "unknown"
+    outside a git checkout."""
+    git = ["git", "-C", root]
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        version = commit[:12] + ("+dirty" if dirty else "")
+        commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", ":(top)"]
+                                 + [f":(top,exclude){p}" for p in RESULT_PATHS],
+                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        version = "unknown"
+        return "unknown"
+    return commit[:12] + ("+dirty" if changed else "")
+
+
+def provenance() -> dict:
+    """The code version and machine of a launch (results of different ones are told apart). The
+    CPU's model name can be the same on machines whose vector units differ, and torch's kernels
+    (hence a run's rounding, and after many steps its losses) differ with them: `cpu_capability`
+    is the instruction set torch dispatches to (e.g. AVX2, AVX512)."""
+    import torch
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"code_version": version, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    return {"code_version": code_version(root), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_count": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
