@@ -140,7 +140,8 @@ class MatryoshkaConfig:
     k1_router_grad: Literal["straight_through", "none"] = "straight_through"
     """With topk_softmax, a token routed to one expert has weight 1 and its router gets no LM-loss
     gradient. straight_through keeps the weight at 1 but passes the gradient of the expert's
-    softmax probability (weight 1 + (p - stop_grad(p))); none leaves only the aux losses."""
+    softmax probability (weight 1 + (p - stop_grad(p))); none leaves only the aux losses. Under
+    normalization nested a k = 1 weight depends on the router already, and this does nothing."""
     gate_temperature: Literal["auto", "none", "learned"] = "auto"
     """learned: every MoE layer learns one temperature per trained k that divides the selected
     logits before the softmax over them (the combine weights; which experts are chosen is
