@@ -146,8 +146,9 @@ def check_exportable(cfg: ExperimentConfig) -> None:
     if cfg.matryoshka.normalization == "nested":
         raise ExportError(
             "matryoshka.normalization=nested: Qwen3-MoE weights its top-k experts by one softmax over "
-            "them (or over all experts), not by a gated softmax per block of ranks, so the model cannot be "
-            "written without changing its outputs; export a model trained with topk_softmax or softmax_topk"
+            "them (or over all experts), not by the softmax over the k_max top ones with a learned gate "
+            "per block of ranks, so the model cannot be written without changing its outputs; export a "
+            "model trained with topk_softmax or softmax_topk"
         )
     if not m.qk_layernorm:
         raise ExportError(
