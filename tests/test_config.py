@@ -182,6 +182,9 @@ def test_every_shipped_config_loads():
       "matryoshka.ks": [2], "matryoshka.emoe_pool_k": 4}, "matryoshka.normalization", "method emoe"),
     ({"matryoshka.normalization": "nested", "matryoshka.strategy": "fixed", "matryoshka.ks": [1]},
      "matryoshka.normalization", "use softmax_topk for a k = 1 model"),
+    ({"data.mock": True, "model.vocab_size": 256, "data.train_fraction": 0.5}, "data.train_fraction",
+     "data.mock has none"),
+    ({"data.train_fraction": 0.0}, "data.train_fraction", "must be > 0"),
 ])
 def test_training_methods_refuse_what_they_cannot_do(tiny_config_path, overrides, field, message):
     from mmoe_megatron.config import ConfigError, load_config

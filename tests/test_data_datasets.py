@@ -128,6 +128,42 @@ def test_splits_are_disjoint_by_document(tmp_path, small_tokenizer, small_datase
     assert [len(ds.indices) for ds in splits] == [72, 24, 24]
 
 
+def test_train_fraction_trains_on_the_first_documents_and_keeps_validation(
+    tmp_path, small_tokenizer, small_datasets, single_process_mcore
+):
+    """data.train_fraction 0.5: the train split is the first half of its 72 documents, repeated
+    to the same number of samples; validation and test are the same documents and samples."""
+    prefix = small_datasets["sonnets"][0]
+    full = build_datasets(_cfg(tmp_path, small_tokenizer, [(prefix, 1.0)], **{"data.split": "60,20,20"}),
+                          600, 50, 50)
+    half = build_datasets(_cfg(tmp_path, small_tokenizer, [(prefix, 1.0)],
+                               **{"data.split": "60,20,20", "data.train_fraction": 0.5}), 600, 50, 50)
+    assert [int(x) for x in half[0].indices] == [int(x) for x in full[0].indices][:36]
+    assert len(half[0]) >= 600 and len(full[0]) >= 600
+    used = {int(d) for i in range(len(half[0]))
+            for d in half[0]._query_document_sample_shuffle_indices(i)[1]}
+    assert used == set(range(36))
+    # Fewer documents for the same samples: more passes over each (3 epochs of 212 samples each
+    # against 2 of 417).
+    assert (half[0].document_index.size // 36, full[0].document_index.size // 72) == (3, 2)
+    for h, f in zip(half[1:], full[1:]):
+        assert [int(x) for x in h.indices] == [int(x) for x in f.indices]
+        assert all(np.array_equal(h[i]["tokens"], f[i]["tokens"]) for i in range(len(f)))
+
+    # Sharing data.blend with a separate validation set: the cut applies to the train documents.
+    verses = small_datasets["verses"][0]
+    train, _, _ = build_datasets(_cfg(tmp_path, small_tokenizer, [(prefix, 1.0)], **{
+        "data.valid_blend": [{"prefix": verses, "weight": 1.0}], "data.split": "98,2,0",
+        "data.train_fraction": 0.25}), 100, 20, 0)
+    assert [int(x) for x in train.indices] == list(range(30))
+
+    none_left = _cfg(tmp_path, small_tokenizer, [(prefix, 1.0)],
+                     **{"data.split": "60,20,20", "data.train_fraction": 0.001})
+    with pytest.raises(DataError, match=r"gives the train split none of the 120 documents.*"
+                                        r"raise data.train_fraction"):
+        build_datasets(none_left, 10, 10, 10)
+
+
 def test_valid_blend_gives_validation_and_train_takes_all_of_blend(
     tmp_path, small_tokenizer, small_datasets, single_process_mcore
 ):

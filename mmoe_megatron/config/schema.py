@@ -423,6 +423,10 @@ class DataConfig:
     """train,validation,test ratios applied to every dataset in the blend (by document)."""
     valid_blend: Optional[list[BlendEntry]] = None
     """Separate validation datasets; when given, `split` is ignored for validation."""
+    train_fraction: float = field(1.0, gt=0, le=1)
+    """Train on the first this fraction of the train split's documents only; the validation and
+    test splits keep theirs. At a fixed number of training tokens, fewer documents mean more
+    epochs over them: this separates the effect of repeating data from that of training longer."""
     mock: bool = False
     """Use megatron-core's synthetic dataset (smoke tests only)."""
     cache_dir: Optional[str] = None
@@ -439,6 +443,9 @@ class DataConfig:
                 raise ConfigError(f"{path}.tokenizer", "required unless data.mock is true")
             if not self.blend:
                 raise ConfigError(f"{path}.blend", "list at least one dataset (prefix, weight)")
+        if self.mock and self.train_fraction < 1:
+            raise ConfigError(f"{path}.train_fraction", "selects documents of data.blend, which "
+                              "data.mock has none of; use 1 with mock data")
         parts = self.split.split(",")
         try:
             ratios = [float(p) for p in parts]

@@ -67,10 +67,25 @@ def _split_ratios(split: str) -> list[float]:
     return [r / total for r in ratios]
 
 
+def _split_matrix(ratios: list[float], train_fraction: float) -> list[Optional[tuple[float, float]]]:
+    """megatron-core's split matrix for the normalised `ratios`: (lo, hi) of the documents per
+    split, or None. The train split is cut to its first `train_fraction`, which a split string
+    cannot say (its splits are contiguous)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(ratios)
+    if train_fraction < 1 and matrix[0] is not None:
+        lo, hi = matrix[0]
+        matrix[0] = (lo, lo + (hi - lo) * train_fraction)
+    return matrix
+
+
 def _check_blend(entries: list[BlendEntry], field: str, tokenizer_path: str, vocab: int,
-                 ratios: Optional[list[float]]) -> list[IndexSummary]:
+                 matrix: Optional[list[Optional[tuple[float, float]]]]) -> list[IndexSummary]:
     """Check each prefix's files, that it was tokenized for this tokenizer and vocabulary, and
-    that every split with a positive ratio gets at least one of its documents."""
+    that every split of the split matrix gets at least one of its documents."""
     summaries = []
     sha = None
     for i, entry in enumerate(entries):
@@ -95,18 +110,16 @@ def _check_blend(entries: list[BlendEntry], field: str, tokenizer_path: str, voc
                     f"tools/preprocess_data.py --tokenizer {tokenizer_path}, or point "
                     "data.tokenizer at the tokenizer it was made with"
                 )
-        if ratios is not None:
+        if matrix is not None:
             # megatron-core's split: documents [round(lo * n), round(hi * n)) for each split.
-            bounds = [0.0]
-            for r in ratios:
-                bounds.append(bounds[-1] + r)
             n = summary.num_documents
-            for name, ratio, lo, hi in zip(SPLITS, ratios, bounds[:-1], bounds[1:]):
-                if ratio > 0 and int(round(hi * n)) - int(round(lo * n)) == 0:
+            for name, bounds in zip(SPLITS, matrix):
+                if bounds is not None and int(round(bounds[1] * n)) - int(round(bounds[0] * n)) == 0:
+                    fix = "raise data.train_fraction, " if name == "train" else ""
                     raise DataError(
                         f"{where}: data.split gives the {name} split none of the {n} documents "
                         f"of {entry.prefix} (a split needs at least one document, or megatron-core "
-                        f"loops forever); set its ratio to 0, raise it, add documents, or for "
+                        f"loops forever); {fix}set its ratio to 0, raise it, add documents, or for "
                         f"validation give data.valid_blend"
                     )
         summaries.append(summary)
@@ -184,12 +197,15 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
         )
 
     if d.valid_blend is None:
-        _check_blend(d.blend, "data.blend", d.tokenizer, vocab, ratios)
+        matrix = _split_matrix(ratios, d.train_fraction)
+        _check_blend(d.blend, "data.blend", d.tokenizer, vocab, matrix)
         prefixes = [e.prefix for e in d.blend]
         config = GPTDatasetConfig(
             tokenizer=tokenizer, blend=_blend(d.blend), split=d.split,
             path_to_cache=os.path.join(cache_root, dataset_fingerprint(prefixes)), **common,
         )
+        if d.train_fraction < 1:
+            config.split_matrix = matrix
         return tuple(BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build())
 
     # Separate validation data: train (and test) from data.blend by the split's train and test
@@ -200,7 +216,8 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
             "test ratios, which are both 0; give train a positive ratio, e.g. '1,0,0'"
         )
     train_test = [ratios[0] / (ratios[0] + ratios[2]), 0.0, ratios[2] / (ratios[0] + ratios[2])]
-    _check_blend(d.blend, "data.blend", d.tokenizer, vocab, train_test)
+    train_matrix = _split_matrix(train_test, d.train_fraction)
+    _check_blend(d.blend, "data.blend", d.tokenizer, vocab, train_matrix)
     _check_blend(d.valid_blend, "data.valid_blend", d.tokenizer, vocab, None)
     prefixes = [e.prefix for e in d.blend] + [e.prefix for e in d.valid_blend]
     cache = os.path.join(cache_root, dataset_fingerprint(prefixes))
@@ -208,6 +225,8 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
         tokenizer=tokenizer, blend=_blend(d.blend), split=",".join(f"{r:.12f}" for r in train_test),
         path_to_cache=cache, **common,
     )
+    if d.train_fraction < 1:
+        train_config.split_matrix = train_matrix
     train, _, test = BlendedMegatronDatasetBuilder(
         GPTDataset, [train_samples, 0, test_samples], lambda: True, train_config
     ).build()
