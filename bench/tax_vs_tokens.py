@@ -9,7 +9,8 @@ every rung), on every evaluated domain. It reads the results the suites kept in 
 trains and evaluates nothing.
 
     python -m bench.tax_vs_tokens --suite bench/suites/elasticity_ladder_cpu.yaml \
-        --suite bench/suites/elasticity_ladder2x_cpu.yaml --elastic temperature_widths --k 8
+        --suite bench/suites/elasticity_ladder_repeat_cpu.yaml \
+        --suite bench/suites/elasticity_ladder2x_cpu.yaml --elastic temperature_widths --k 4 --k 8
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+from typing import Optional
 
 from bench.common import RESULTS, ROOT, kept_records, write_result
 
@@ -49,16 +51,16 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         steps = fraction_steps(record, spec.eval.fractions)  # fraction label -> step
         return {f: (int(steps[f"{f:g}"]) * tokens_per_step, record["losses"].get(steps[f"{f:g}"]))
-                for f in spec.eval.fractions}
+                for f in spec.eval.fractions}, epochs_per_token(cfg)
 
     seeds = sorted(s for (m, s) in by_run if m == elastic
                    and all((specialists[k], s) in by_run for k in ks))
     out = {"suite": spec.name, "path": os.path.relpath(os.path.abspath(suite_path), ROOT), "seeds": seeds,
            "fractions": list(spec.eval.fractions), "points": []}
     for seed in seeds:
-        mine = curve(elastic, seed)
+        mine, e_rate = curve(elastic, seed)
         for k in ks:
-            theirs = curve(specialists[k], seed)
+            theirs, s_rate = curve(specialists[k], seed)
             for f in spec.eval.fractions:
                 (e_tokens, e_losses), (s_tokens, s_losses) = mine[f], theirs[f]
                 if e_losses is None or s_losses is None:
@@ -67,8 +69,24 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
                     out["points"].append({
                         "fraction": f, "seed": seed, "k": k, "domain": domain,
                         "elastic_tokens": e_tokens, "specialist_tokens": s_tokens,
+                        "elastic_epochs": e_rate and e_tokens * e_rate,
+                        "specialist_epochs": s_rate and s_tokens * s_rate,
                         "elastic": e_losses[domain][str(k)], "specialist": s_losses[domain][str(k)]})
     return out
+
+
+def epochs_per_token(cfg) -> Optional[float]:
+    """Passes over the training data per token trained on: over the dataset of data.blend that its
+    weight repeats most, the weight over the tokens of its train split. None where the datasets are
+    not on this machine (the report then shows no epochs)."""
+    from mmoe_megatron.data.datasets import train_split_tokens
+    from mmoe_megatron.data.errors import DataError
+
+    try:
+        splits = train_split_tokens(cfg)
+    except DataError:
+        return None
+    return max(weight / tokens for _, weight, tokens in splits)
 
 
 def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
@@ -81,9 +99,9 @@ def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
              "(millions; the elastic member's steps give the reference elastic model's compute, so it may see "
              "more tokens than the specialist). Paired by seed; the mean is over the seeds every rung has "
              f"({', '.join(map(str, shared))}); a rung's other seeds are shown in its own column.", "",
-             "| rung | fraction | tokens (M): specialist / elastic | domain | k | elastic | specialist | "
-             "tax, seeds every rung has (mean) | tax, every seed of the rung: mean ± std (n) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| rung | fraction | tokens (M): specialist / elastic | epochs: specialist / elastic | domain | k | "
+             "elastic | specialist | tax, seeds every rung has (mean) | tax, every seed of the rung: mean ± std (n) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     summary = []
     for r in rungs:
         groups: dict[tuple, list[dict]] = {}
@@ -99,15 +117,21 @@ def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
             cells = (f"{statistics.fmean(p['elastic'] for p in paired):.4f} | "
                      f"{statistics.fmean(p['specialist'] for p in paired):.4f} | "
                      f"{', '.join(f'{t:+.4f}' for t in tax)} ({statistics.fmean(tax):+.4f})") if paired else "- | - | -"
+            epochs = " / ".join("-" if points[0][f"{who}_epochs"] is None else f"{points[0][f'{who}_epochs']:.2f}"
+                                for who in ("specialist", "elastic"))
             lines.append(f"| {r['suite']} | {f:g} | {points[0]['specialist_tokens'] / 1e6:.2f} / "
-                         f"{points[0]['elastic_tokens'] / 1e6:.2f} | {domain} | {k} | {cells} | {spread} |")
+                         f"{points[0]['elastic_tokens'] / 1e6:.2f} | {epochs} | {domain} | {k} | {cells} | {spread} |")
             if f == 1 and paired:
                 summary.append({"suite": r["suite"], "domain": domain, "k": k,
-                                "tokens": points[0]["specialist_tokens"], "tax_shared_seeds": statistics.fmean(tax),
+                                "tokens": points[0]["specialist_tokens"], "epochs": points[0]["specialist_epochs"],
+                                "tax_shared_seeds": statistics.fmean(tax),
                                 "tax_all_seeds": statistics.fmean(tax_all), "n": len(tax_all)})
-    lines += ["", "At the end of each rung, on the seeds every rung has: " + "; ".join(
-        f"{s['suite']} ({s['tokens'] / 1e6:.1f} M tokens) {s['domain']} k = {s['k']}: {s['tax_shared_seeds']:+.4f}"
-        for s in summary) + "."]
+    lines += ["", "Epochs are passes over the training documents (a rung may train on part of them: "
+              "data.train_fraction); - where its data is not on this machine. At the end of each rung, on the "
+              "seeds every rung has: " + "; ".join(
+                  f"{s['suite']} ({s['tokens'] / 1e6:.1f} M tokens"
+                  + ("" if s["epochs"] is None else f", {s['epochs']:.1f} epochs")
+                  + f") {s['domain']} k = {s['k']}: {s['tax_shared_seeds']:+.4f}" for s in summary) + "."]
     return "\n".join(lines), {"elastic": elastic, "ks": ks, "shared_seeds": shared, "rungs": rungs,
                               "end_of_training": summary}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmoe_megatron.data import build_datasets, load_tokenizer, resolve_vocab_size
+from mmoe_megatron.data.datasets import train_split_tokens
 from mmoe_megatron.data.errors import DataError
 from mmoe_megatron.data.indexed import preprocess, read_documents
 from tests.data_fixtures import (  # noqa: F401
@@ -156,6 +157,16 @@ def test_train_fraction_trains_on_the_first_documents_and_keeps_validation(
         "data.valid_blend": [{"prefix": verses, "weight": 1.0}], "data.split": "98,2,0",
         "data.train_fraction": 0.25}), 100, 20, 0)
     assert [int(x) for x in train.indices] == list(range(30))
+
+    # The tokens one epoch over the train split reads, counted from the documents themselves.
+    lengths = [len(doc) for doc in read_documents(prefix)]
+    half_cfg = _cfg(tmp_path, small_tokenizer, [(prefix, 1.0)],
+                    **{"data.split": "60,20,20", "data.train_fraction": 0.5})
+    assert train_split_tokens(half_cfg) == [(prefix, 1.0, sum(lengths[:36]))]
+    both = _cfg(tmp_path, small_tokenizer, [(prefix, 3.0), (verses, 1.0)], **{"data.split": "60,20,20"})
+    verse_lengths = [len(doc) for doc in read_documents(verses)]
+    assert train_split_tokens(both) == [(prefix, 0.75, sum(lengths[:72])),
+                                        (verses, 0.25, sum(verse_lengths[:48]))]
 
     none_left = _cfg(tmp_path, small_tokenizer, [(prefix, 1.0)],
                      **{"data.split": "60,20,20", "data.train_fraction": 0.001})

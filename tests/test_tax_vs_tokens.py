@@ -2,19 +2,25 @@
 the tokens of each point, from kept results written here by hand."""
 
 import json
+import re
 
 import pytest
 
 from bench import tax_vs_tokens as tvt
+from mmoe_megatron.data.indexed import read_documents
+from tests.data_fixtures import small_datasets, small_tokenizer  # noqa: F401
 from tests.helpers import TINY
 
 
-def _suite(tmp_path, name, iters, seeds):
+def _suite(tmp_path, name, iters, seeds, data="", fraction=1.0):
+    """`data`: the (tokenizer, prefix) the runs train on, split 60,20,20; none: the demo corpus."""
+    data = (f", data.tokenizer: {data[0]}, data.blend: [{{prefix: {data[1]}, weight: 1.0}}], "
+            f"data.split: '60,20,20', data.train_fraction: {fraction}") if data else ""
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nbase: {TINY}\nseeds: {seeds}\n"
         f"overrides: {{train.train_iters: {iters}, train.global_batch_size: 8, train.micro_batch_size: 4, "
-        f"data.seq_length: 64}}\n"
+        f"data.seq_length: 64{data}}}\n"
         "eval: {fractions: [0.5, 1.0]}\n"
         "members:\n"
         "  - {name: el, role: elastic}\n"
@@ -32,10 +38,11 @@ def _keep(results, suite, member, seed, iters, losses):
 
 
 @pytest.fixture
-def rungs(tmp_path):
+def rungs(tmp_path, small_tokenizer, small_datasets):
     results = tmp_path / "results"
-    short = _suite(tmp_path, "rung-a", 100, [1, 2])
-    long = _suite(tmp_path, "rung-b", 200, [1])
+    data = (small_tokenizer, small_datasets["sonnets"][0])
+    short = _suite(tmp_path, "rung-a", 100, [1, 2], data)
+    long = _suite(tmp_path, "rung-b", 200, [1], data, fraction=0.5)
     _keep(results, "rung-a", "el", 1, 100, {50: (5.0, 6.0), 100: (4.5, 5.5)})
     _keep(results, "rung-a", "k2", 1, 100, {50: (5.1, 6.0), 100: (4.4, 5.6)})
     _keep(results, "rung-a", "el", 2, 100, {50: (5.2, 6.2), 100: (4.6, 5.7)})
@@ -61,7 +68,32 @@ def test_tax_is_paired_on_the_shared_seeds_with_each_points_tokens(rungs):
     assert end[("rung-a", "valid")]["tokens"] == 51200
     assert end[("rung-b", "valid")]["tokens"] == 102400
     # Half of rung-b (step 100) is a row with its own losses: 4.6 - 4.5.
-    assert "| rung-b | 0.5 | 0.05 / 0.05 | valid | 2 | 4.6000 | 4.5000 | +0.1000 (+0.1000) | +0.1000 (1) |" in markdown
+    # Epochs: the tokens over those of the train split's documents, the first 72 of the 120 of the
+    # dataset (split 60,20,20), rung-b's the first 36 of them (train_fraction 0.5).
+    lengths = [len(doc) for doc in read_documents(small_datasets_prefix(paths[0]))]
+    epochs_a, epochs_b = 51200 / sum(lengths[:72]), 102400 / sum(lengths[:36])
+    assert end[("rung-a", "valid")]["epochs"] == pytest.approx(epochs_a)
+    assert end[("rung-b", "valid")]["epochs"] == pytest.approx(epochs_b)
+    assert epochs_b > 3 * epochs_a  # twice the tokens on half of the documents
+    assert (f"| rung-b | 0.5 | 0.05 / 0.05 | {epochs_b / 2:.2f} / {epochs_b / 2:.2f} | valid | 2 | 4.6000 | "
+            "4.5000 | +0.1000 (+0.1000) | +0.1000 (1) |" in markdown)
+    assert f"rung-b (0.1 M tokens, {epochs_b:.1f} epochs) valid k = 2: +0.2000" in markdown
+
+
+def small_datasets_prefix(suite_path: str) -> str:
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    return load_suite(suite_path).overrides["data.blend"][0]["prefix"]
+
+
+def test_epochs_are_left_out_where_the_training_data_is_not_here(tmp_path):
+    results = tmp_path / "results"
+    gone = _suite(tmp_path, "rung-gone", 100, [1], ("no/tokenizer.model", str(tmp_path / "no_text_document")))
+    _keep(results, "rung-gone", "el", 1, 100, {50: (5.0, 6.0), 100: (4.5, 5.5)})
+    _keep(results, "rung-gone", "k2", 1, 100, {50: (5.1, 6.0), 100: (4.4, 5.6)})
+    markdown, data = tvt.report([tvt.rung(gone, "el", [2], str(results))], "el", [2])
+    assert "| rung-gone | 1 | 0.05 / 0.05 | - / - | valid | 2 | 4.5000 | 4.4000 |" in markdown
+    assert data["end_of_training"][0]["epochs"] is None
 
 
 def test_a_k_without_a_specialist_and_rungs_without_a_shared_seed_are_refused(rungs, tmp_path):
@@ -83,5 +115,8 @@ def test_a_checkpoint_the_shared_seed_lacks_shows_only_the_rungs_own_seeds(rungs
     _keep(tmp_path / "results", "rung-a", "el", 1, 100, {100: (4.5, 5.5)})
     markdown, data = tvt.report([tvt.rung(p, "el", [2], results) for p in paths], "el", [2])
     # Seed 2 alone at 0.5: 5.2 - 5.0.
-    assert "| rung-a | 0.5 | 0.03 / 0.03 | valid | 2 | - | - | - | +0.2000 (1) |" in markdown
-    assert "| rung-a | 1 | 0.05 / 0.05 | valid | 2 | 4.5000 | 4.4000 | +0.1000 (+0.1000) |" in markdown
+    epochs = r"\d+\.\d\d / \d+\.\d\d"
+    assert re.search(rf"\| rung-a \| 0.5 \| 0.03 / 0.03 \| {epochs} \| valid \| 2 \| - \| - \| - \| "
+                     r"\+0.2000 \(1\) \|", markdown)
+    assert re.search(rf"\| rung-a \| 1 \| 0.05 / 0.05 \| {epochs} \| valid \| 2 \| 4.5000 \| 4.4000 \| "
+                     r"\+0.1000 \(\+0.1000\) \|", markdown)

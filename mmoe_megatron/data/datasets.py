@@ -143,6 +143,42 @@ def _mock_tokenizer(vocab_size: int):
     )
 
 
+def _train_ratios(split: str, separate_validation: bool) -> list[float]:
+    """The normalised ratios data.blend is cut by: with data.valid_blend, train and test share it."""
+    ratios = _split_ratios(split)
+    if not separate_validation:
+        return ratios
+    if ratios[0] + ratios[2] == 0:
+        raise DataError(
+            f"data.split {split!r}: with data.valid_blend, data.blend is shared by the train and "
+            "test ratios, which are both 0; give train a positive ratio, e.g. '1,0,0'"
+        )
+    return [ratios[0] / (ratios[0] + ratios[2]), 0.0, ratios[2] / (ratios[0] + ratios[2])]
+
+
+def train_split_tokens(cfg: ExperimentConfig) -> list[tuple[str, float, int]]:
+    """(prefix, normalised weight, tokens) of each dataset of data.blend: the tokens of the
+    documents its train split holds (data.split, data.train_fraction), which one epoch over it
+    reads. Reads only the `.idx` files."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    d = cfg.data
+    if d.mock:
+        raise DataError("data.mock: true has no documents to count; give a data.blend")
+    bounds = _split_matrix(_train_ratios(d.split, d.valid_blend is not None),
+                           d.train_fraction)[0]
+    total = sum(e.weight for e in d.blend)
+    out = []
+    for entry in d.blend:
+        check_indexed_dataset(entry.prefix)
+        # The lengths are a view of the index's memory map: sum them while the dataset holds it.
+        dataset = IndexedDataset(entry.prefix)
+        n = len(dataset.sequence_lengths)
+        lo, hi = (0, 0) if bounds is None else (int(round(bounds[0] * n)), int(round(bounds[1] * n)))
+        out.append((entry.prefix, entry.weight / total, int(dataset.sequence_lengths[lo:hi].sum())))
+    return out
+
+
 def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int,
                    test_samples: int, tokenizer=None):
     """(train, valid, test) megatron-core datasets; each None when its split is empty.
@@ -210,12 +246,7 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
 
     # Separate validation data: train (and test) from data.blend by the split's train and test
     # ratios, validation from all documents of data.valid_blend.
-    if ratios[0] + ratios[2] == 0:
-        raise DataError(
-            f"data.split {d.split!r}: with data.valid_blend, data.blend is shared by the train and "
-            "test ratios, which are both 0; give train a positive ratio, e.g. '1,0,0'"
-        )
-    train_test = [ratios[0] / (ratios[0] + ratios[2]), 0.0, ratios[2] / (ratios[0] + ratios[2])]
+    train_test = _train_ratios(d.split, separate_validation=True)
     train_matrix = _split_matrix(train_test, d.train_fraction)
     _check_blend(d.blend, "data.blend", d.tokenizer, vocab, train_matrix)
     _check_blend(d.valid_blend, "data.valid_blend", d.tokenizer, vocab, None)
