@@ -53,13 +53,15 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
         return {f: (int(steps[f"{f:g}"]) * tokens_per_step, record["losses"].get(steps[f"{f:g}"]))
                 for f in spec.eval.fractions}, epochs_per_token(cfg)
 
+    # A rung may not have run every specialist: its rows are those of the ks it has.
+    ran = [k for k in ks if any(m == specialists[k] for (m, _) in by_run)]
     seeds = sorted(s for (m, s) in by_run if m == elastic
-                   and all((specialists[k], s) in by_run for k in ks))
+                   and all((specialists[k], s) in by_run for k in ran))
     out = {"suite": spec.name, "path": os.path.relpath(os.path.abspath(suite_path), ROOT), "seeds": seeds,
-           "fractions": list(spec.eval.fractions), "points": []}
+           "ks": ran, "fractions": list(spec.eval.fractions), "points": []}
     for seed in seeds:
         mine, e_rate = curve(elastic, seed)
-        for k in ks:
+        for k in ran:
             theirs, s_rate = curve(specialists[k], seed)
             for f in spec.eval.fractions:
                 (e_tokens, e_losses), (s_tokens, s_losses) = mine[f], theirs[f]
@@ -126,8 +128,11 @@ def report(rungs: list[dict], elastic: str, ks: list[int]) -> tuple[str, dict]:
                                 "tokens": points[0]["specialist_tokens"], "epochs": points[0]["specialist_epochs"],
                                 "tax_shared_seeds": statistics.fmean(tax),
                                 "tax_all_seeds": statistics.fmean(tax_all), "n": len(tax_all)})
+    lacking = "".join(f"The rung {r['suite']} has no run of the specialist at k = "
+                      f"{', '.join(str(k) for k in ks if k not in r['ks'])}. " for r in rungs if r["ks"] != ks)
     lines += ["", "Epochs are passes over the training documents (a rung may train on part of them: "
-              "data.train_fraction); - where its data is not on this machine. At the end of each rung, on the "
+              "data.train_fraction); - where its data is not on this machine. " + lacking
+              + "At the end of each rung, on the "
               "seeds every rung has: " + "; ".join(
                   f"{s['suite']} ({s['tokens'] / 1e6:.1f} M tokens"
                   + ("" if s["epochs"] is None else f", {s['epochs']:.1f} epochs")

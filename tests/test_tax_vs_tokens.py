@@ -120,3 +120,18 @@ def test_a_checkpoint_the_shared_seed_lacks_shows_only_the_rungs_own_seeds(rungs
                      r"\+0.2000 \(1\) \|", markdown)
     assert re.search(rf"\| rung-a \| 1 \| 0.05 / 0.05 \| {epochs} \| valid \| 2 \| 4.5000 \| 4.4000 \| "
                      r"\+0.1000 \(\+0.1000\) \|", markdown)
+
+
+def test_a_rung_without_runs_of_a_specialist_lists_the_other_ks(rungs, tmp_path, small_tokenizer, small_datasets):
+    paths, results = rungs
+    # rung-d defines a k = 4 specialist but has run only the k = 2 one.
+    path = tmp_path / "rung-d.yaml"
+    path.write_text(open(paths[0]).read().replace("rung-a", "rung-d") + (
+        "  - {name: k4, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [4]}}\n"))
+    _keep(tmp_path / "results", "rung-d", "el", 1, 100, {50: (5.0, 6.0), 100: (4.5, 5.5)})
+    _keep(tmp_path / "results", "rung-d", "k2", 1, 100, {50: (5.1, 6.0), 100: (4.4, 5.6)})
+    d = tvt.rung(str(path), "el", [2, 4], results)
+    assert d["ks"] == [2] and d["seeds"] == [1] and {p["k"] for p in d["points"]} == {2}
+    markdown, data = tvt.report([d], "el", [2, 4])
+    assert "The rung rung-d has no run of the specialist at k = 4." in markdown
+    assert [(s["k"], s["domain"]) for s in data["end_of_training"]] == [(2, "valid"), (2, "wiki")]
