@@ -45,13 +45,17 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
     records = kept_records(spec, os.path.join(results_dir, spec.name.replace("-", "_")))
     by_run = {(r["member"], r["seed"]): r for r in records}
 
+    rates = {}  # member -> epochs per token: its training documents do not depend on the seed
+
     def curve(member: str, seed):
         record = by_run[(member, seed)]
         cfg = member_config(spec, members[member], seed)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
         steps = fraction_steps(record, spec.eval.fractions)  # fraction label -> step
+        if member not in rates:
+            rates[member] = epochs_per_token(cfg)
         return {f: (int(steps[f"{f:g}"]) * tokens_per_step, record["losses"].get(steps[f"{f:g}"]))
-                for f in spec.eval.fractions}, epochs_per_token(cfg)
+                for f in spec.eval.fractions}, rates[member]
 
     # A rung may not have run every specialist: its rows are those of the ks it has.
     ran = [k for k in ks if any(m == specialists[k] for (m, _) in by_run)]

@@ -52,7 +52,7 @@ def rungs(tmp_path, small_tokenizer, small_datasets):
     return [short, long], str(results)
 
 
-def test_tax_is_paired_on_the_shared_seeds_with_each_points_tokens(rungs):
+def test_tax_is_paired_on_the_shared_seeds_with_each_points_tokens(rungs, small_datasets):
     paths, results = rungs
     markdown, data = tvt.report([tvt.rung(p, "el", [2], results) for p in paths], "el", [2])
     assert data["shared_seeds"] == [1]
@@ -67,23 +67,17 @@ def test_tax_is_paired_on_the_shared_seeds_with_each_points_tokens(rungs):
     # 100 steps of 8 x 64 tokens, 200 on the longer rung.
     assert end[("rung-a", "valid")]["tokens"] == 51200
     assert end[("rung-b", "valid")]["tokens"] == 102400
-    # Half of rung-b (step 100) is a row with its own losses: 4.6 - 4.5.
     # Epochs: the tokens over those of the train split's documents, the first 72 of the 120 of the
     # dataset (split 60,20,20), rung-b's the first 36 of them (train_fraction 0.5).
-    lengths = [len(doc) for doc in read_documents(small_datasets_prefix(paths[0]))]
+    lengths = [len(doc) for doc in read_documents(small_datasets["sonnets"][0])]
     epochs_a, epochs_b = 51200 / sum(lengths[:72]), 102400 / sum(lengths[:36])
     assert end[("rung-a", "valid")]["epochs"] == pytest.approx(epochs_a)
     assert end[("rung-b", "valid")]["epochs"] == pytest.approx(epochs_b)
     assert epochs_b > 3 * epochs_a  # twice the tokens on half of the documents
+    # Half of rung-b (step 100) is a row with its own losses: 4.6 - 4.5.
     assert (f"| rung-b | 0.5 | 0.05 / 0.05 | {epochs_b / 2:.2f} / {epochs_b / 2:.2f} | valid | 2 | 4.6000 | "
             "4.5000 | +0.1000 (+0.1000) | +0.1000 (1) |" in markdown)
     assert f"rung-b (0.1 M tokens, {epochs_b:.1f} epochs) valid k = 2: +0.2000" in markdown
-
-
-def small_datasets_prefix(suite_path: str) -> str:
-    from mmoe_megatron.evaluation.suite import load_suite
-
-    return load_suite(suite_path).overrides["data.blend"][0]["prefix"]
 
 
 def test_epochs_are_left_out_where_the_training_data_is_not_here(tmp_path):
