@@ -58,7 +58,8 @@ def router_builder(cfg: ExperimentConfig):
     temperature_ks = mat.ks if mat.gate_temperature == "learned" else None
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad,
                              temperature_ks=temperature_ks, added_grad_ks=mat.added_grad_ks,
-                             nested=mat.normalization == "nested")
+                             nested=mat.normalization == "nested",
+                             temperature_floor=mat.gate_temperature_floor)
 
 
 def experts_spec(cfg: ExperimentConfig, experts):

@@ -30,7 +30,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from mmoe_megatron.serving.layer_ks import log_k_weights
+from mmoe_megatron.serving.layer_ks import floored_log_temperatures, log_k_weights
 
 NORMALISATIONS = ("topk_softmax", "softmax_topk", "nested")
 
@@ -57,7 +57,9 @@ class MatryoshkaRouter(TopKRouter):
     `log_temperature` [K], and divides a token's selected logits by its k's temperature before
     the softmax over them (topk_softmax only). The ranking, hence the experts chosen, is
     unchanged; so is the aux loss, which sees the scores at temperature 1. Other ks interpolate
-    linearly in log k (`temperature_weights`).
+    linearly in log k (`temperature_weights`). With `temperature_floor` > 0 the learned
+    log-temperatures are clamped from below at log(floor) (`floored_log_temperatures`), so no k's
+    combine sharpens past it; an entry that reaches the floor gets no gradient and stays there.
 
     With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
     experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
@@ -69,7 +71,7 @@ class MatryoshkaRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
-                 nested: bool = False, **router_kwargs):
+                 nested: bool = False, temperature_floor: float = 0.0, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -99,6 +101,9 @@ class MatryoshkaRouter(TopKRouter):
                 torch.zeros(len(self.temperature_ks), dtype=config.params_dtype)
             )
             setattr(self.log_temperature, "sequence_parallel", config.sequence_parallel)
+        elif temperature_floor:
+            raise ValueError("a temperature floor bounds the learned temperatures: pass temperature_ks")
+        self.temperature_floor = temperature_floor
         # The leading ranks whose experts a token routed at k does not train: k // 2 at the
         # added_grad_ks, 0 elsewhere (indexed by k, 0..E).
         added = set(added_grad_ks)
@@ -248,7 +253,7 @@ class MatryoshkaRouter(TopKRouter):
 
     def _inverse_temperature(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
         """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
-        log_t_K = self.log_temperature.float().to(device)
+        log_t_K = floored_log_temperatures(self.log_temperature.float().to(device), self.temperature_floor)
         # fp32 whatever the model's dtype (a bf16 model's buffers are cast with it).
         weights_EK = self.temperature_weights_EK.to(device=device, dtype=torch.float32)
         inverse = torch.exp(-(weights_EK[budget] @ log_t_K))

@@ -21,6 +21,10 @@ the ks are introduced from the largest down, in len(ks) - 1 equal stages: the fi
 only k_max, the next adds the second-largest k, and so on (probabilities renormalised over the
 ks allowed); afterwards every k. A stage is a function of the step alone.
 
+A late phase (`late_steps`, `late_probs`): during the last late_steps steps of the run the ks are
+drawn with other probabilities, e.g. shifted towards the wide routings while the learning rate
+decays. Also a function of the step alone, so resume and every rank draw the same ks.
+
 Sample plans (`sandwich`, `coupled`): on top of the strategy, a fixed share of the samples of
 every global batch is routed with one k in every MoE layer and at every token: `sandwich` splits
 its share evenly between k_min and k_max, `coupled` draws one k per sample from the distribution.
@@ -71,6 +75,15 @@ def _absorb(h, value, salt: int):
     return _mix32(h ^ ((value >> 32) & _MASK32))
 
 
+def _stage_of(ks: tuple[int, ...], probs: tuple[float, ...]) -> tuple:
+    """(ks, probs, cuts): the cumulative thresholds on the 32-bit hash, k = ks[first i with h < cut[i]]."""
+    cuts, acc = [], 0.0
+    for p in probs[:-1]:
+        acc += p
+        cuts.append(int(round(acc * 2**32)))
+    return ks, tuple(probs), tuple(cuts)
+
+
 def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
     """P(k) proportional to k**(1/tau): larger ks drawn more often (M-MoE, tau=2 tested)."""
     weights = [k ** (1.0 / tau) for k in ks]
@@ -93,7 +106,12 @@ class KSchedule:
     shrink_steps: int = 0
     """Steps of progressive shrinking before every k is drawn (0: none)."""
     train_iters: int = 0
-    """Steps of the whole run; with shrink_steps, weighs the stages in `marginal_probs`."""
+    """Steps of the whole run; with shrink_steps, weighs the stages in `marginal_probs`; with
+    late_steps, places the late phase at its end."""
+    late_steps: int = 0
+    """Steps at the end of the run whose ks are drawn with `late_probs` (0: none)."""
+    late_probs: tuple[float, ...] = ()
+    """P(k) during the late phase, one per entry of ks."""
     axis: int = AXIS_K
     """Which quantity is drawn: AXIS_K, or AXIS_WIDTH for the width levels of slimmable experts
     (`WidthSchedule`). Draws of different axes are independent; the samples of the sample plan
@@ -117,6 +135,14 @@ class KSchedule:
             _ = self.plan_counts()  # whole numbers of samples, or a ValueError
         if self.shrink_steps < 0 or (self.shrink_steps and self.strategy == "fixed"):
             raise ValueError("progressive shrinking needs more than one k and shrink_steps >= 0")
+        if self.late_steps:
+            if self.strategy == "fixed" or self.late_steps < 0:
+                raise ValueError("a late phase needs more than one k and late_steps >= 0")
+            if len(self.late_probs) != len(self.ks) or abs(sum(self.late_probs) - 1) > 1e-6:
+                raise ValueError(f"late_probs must give one probability per k and sum to 1: {self.late_probs}")
+            if self.shrink_steps + self.late_steps > self.train_iters:
+                raise ValueError(f"the shrinking ({self.shrink_steps} steps) and the late phase "
+                                 f"({self.late_steps}) do not fit in {self.train_iters} steps")
         # Per stage of progressive shrinking (the last is every k): the ks allowed, their
         # probabilities, and the cumulative thresholds on the 32-bit hash, k = ks[first i with
         # h < cut[i]].
@@ -126,19 +152,31 @@ class KSchedule:
             if first:  # the full stage keeps the given probabilities exactly (same draws as ever)
                 total = sum(probs)
                 probs = tuple(p / total for p in probs)
-            cuts, acc = [], 0.0
-            for p in probs[:-1]:
-                acc += p
-                cuts.append(int(round(acc * 2**32)))
-            stages.append((ks, probs, tuple(cuts)))
+            stages.append(_stage_of(ks, probs))
         object.__setattr__(self, "_stages", tuple(stages))
         object.__setattr__(self, "_cuts", stages[-1][2])
+        object.__setattr__(self, "_late", _stage_of(self.ks, self.late_probs) if self.late_steps else None)
 
     def _stage(self, step: int) -> tuple:
         """(ks, probs, cuts) in force at `step`."""
+        if self.late_steps and step >= self.train_iters - self.late_steps:
+            return self._late
         if step >= self.shrink_steps:
             return self._stages[-1]
         return self._stages[step * (len(self._stages) - 1) // self.shrink_steps]
+
+    def stage_shares(self) -> list[tuple[float, tuple]]:
+        """(share of the run's steps, (ks, probs, cuts)) of every stage: the shrinking stages, the
+        full one, the late phase."""
+        total = max(self.train_iters, self.shrink_steps + self.late_steps, 1)
+        counts = [0] * len(self._stages)
+        for step in range(self.shrink_steps):
+            counts[step * (len(self._stages) - 1) // self.shrink_steps] += 1
+        counts[-1] += total - self.shrink_steps - self.late_steps
+        out = [(n / total, stage) for n, stage in zip(counts, self._stages)]
+        if self.late_steps:
+            out.append((self.late_steps / total, self._late))
+        return out
 
     @classmethod
     def from_config(cls, mat, seed: int, global_batch_size: int = 0, train_iters: int = 0) -> "KSchedule":
@@ -152,9 +190,11 @@ class KSchedule:
             probs = tuple(capacity_probs(ks, mat.tau))
         else:
             probs = tuple(mat.probs)
+        late = tuple(mat.late_probs) if mat.late_fraction > 0 else ()
         return cls(strategy=mat.strategy, ks=ks, probs=probs, seed=seed, sandwich=mat.sandwich,
                    coupled=mat.coupled, global_batch_size=global_batch_size,
-                   shrink_steps=int(round(mat.shrink_fraction * train_iters)), train_iters=train_iters)
+                   shrink_steps=int(round(mat.shrink_fraction * train_iters)), train_iters=train_iters,
+                   late_steps=int(round(mat.late_fraction * train_iters)) if late else 0, late_probs=late)
 
     @property
     def k_max(self) -> int:
@@ -195,15 +235,10 @@ class KSchedule:
             out[ks[-1]] += self.sandwich / 2
             return [out.get(k, 0.0) for k in self.ks]
 
-        if not self.shrink_steps:
+        if not self.shrink_steps and not self.late_steps:
             return tuple(stage_marginal(self.ks, self.probs))
-        total = max(self.train_iters, self.shrink_steps)
-        weights = [0] * len(self._stages)
-        for step in range(self.shrink_steps):
-            weights[step * (len(self._stages) - 1) // self.shrink_steps] += 1
-        weights[-1] += total - self.shrink_steps
-        parts = [stage_marginal(ks, probs) for ks, probs, _ in self._stages]
-        return tuple(sum(w * part[i] for w, part in zip(weights, parts)) / total for i in range(len(self.ks)))
+        parts = [(share, stage_marginal(ks, probs)) for share, (ks, probs, _) in self.stage_shares()]
+        return tuple(sum(share * part[i] for share, part in parts) for i in range(len(self.ks)))
 
     def fingerprint(self) -> int:
         """A 32-bit digest of everything that determines the draws (compared across ranks)."""
@@ -213,6 +248,10 @@ class KSchedule:
             h = _absorb(_absorb(h, k, 2), cut, 3)
         if self.shrink_steps:
             h = _absorb(h, self.shrink_steps, 8)
+        if self.late_steps:
+            h = _absorb(_absorb(h, self.late_steps, 12), self.train_iters, 13)
+            for cut in self._late[2]:
+                h = _absorb(h, cut, 14)
         if self.has_sample_plan:  # without a plan the digest is what it always was
             for i, n in enumerate(self.plan_counts()):
                 h = _absorb(h, n, 4 + i)
@@ -366,7 +405,10 @@ def grid_probs(k: KSchedule, width: Optional[WidthSchedule]) -> dict[tuple[int, 
             pair = (k._k_of_hash(a, k.shrink_steps), w._k_of_hash(a, w.shrink_steps))  # every k allowed
             base[pair] = base.get(pair, 0.0) + (b - a) / 2**32
     else:
-        base = {(kk, lv): pk * pw for kk, pk in zip(k.ks, k.probs) for lv, pw in zip(w.ks, w.probs)}
+        # The ks drawn over the run (every stage), the sample plan added below.
+        drawn = [sum(share * dict(zip(ks, probs)).get(kk, 0.0) for share, (ks, probs, _) in k.stage_shares())
+                 for kk in k.ks]
+        base = {(kk, lv): pk * pw for kk, pk in zip(k.ks, drawn) for lv, pw in zip(w.ks, w.probs)}
     share = k.sandwich
     out = {(kk, width.width(lv)): (1.0 - share) * p for (kk, lv), p in base.items()}
     for pair in ((k.k_min, width.widths[0]), (k.k_max, width.widths[-1])):

@@ -21,6 +21,7 @@ def make_router(single_process_mcore, **overrides):
         k1_router_grad=cfg.matryoshka.k1_router_grad,
         temperature_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_temperature == "learned" else None,
         nested=cfg.matryoshka.normalization == "nested",
+        temperature_floor=cfg.matryoshka.gate_temperature_floor,
     )
     return router
 
@@ -259,6 +260,30 @@ def test_learned_temperature_gets_a_gradient_only_from_ks_that_mix_experts(singl
         (probs_TE * torch.arange(1.0, E + 1)).sum().backward()
         grad_K = router.log_temperature.grad
         assert [bool(g != 0) for g in grad_K] == moved, (k, grad_K)
+
+
+def test_a_temperature_floor_clamps_the_learned_temperature_and_stops_its_gradient(single_process_mcore):
+    """With a floor of 0.4: a learned temperature of 0.2 routes as 0.4 (the same weights as a router
+    whose temperature is 0.4), gets no gradient, and temperatures above the floor are untouched."""
+    ks = {"matryoshka.ks": [1, 2, 4], "matryoshka.gate_temperature": "learned", "moe.aux_loss_coeff": 0.0}
+    floored = make_router(single_process_mcore, **ks, **{"matryoshka.gate_temperature_floor": 0.4})
+    free = make_router(single_process_mcore, **ks)
+    with torch.no_grad():
+        floored.log_temperature.copy_(torch.log(torch.tensor([1.0, 0.8, 0.2])))
+        free.log_temperature.copy_(torch.log(torch.tensor([1.0, 0.8, 0.4])))
+    floored.train(), free.train()
+    x = hidden()
+    assert floored.temperature(4) == pytest.approx(0.4) and floored.temperature(2) == pytest.approx(0.8)
+    for k in (2, 3, 4):
+        floored.set_k(k), free.set_k(k)
+        assert torch.allclose(floored(x)[0], free(x)[0], atol=1e-6)
+    floored.set_k(4)
+    (floored(x)[0] * torch.arange(1.0, E + 1)).sum().backward()
+    assert floored.log_temperature.grad[2] == 0
+    floored.log_temperature.grad = None
+    floored.set_k(2)
+    (floored(x)[0] * torch.arange(1.0, E + 1)).sum().backward()
+    assert floored.log_temperature.grad[1] != 0  # above the floor it still learns
 
 
 def test_a_model_with_learned_temperatures_starts_as_the_model_without(single_process_mcore):

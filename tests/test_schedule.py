@@ -252,3 +252,41 @@ def test_progressive_shrinking_introduces_ks_from_the_largest_down():
                 (10 + 10 / 2 + 10 / 3 + 30 * 0.25) / 60]
     assert s.marginal_probs() == pytest.approx(expected)
     assert s.fingerprint() != plain.fingerprint()
+
+
+def test_a_late_phase_draws_its_own_probabilities_over_the_last_steps():
+    """ks (1, 2, 4, 8), 60 steps of which the last 15 draw P = (0, 0, 0.5, 0.5): steps 0-44 draw as a
+    schedule without the phase, steps 45-59 only 4 and 8, evenly; the run's P(k) is the mix."""
+    late = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, train_iters=60,
+                     late_steps=15, late_probs=(0.0, 0.0, 0.5, 0.5))
+    plain = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, train_iters=60)
+    ids = torch.arange(4096)
+    for step in (0, 30, 44):
+        assert torch.equal(late.token_ks(step, 1, ids), plain.token_ks(step, 1, ids))
+    for step in (45, 59):
+        ks = late.token_ks(step, 1, ids)
+        counts = {k: int((ks == k).sum()) for k in (4, 8)}
+        assert set(ks.tolist()) == {4, 8} and chi_square_ok(counts, (4, 8), (0.5, 0.5), len(ids))
+        # The scalar path agrees with the vectorised one.
+        assert [late.k(step, 0, 1, t) for t in range(64)] == ks[:64].tolist()
+    assert late.marginal_probs() == pytest.approx((0.75 * 0.25, 0.75 * 0.25, 0.75 * 0.25 + 0.125, 0.75 * 0.25 + 0.125))
+    assert late.fingerprint() != plain.fingerprint()
+    other = KSchedule(strategy="token", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, train_iters=60,
+                      late_steps=15, late_probs=(0.1, 0.1, 0.4, 0.4))
+    assert other.fingerprint() != late.fingerprint()
+    layerwise = KSchedule(strategy="layerwise", ks=(1, 2, 4, 8), probs=(0.25,) * 4, seed=3, train_iters=60,
+                          late_steps=15, late_probs=(0.0, 0.0, 0.0, 1.0))
+    assert {layerwise.k(step, 0, layer) for step in range(45, 60) for layer in range(4)} == {8}
+    with pytest.raises(ValueError, match="do not fit"):
+        KSchedule(strategy="token", ks=(1, 2), probs=(0.5, 0.5), seed=3, train_iters=10, shrink_steps=6,
+                  late_steps=6, late_probs=(0.5, 0.5))
+
+
+def test_a_late_phase_from_the_config_covers_its_fraction_of_the_run():
+    from mmoe_megatron.config import MatryoshkaConfig
+
+    mat = MatryoshkaConfig(ks=[1, 2, 4, 8], late_fraction=0.25, late_probs=[0.1, 0.1, 0.4, 0.4], widths=[1.0])
+    mat.check("m")
+    s = KSchedule.from_config(mat, seed=3, global_batch_size=8, train_iters=2000)
+    assert (s.late_steps, s.late_probs) == (500, (0.1, 0.1, 0.4, 0.4))
+    assert s.marginal_probs() == pytest.approx((0.2125, 0.2125, 0.2875, 0.2875))

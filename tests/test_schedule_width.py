@@ -111,3 +111,16 @@ def test_grid_probabilities_give_the_expected_compute(pairing, expected_mean):
     k, w = schedules(strategy="token", sandwich=0.5, width_pairing=pairing)
     probs = grid_probs(k, w)
     assert probs[(1, 0.25)] >= 0.25 and probs[(4, 1.0)] >= 0.25
+
+
+def test_grid_probabilities_count_the_late_phase():
+    """Independent widths under a late phase: P(k, w) is the run's P(k) (3/4 uniform, 1/4 only k = 4)
+    times the uniform P(w)."""
+    cfg = MatryoshkaConfig(widths=WIDTHS, strategy="token", late_fraction=0.25, late_probs=[0.0, 0.0, 0.0, 1.0])
+    cfg.check("m")
+    cfg.check_widths("m")
+    k = KSchedule.from_config(cfg, 7, 8, train_iters=100)
+    probs = grid_probs(k, WidthSchedule.from_config(cfg, 7, 8))
+    assert probs[(1, 0.25)] == pytest.approx(0.75 * 0.25 * 0.25)
+    assert probs[(4, 1.0)] == pytest.approx((0.75 * 0.25 + 0.25) * 0.25)
+    assert sum(probs.values()) == pytest.approx(1.0)

@@ -257,6 +257,10 @@ def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     temps = gate_temperatures(cfg, sd)
     assert temps.keys() == {"1", "2", "4"}
     assert temps["2"] == pytest.approx([0.8, 0.5]) and temps["4"] == pytest.approx([0.4, 0.25])
+    # A model trained with a floor reports (and exports) the temperatures its routers applied.
+    floored = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4],
+                             "matryoshka.gate_temperature": "learned", "matryoshka.gate_temperature_floor": 0.3})
+    assert gate_temperatures(floored, sd)["4"] == pytest.approx([0.4, 0.3])
     plain = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4], "matryoshka.gate_temperature": "none"})
     assert gate_temperatures(plain, {"decoder.layers.0.mlp.router.weight": torch.zeros(4, 8)}) == {}
     with pytest.raises(ExportError, match="decoder.layers.1.mlp.router.log_temperature"):

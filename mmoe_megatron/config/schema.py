@@ -179,6 +179,16 @@ class MatryoshkaConfig:
     introduced from the largest down in len(ks) - 1 equal stages (first only k_max, then also the
     next smaller k, ...), every k afterwards; the widest routing is learned before narrower ones
     share it. 0 = every k from the start."""
+    late_fraction: float = field(0.0, ge=0, lt=1)
+    """A late phase: during this last fraction of training the ks are drawn with `late_probs`
+    instead of the distribution (the sample plan unchanged), e.g. towards the wide routings while
+    the learning rate decays, after the narrow ones have shaped the experts. 0 = none."""
+    late_probs: Optional[list[float]] = field(None, ge=0)
+    """With late_fraction: one probability per entry of ks, summing to 1."""
+    gate_temperature_floor: float = field(0.0, ge=0, lt=1)
+    """With learned gate temperatures: the lowest temperature a layer may apply at any k (the
+    learned log-temperature is clamped from below, in training, evaluation and export), so the
+    combine weights of the wide routings cannot sharpen onto a few experts. 0 = no floor."""
     distill_coeff: float = field(0.0, ge=0, lt=1)
     """Self-distillation from the widest routing: a teacher forward of the same weights at k_max
     in every MoE layer (no gradient, eval mode) precedes each micro-batch, and the training loss
@@ -253,13 +263,24 @@ class MatryoshkaConfig:
             raise ConfigError(
                 f"{path}.coupled", f"sandwich ({self.sandwich}) + coupled ({self.coupled}) exceed 1"
             )
-        for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction"):
+        for name in ("sandwich", "coupled", "distill_coeff", "shrink_fraction", "late_fraction"):
             if getattr(self, name) > 0 and not self.elastic:
                 raise ConfigError(
                     f"{path}.{name}",
                     "only for an elastic model (method matryoshka, more than one k, strategy not "
                     "fixed); set it to 0",
                 )
+        if self.late_fraction > 0:
+            if self.late_probs is None or len(self.late_probs) != len(self.ks) or abs(sum(self.late_probs) - 1.0) > 1e-6:
+                raise ConfigError(f"{path}.late_probs",
+                                  f"late_fraction needs one probability per k in {self.ks}, summing to 1; "
+                                  f"got {self.late_probs}")
+            if self.shrink_fraction + self.late_fraction > 1:
+                raise ConfigError(f"{path}.late_fraction",
+                                  f"shrink_fraction ({self.shrink_fraction}) and late_fraction "
+                                  f"({self.late_fraction}) together exceed the run")
+        elif self.late_probs is not None:
+            raise ConfigError(f"{path}.late_probs", "only used with late_fraction > 0; remove it")
         if self.expert_grad_ks is not None:
             if self.expert_grad != "added":
                 raise ConfigError(f"{path}.expert_grad_ks", "only used with expert_grad: added; remove it")
@@ -285,6 +306,10 @@ class MatryoshkaConfig:
                 "a temperature per k needs an elastic model (method matryoshka, more than one k, "
                 "strategy not fixed) with normalization topk_softmax; set it to none",
             )
+        if self.gate_temperature_floor > 0 and self.gate_temperature == "none":
+            raise ConfigError(f"{path}.gate_temperature_floor",
+                              "a floor bounds learned gate temperatures; set gate_temperature: learned "
+                              "(or auto, for an elastic model) or remove the floor")
         if self.normalization == "nested" and self.method != "matryoshka":
             raise ConfigError(
                 f"{path}.normalization",
@@ -328,6 +353,10 @@ class MatryoshkaConfig:
             raise ConfigError(f"{path}.shrink_fraction",
                               "progressive shrinking stages the ks only, not the widths; set it to 0 "
                               "with more than one width")
+        if self.width_pairing == "joint" and self.late_fraction > 0:
+            raise ConfigError(f"{path}.late_fraction",
+                              "joint pairing sets the width from the k draw's quantile, which a late "
+                              "phase changes; use width_pairing: independent with a late phase")
         if self.width_pairing == "joint" and (self.width_strategy is not None or self.strategy == "fixed"):
             raise ConfigError(
                 f"{path}.width_pairing",

@@ -66,7 +66,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from mmoe_megatron.config import ExperimentConfig
-from mmoe_megatron.serving.layer_ks import TEMPERATURE_KEY, log_temperature_at
+from mmoe_megatron.serving.layer_ks import TEMPERATURE_KEY, floored_log_temperatures, log_temperature_at
 
 KSpec = Union[int, Sequence[int]]
 MATRYOSHKA_KEY = "matryoshka"
@@ -384,7 +384,9 @@ def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.T
         if name not in global_sd:
             raise ExportError(f"the config says matryoshka.gate_temperature=learned but the checkpoint has no {name}; "
                               "were the config and the weights saved together?")
-        out.append([float(x) for x in global_sd[name].float()])
+        # What the router applies: clamped at the floor, if the model was trained with one.
+        out.append([float(x) for x in floored_log_temperatures(global_sd[name].float(),
+                                                               cfg.matryoshka.gate_temperature_floor)])
     return out
 
 

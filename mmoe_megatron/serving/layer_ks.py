@@ -112,6 +112,12 @@ def log_k_weights(ks: Sequence[int], k: int) -> list[tuple[int, float]]:
     return [(lo, 1.0 - frac), (hi, frac)]
 
 
+def floored_log_temperatures(log_t, floor: float):
+    """Log-temperatures (a tensor) clamped from below at log(floor), as a router trained with
+    `matryoshka.gate_temperature_floor` applies them; unchanged without a floor (0)."""
+    return log_t.clamp(min=math.log(floor)) if floor > 0 else log_t
+
+
 def log_temperature_at(ks: Sequence[int], log_temperatures: Sequence[float], k: int) -> float:
     return sum(w * float(log_temperatures[i]) for i, w in log_k_weights(ks, k))
 
