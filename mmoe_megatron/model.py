@@ -59,7 +59,8 @@ def router_builder(cfg: ExperimentConfig):
     return functools.partial(MatryoshkaRouter, k1_router_grad=mat.k1_router_grad,
                              temperature_ks=temperature_ks, added_grad_ks=mat.added_grad_ks,
                              nested=mat.normalization == "nested",
-                             temperature_floor=mat.gate_temperature_floor)
+                             temperature_floor=mat.gate_temperature_floor,
+                             gain_ks=mat.ks if mat.gate_gain == "learned" else None)
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
@@ -214,8 +215,8 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases and for the routers' log-temperatures and log block gates (temperature
-    and gates 1). Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's
+    weights, zeros for biases and for the routers' log-temperatures, log-gains and log block gates
+    (temperatures, gains and gates 1). Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's
     linears share the local spec's names, so every layer spec of a config starts from the same
     weights too.
     """
@@ -226,7 +227,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
     ep_rank = ps.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
         if param.dim() == 1:
-            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_block_gate")) else 1.0)
+            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_gain", "log_block_gate")) else 1.0)
             continue
         if is_expert_param(name):
             num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()

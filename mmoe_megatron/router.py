@@ -61,6 +61,11 @@ class MatryoshkaRouter(TopKRouter):
     log-temperatures are clamped from below at log(floor) (`floored_log_temperatures`), so no k's
     combine sharpens past it; an entry that reaches the floor gets no gradient and stays there.
 
+    With `gain_ks` (the trained ks), the layer learns a log-gain per trained k, `log_gain` [K],
+    and multiplies a token's combine weights by its k's gain (interpolated as the temperature),
+    so at k they sum to the gain: the layer's output can keep its size at a wide k without the
+    weights sharpening onto a few experts (topk_softmax only).
+
     With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
     experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
     (`slimmable.py`) use the magnitude and give those rows' outputs no gradient, so a token trains
@@ -71,7 +76,8 @@ class MatryoshkaRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
-                 nested: bool = False, temperature_floor: float = 0.0, **router_kwargs):
+                 nested: bool = False, temperature_floor: float = 0.0,
+                 gain_ks: Optional[Sequence[int]] = None, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -91,12 +97,23 @@ class MatryoshkaRouter(TopKRouter):
             raise ValueError(f"k1_router_grad must be straight_through or none, not {k1_router_grad!r}")
         self.k1_router_grad = k1_router_grad
         self.temperature_ks = tuple(temperature_ks) if temperature_ks else None
-        if self.temperature_ks is not None:
+        self.gain_ks = tuple(gain_ks) if gain_ks else None
+        per_k = self.temperature_ks or self.gain_ks
+        if self.temperature_ks and self.gain_ks and self.temperature_ks != self.gain_ks:
+            raise ValueError(f"temperatures and gains are learned at the trained ks: {self.temperature_ks} "
+                             f"against {self.gain_ks}")
+        if per_k is not None:
             if config.moe_router_pre_softmax:
-                raise ValueError("a temperature per k divides the selected logits: use topk_softmax")
-            weights_KE = temperature_weights(self.temperature_ks, self.num_experts)
+                raise ValueError("a temperature or gain per k weights the selected logits' softmax: use topk_softmax")
+            weights_KE = temperature_weights(per_k, self.num_experts)
             # Row k (0..E) of the interpolation matrix, [E + 1, K]; row 0 is unused.
             self.register_buffer("temperature_weights_EK", weights_KE.t().contiguous(), persistent=False)
+        if self.gain_ks is not None:
+            if nested:
+                raise ValueError("the nested combine learns its own gates per block of ranks: not with a gain per k")
+            self.log_gain = torch.nn.Parameter(torch.zeros(len(self.gain_ks), dtype=config.params_dtype))
+            setattr(self.log_gain, "sequence_parallel", config.sequence_parallel)
+        if self.temperature_ks is not None:
             self.log_temperature = torch.nn.Parameter(
                 torch.zeros(len(self.temperature_ks), dtype=config.params_dtype)
             )
@@ -218,6 +235,8 @@ class MatryoshkaRouter(TopKRouter):
             # Under the nested combine a k = 1 weight depends on the router already.
             if self.k1_router_grad == "straight_through" and self.training and not self.nested:
                 probs_TW = self._straight_through_k1(probs_TW, active_TW, scores_TE, ids_TW)
+            if self.gain_ks is not None:
+                probs_TW = (probs_TW * self._per_k(self.log_gain, budget, probs_TW.device)).type_as(logits_TE)
 
         probs_TE = torch.zeros_like(logits_TE).scatter(1, ids_TW, probs_TW)
         routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, ids_TW, active_TW)
@@ -254,10 +273,21 @@ class MatryoshkaRouter(TopKRouter):
     def _inverse_temperature(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
         """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
         log_t_K = floored_log_temperatures(self.log_temperature.float().to(device), self.temperature_floor)
+        return self._per_k(-log_t_K, budget, device)
+
+    def _per_k(self, log_K: torch.Tensor, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
+        """exp of a per-trained-k log-quantity at k, interpolated in log k: a 0-d tensor for a scalar
+        k, [T, 1] per token."""
         # fp32 whatever the model's dtype (a bf16 model's buffers are cast with it).
         weights_EK = self.temperature_weights_EK.to(device=device, dtype=torch.float32)
-        inverse = torch.exp(-(weights_EK[budget] @ log_t_K))
-        return inverse if isinstance(budget, int) else inverse.unsqueeze(1)
+        value = torch.exp(weights_EK[budget] @ log_K.float().to(device))
+        return value if isinstance(budget, int) else value.unsqueeze(1)
+
+    def gain(self, k: int) -> float:
+        """The gain this layer's combine weights sum to at k (1.0 without learned gains)."""
+        if self.gain_ks is None:
+            return 1.0
+        return float(self._per_k(self.log_gain, k, self.log_gain.device).detach())
 
     def temperature(self, k: int) -> float:
         """The temperature this layer applies at k (1.0 without learned temperatures)."""

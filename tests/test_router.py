@@ -22,6 +22,7 @@ def make_router(single_process_mcore, **overrides):
         temperature_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_temperature == "learned" else None,
         nested=cfg.matryoshka.normalization == "nested",
         temperature_floor=cfg.matryoshka.gate_temperature_floor,
+        gain_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_gain == "learned" else None,
     )
     return router
 
@@ -301,6 +302,55 @@ def test_a_model_with_learned_temperatures_starts_as_the_model_without(single_pr
             set_topk(plain, k)
             set_topk(tempered, k)
             assert forward_loss(tempered, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+
+
+def test_a_learned_gain_scales_the_combine_weights_of_each_k(single_process_mcore):
+    """Gains 1, 2, 4 at ks 1, 2, 4: the weights are the plain router's times the gain of the token's
+    k (interpolated in log k at k = 3), the experts chosen unchanged; per-token ks take their own."""
+    ks = {"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0}
+    plain = make_router(single_process_mcore, **ks)
+    gained = make_router(single_process_mcore, **ks, **{"matryoshka.gate_gain": "learned"})
+    x = hidden()
+    for k in (1, 2, 4):  # at gain 1 (the initial value) the routing is the plain router's
+        plain.set_k(k), gained.set_k(k)
+        assert torch.equal(plain(x)[0], gained(x)[0])
+    with torch.no_grad():
+        gained.log_gain.copy_(torch.log(torch.tensor([1.0, 2.0, 4.0])))
+    for k, g in ((1, 1.0), (2, 2.0), (4, 4.0), (3, 2.0 ** 0.41504 * 4.0 ** 0.58496)):
+        plain.set_k(k), gained.set_k(k)
+        (probs_TE, map_TE), (expected_TE, expected_map_TE) = gained(x), plain(x)
+        assert gained.gain(k) == pytest.approx(g, rel=1e-5)
+        assert torch.equal(map_TE, expected_map_TE)
+        assert torch.allclose(probs_TE, g * expected_TE, atol=1e-6)
+        assert torch.allclose(probs_TE.sum(dim=1), torch.full((probs_TE.shape[0],), g), atol=1e-5)
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
+    gained.set_token_ks(ks_SB, width=4)
+    per_token_TE, _ = gained(x)
+    for k in (1, 2, 3, 4):
+        gained.set_k(k)
+        rows_T = ks_SB.reshape(-1) == k
+        assert torch.allclose(per_token_TE[rows_T], gained(x)[0][rows_T], atol=1e-6)
+    # Training: every k's gain learns from the tokens at that k (k = 1 too: its weight is the gain).
+    gained.train()
+    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
+        gained.log_gain.grad = None
+        gained.set_k(k)
+        (gained(x)[0] * torch.arange(1.0, E + 1)).sum().backward()
+        assert [bool(g != 0) for g in gained.log_gain.grad] == moved, (k, gained.log_gain.grad)
+
+
+def test_a_model_with_learned_gains_starts_as_the_model_without(single_process_mcore):
+    from mmoe_megatron.model import build_model, set_topk
+
+    plain = build_model(tiny_config(), VOCAB)
+    gained = build_model(tiny_config(**{"matryoshka.gate_gain": "learned"}), VOCAB)
+    assert len([n for n, _ in gained.named_parameters() if n.endswith("router.log_gain")]) == 4
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), gained.eval()
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            set_topk(plain, k), set_topk(gained, k)
+            assert forward_loss(gained, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
 
 
 # --- the nested combine ---------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
 def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     from mmoe_megatron.evaluation.compare import comparison, markdown
     from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
-    from mmoe_megatron.export.qwen3_moe import ExportError, gate_temperatures
+    from mmoe_megatron.export.qwen3_moe import ExportError, gate_gains, gate_temperatures
 
     # MoE layers 0 and 1 of two (given in reverse order), trained ks 1, 2, 4.
     cfg = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4],
@@ -257,6 +257,16 @@ def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     temps = gate_temperatures(cfg, sd)
     assert temps.keys() == {"1", "2", "4"}
     assert temps["2"] == pytest.approx([0.8, 0.5]) and temps["4"] == pytest.approx([0.4, 0.25])
+    gained = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4], "matryoshka.gate_gain": "learned"})
+    gains = {"decoder.layers.0.mlp.router.log_gain": torch.log(torch.tensor([1.0, 1.5, 2.0])),
+             "decoder.layers.1.mlp.router.log_gain": torch.log(torch.tensor([1.0, 1.2, 3.0]))}
+    by_k = gate_gains(gained, gains)
+    assert by_k.keys() == {"1", "2", "4"}
+    assert by_k["1"] == pytest.approx([1.0, 1.0]) and by_k["2"] == pytest.approx([1.5, 1.2])
+    assert by_k["4"] == pytest.approx([2.0, 3.0])
+    assert gate_gains(cfg, sd) == {}
+    with pytest.raises(ExportError, match="decoder.layers.1.mlp.router.log_gain"):
+        gate_gains(gained, {k: v for k, v in gains.items() if ".1." not in k})
     # A model trained with a floor reports (and exports) the temperatures its routers applied.
     floored = tiny_config(**{"model.num_layers": 2, "matryoshka.ks": [1, 2, 4],
                              "matryoshka.gate_temperature": "learned", "matryoshka.gate_temperature_floor": 0.3})

@@ -150,6 +150,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "per block of ranks, so the model cannot be written without changing its outputs; export a "
             "model trained with topk_softmax or softmax_topk"
         )
+    if cfg.matryoshka.gate_gain == "learned":
+        raise ExportError(
+            "matryoshka.gate_gain=learned: Qwen3-MoE's combine weights sum to 1 (norm_topk_prob), and a "
+            "gain per k that scales them is not written by this export yet; export a model trained with "
+            "gate_gain: none"
+        )
     if not m.qk_layernorm:
         raise ExportError(
             "model.qk_layernorm=false: Qwen3-MoE always applies q_norm/k_norm (RMSNorm over head_dim), and "
@@ -397,6 +403,20 @@ def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tenso
     if not log_temperatures:
         return {}
     return {str(k): [math.exp(layer[i]) for layer in log_temperatures] for i, k in enumerate(cfg.matryoshka.ks)}
+
+
+def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """k -> each MoE layer's learned gain at that trained k (`matryoshka.gate_gain`), in layer
+    order; empty for a model trained without them."""
+    if cfg.matryoshka.gate_gain != "learned":
+        return {}
+    names = [f"decoder.layers.{n}.mlp.router.log_gain" for n in dims_from_config(cfg).moe_layers]
+    missing = [name for name in names if name not in global_sd]
+    if missing:
+        raise ExportError(f"the config says matryoshka.gate_gain=learned but the checkpoint has no {missing[0]}; "
+                          "were the config and the weights saved together?")
+    return {str(k): [math.exp(float(global_sd[name][i])) for name in names]
+            for i, k in enumerate(cfg.matryoshka.ks)}
 
 
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
