@@ -13,9 +13,13 @@ ranked r (`h = k // 2`, the experts k adds to the routing at k // 2 are those ra
 - added norm: |sum_{r > h} w_r f_r| / |sum_r w_r f_r|, how much of the layer's output they make;
 - alignment: cosine between the prefix's part sum_{r <= h} w_r f_r and the added part (near 1: the
   added experts push where the prefix already pushes; near 0: another direction; negative: back);
-- expert similarity: mean cosine between the k chosen experts' unweighted outputs, over pairs.
+- expert similarity: mean cosine between the k chosen experts' unweighted outputs, over pairs;
+- output norm: |sum_r w_r f_r|, the size of what the layer's experts add to the residual stream (at
+  every k, k = 1 too: the weighted mean of many experts is smaller than one expert's output unless
+  the weights sharpen or sum to more than 1).
 
-Means over tokens and MoE layers. k = 1 has no added experts and one expert (rows left empty).
+Means over tokens and MoE layers. k = 1 has no added experts and one expert (rows left empty but
+the output norm).
 
     python -m bench.expert_contributions --suite bench/suites/elasticity_ladder2x_cpu.yaml [--root DIR]
 
@@ -33,7 +37,7 @@ import torch
 from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 METRICS = {"effective": "effective experts", "added_weight": "added weight", "added_norm": "added norm",
-           "alignment": "alignment", "similarity": "expert similarity"}
+           "alignment": "alignment", "similarity": "expert similarity", "output_norm": "output norm"}
 
 
 def token_stats(w_TK: torch.Tensor, f_TKH: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,11 +47,11 @@ def token_stats(w_TK: torch.Tensor, f_TKH: torch.Tensor) -> dict[str, torch.Tens
     k = w_TK.shape[1]
     p_TK = w_TK / w_TK.sum(dim=1, keepdim=True)
     entropy_T = -(p_TK * p_TK.clamp(min=1e-300).log()).sum(dim=1)
-    out = {"effective": entropy_T.exp()}
+    part_TKH = w_TK.unsqueeze(-1) * f_TKH
+    out = {"effective": entropy_T.exp(), "output_norm": part_TKH.sum(dim=1).norm(dim=1)}
     if k == 1:
         return out
     half = k // 2
-    part_TKH = w_TK.unsqueeze(-1) * f_TKH
     prefix_TH, added_TH = part_TKH[:, :half].sum(dim=1), part_TKH[:, half:].sum(dim=1)
     out["added_weight"] = p_TK[:, half:].sum(dim=1)
     out["added_norm"] = added_TH.norm(dim=1) / (prefix_TH + added_TH).norm(dim=1).clamp(min=1e-300)
@@ -199,7 +203,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
     lines = [f"Per token, with the combine weights in rank order: effective experts exp(entropy); the share of "
              "the weight, and of the layer's output norm, of the experts ranked k // 2 + 1 ... k (those k adds "
              "to k // 2); the cosine between their part of the output and the prefix's (alignment); the mean "
-             "cosine between the chosen experts' unweighted outputs (expert similarity). Means over the "
+             "cosine between the chosen experts' unweighted outputs (expert similarity); the norm of the "
+             "layer's weighted expert output (output norm). Means over the "
              f"suite's {records[0]['num_samples']} evaluation samples per domain and over MoE layers; cells "
              "mean ± std over seeds."]
     summary = {}

@@ -23,6 +23,7 @@ def test_token_stats_by_hand():
     assert stats["added_norm"].tolist() == pytest.approx([0.25 / math.hypot(0.75, 0.25), 0.4])
     assert stats["alignment"].tolist() == pytest.approx([0.0, 1.0])
     assert stats["similarity"].tolist() == pytest.approx([0.0, 1.0])
+    assert stats["output_norm"].tolist() == pytest.approx([math.hypot(0.75, 0.25), 2.0])
 
 
 def test_token_stats_four_experts_and_one():
@@ -37,7 +38,11 @@ def test_token_stats_four_experts_and_one():
     # Pairs: (1,2) 1, (1,3) -1, (1,4) 0, (2,3) -1, (2,4) 0, (3,4) 0 -> mean -1/6.
     assert stats["similarity"].item() == pytest.approx(-1 / 6)
     one = ec.token_stats(torch.tensor([[1.0]]), torch.tensor([[[3.0, 4.0]]]))
-    assert set(one) == {"effective"} and one["effective"].item() == pytest.approx(1.0)
+    assert set(one) == {"effective", "output_norm"} and one["effective"].item() == pytest.approx(1.0)
+    assert one["output_norm"].item() == pytest.approx(5.0)
+    # Weights summing to 2 (a gain): the output is twice the weighted mean.
+    two = ec.token_stats(torch.tensor([[1.0, 1.0]]), torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    assert two["output_norm"].item() == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])

@@ -291,6 +291,15 @@ def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     assert (k4["lowest"], k4["highest"]) == (pytest.approx(0.25), pytest.approx(0.4))
     assert "| temperature | 2 | 1.000 ± 0.000 (1.00-1.00) | 0.650 ± 0.000 (0.50-0.80) | 0.325 ± 0.000 (0.25-0.40) |" \
         in markdown(data)
+    assert data["gains"] == {} and "Learned gate gains" not in markdown(data)
+    # Gains are summarised the same way, in their own table (seed layer means 1.75 and 2.25 at k = 4).
+    records[2]["learned_gains"] = by_k
+    records[3]["learned_gains"] = {"1": [1.0, 1.0], "2": [1.0, 1.0], "4": [2.0, 2.5]}
+    data = comparison(spec, records)
+    assert list(data["gains"]) == ["temperature"]
+    assert data["gains"]["temperature"]["4"]["mean"] == pytest.approx(2.375)
+    assert "| temperature | 2 | 1.000 ± 0.000 (1.00-1.00) | 1.175 ± 0.247 (1.00-1.50) | 2.375 ± 0.177 (2.00-3.00) |" \
+        in markdown(data).split("Learned gate gains")[1]
 
 
 def test_equal_compute_member_trains_for_the_reference_flops(tmp_path):

@@ -142,7 +142,8 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
             "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
                                  for d, s in spread.items()},
             "seeds": list(spec.seeds), "runs": len(records), "variants": variants,
-            "temperatures": _temperatures(members, by_member),
+            "temperatures": _per_k_values(members, by_member, "learned_temperatures"),
+            "gains": _per_k_values(members, by_member, "learned_gains"),
             "provenance": [{"code_version": v, "cpu": c, "runs": n} for (v, c), n in provenance.items()]}
 
 
@@ -152,12 +153,13 @@ def machine_label(launch: dict) -> Optional[str]:
     return f"{cpu} ({capability})" if capability else cpu
 
 
-def _temperatures(members, by_member) -> dict:
-    """member -> k -> mean over seeds of the layers' mean learned temperature, its std over seeds,
-    and the lowest and highest layer over seeds (members with learned temperatures only)."""
+def _per_k_values(members, by_member, key: str) -> dict:
+    """member -> k -> mean over seeds of the layers' mean learned value per k (`key`: the records'
+    learned_temperatures or learned_gains), its std over seeds, and the lowest and highest layer
+    over seeds (members that learned them only)."""
     out = {}
     for m in members:
-        runs = [r["learned_temperatures"] for r in by_member[m.name] if r.get("learned_temperatures")]
+        runs = [r[key] for r in by_member[m.name] if r.get(key)]
         if runs:
             out[m.name] = {k: {**_stats([statistics.fmean(t[k]) for t in runs]), "seeds": len(runs),
                                "lowest": min(min(t[k]) for t in runs), "highest": max(max(t[k]) for t in runs)}
@@ -283,14 +285,20 @@ def markdown(data: dict, level: int = 2) -> str:
                     verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
                 lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
         lines.append("")
-    if data.get("temperatures"):
-        ks = sorted({k for t in data["temperatures"].values() for k in t}, key=int)
-        lines += [f"{h2} Learned gate temperatures", "",
-                  "Temperature of the combine weights at each trained k (below 1: sharper than the "
-                  "router's softmax), mean over MoE layers and seeds; in brackets, the lowest and highest "
-                  "layer. k = 1 has one weight and no gradient: it stays at 1.", "",
+    for key, title, text in (
+            ("temperatures", "Learned gate temperatures",
+             "Temperature of the combine weights at each trained k (below 1: sharper than the router's "
+             "softmax), mean over MoE layers and seeds; in brackets, the lowest and highest layer. k = 1 "
+             "has one weight and no gradient: it stays at 1."),
+            ("gains", "Learned gate gains",
+             "Gain the combine weights sum to at each trained k (`matryoshka.gate_gain`), mean over MoE "
+             "layers and seeds; in brackets, the lowest and highest layer.")):
+        if not data.get(key):
+            continue
+        ks = sorted({k for t in data[key].values() for k in t}, key=int)
+        lines += [f"{h2} {title}", "", text, "",
                   "| model | seeds | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---:|" + "---:|" * len(ks)]
-        for name, per_k in data["temperatures"].items():
+        for name, per_k in data[key].items():
             cells = []
             for k in ks:
                 e = per_k.get(k)
