@@ -46,6 +46,21 @@ def logged_steps(run_dir) -> dict[int, tuple]:
     return {step: (r["loss"], r["grad_norm"], r["lr"]) for step, r in read_metrics(str(run_dir))["train"].items()}
 
 
+def set_gate_log_gains(model) -> list[list[float]]:
+    """Give every MoE layer's learned gains (one per trained k) distinct values away from 1 (about
+    0.7 to 2.2, rising with k), so that folding them into the experts, or forgetting to rescale them
+    for another k, changes the logits visibly. Returns them in layer order."""
+    values = []
+    with torch.no_grad():
+        params = [p for n, p in model.named_parameters() if n.endswith("router.log_gain")]
+        assert params, "the model has no learned gains"
+        for layer, param in enumerate(params):
+            log_g = torch.linspace(-0.3, 0.6, param.numel()) * (1.0 + 0.2 * layer)
+            param.copy_(log_g.to(param.dtype))
+            values.append([float(x) for x in param.float()])
+    return values
+
+
 def set_gate_log_temperatures(model) -> list[list[float]]:
     """Give every MoE layer's learned gate temperatures (one per trained k) distinct values far
     from 1 (T from about 0.5 to 2), as a long training run might, so that folding them into the

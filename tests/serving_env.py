@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, set_gate_log_temperatures, tiny_config
+from tests.helpers import ROOT, set_gate_log_gains, set_gate_log_temperatures, tiny_config
 
 SERVING_VENV = os.environ.get("MMOE_SERVING_VENV", os.path.join(ROOT, ".venv-serving"))
 SETUP_LOG = os.path.join(ROOT, ".cache", "serving-setup.log")
@@ -81,7 +81,8 @@ def _train_config(run_dir: str, tokenizer: str, prefix: str):
         "moe.layer_freq": PATTERN, "parallel.expert": 2,
         "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.train_iters": 20,
         "train.eval_interval": 0, "train.log_interval": 10, "optimizer.warmup_iters": 3,
-        "matryoshka.eval_ks": [4], "matryoshka.gate_temperature": "learned", "checkpoint.save_interval": 0,
+        "matryoshka.eval_ks": [4], "matryoshka.gate_temperature": "learned", "matryoshka.gate_gain": "learned",
+        "checkpoint.save_interval": 0,
         "logging.dir": run_dir, "logging.tensorboard": False,
     })
 
@@ -95,15 +96,16 @@ def _train(rank, world_size, run_dir, tokenizer, prefix):
     trainer = Trainer(cfg)
     result = trainer.fit()
     set_gate_log_temperatures(trainer.engine.module)
+    set_gate_log_gains(trainer.engine.module)
     trainer.save()
     return result
 
 
 def export_ep2_model(tmp_dir: str, tokenizer: str, prefix: str) -> str:
     """Train the tiny model (2 heads of 32, 8 experts, k drawn from 1..4, a learned gate temperature
-    per k) with expert parallelism 2 on two gloo processes for 20 steps, set its temperatures far
-    from 1 (`set_gate_log_temperatures`), and export it at k=2 with one per-layer budget: every
-    other k then needs its gates rescaled."""
+    and gain per k) with expert parallelism 2 on two gloo processes for 20 steps, set its
+    temperatures and gains far from 1 (`set_gate_log_temperatures`, `set_gate_log_gains`), and export
+    it at k=2 with one per-layer budget: every other k then needs its gates and experts rescaled."""
     from tests.dist import run_distributed
     from tools import export_hf
 

@@ -15,6 +15,7 @@ imported weights must give back the original file bit for bit.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -22,7 +23,7 @@ import torch
 
 from tests.data_fixtures import small_tokenizer  # noqa: F401
 from tests.dist import run_distributed
-from tests.helpers import causal_mask, set_gate_log_temperatures, tiny_config
+from tests.helpers import causal_mask, set_gate_log_gains, set_gate_log_temperatures, tiny_config
 
 VOCAB = 520  # padded by make_vocab_size_divisible_by=64 to 576 rows
 PADDED = 576
@@ -47,6 +48,7 @@ def _train_config(run_dir: str):
         "train.train_iters": 3, "train.eval_interval": 0, "train.eval_iters": 1, "train.log_interval": 1,
         "optimizer.warmup_iters": 1, "matryoshka.eval_ks": [4], "parallel.expert": 2,
         "matryoshka.widths": [0.25, 0.5, 1.0], "matryoshka.gate_temperature": "learned",
+        "matryoshka.gate_gain": "learned",
         "logging.dir": run_dir, "logging.tensorboard": False,
     })
 
@@ -67,7 +69,8 @@ def _train_ep2_and_reference(rank, world_size, run_dir, tokens, prompt):
     trainer = Trainer(cfg)
     trainer.fit()
     model = trainer.engine.module
-    out = {"log_temperatures": set_gate_log_temperatures(model), "logits": []}
+    out = {"log_temperatures": set_gate_log_temperatures(model), "log_gains": set_gate_log_gains(model),
+           "logits": []}
     trainer.save()
     model.eval()
     with torch.no_grad():
@@ -215,6 +218,28 @@ def test_learned_temperatures_are_folded_at_the_export_k_and_rescaled_for_others
     # them by ~1e-2 (measured 9.6e-3), still 10 times the tolerance and 1e4 times the rounding.
     print(f"max |HF at k=4 with the export k's temperature - megatron at k=4| logits: {wrong:.2e}")
     assert wrong > 10 * TOL
+
+
+def test_learned_gains_are_folded_into_the_experts_and_rescaled_for_other_ks(exported):
+    """The experts' down projections hold the gain of the export's k (recorded with every layer's
+    gains); set_hf_topk rescales them with the gates (the logits above equal megatron's at every
+    k); undoing only the gain rescale at k = 4 leaves the logits visibly off."""
+    from mmoe_megatron.export import load_hf_model
+    from mmoe_megatron.serving.layer_ks import log_temperature_at
+
+    with open(os.path.join(exported["dir"], "config.json")) as f:
+        record = json.load(f)["matryoshka"]["gate_gains"]
+    assert record["trained_ks"] == [1, 2, 3, 4] and record["folded_ks"] == [SERVE_K] * 3
+    assert torch.allclose(torch.tensor(record["log_gains"]), torch.tensor(exported["ref"]["log_gains"]))
+    model = load_hf_model(exported["dir"], k=4, dtype=torch.float32).eval()
+    with torch.no_grad():
+        right = float((model(exported["tokens"]).logits - exported["ref"]["logits"][2]).abs().max())
+        for i, layer in zip((0, 2, 3), exported["ref"]["log_gains"]):  # PATTERN: layer 1 is dense
+            ratio = math.exp(log_temperature_at([1, 2, 3, 4], layer, 4) - log_temperature_at([1, 2, 3, 4], layer, SERVE_K))
+            model.model.layers[i].mlp.experts.down_proj.div_(ratio)
+        wrong = float((model(exported["tokens"]).logits - exported["ref"]["logits"][2]).abs().max())
+    print(f"max |HF - megatron| logits at k=4: {right:.2e}; with the export k's gain kept: {wrong:.2e}")
+    assert right < TOL and wrong > 10 * TOL
 
 
 def test_per_layer_budget_loads_by_name(exported):
@@ -403,7 +428,6 @@ def test_transformer_engine_names_round_trip(imported):
     ({"model.normalization": "LayerNorm"}, "model.normalization"),
     ({"model.qk_layernorm": False}, "model.qk_layernorm"),
     ({"matryoshka.normalization": "nested"}, "matryoshka.normalization=nested"),
-    ({"matryoshka.gate_gain": "learned"}, "matryoshka.gate_gain=learned"),
 ])
 def test_export_refuses_what_qwen3_moe_cannot_express(overrides, field):
     from mmoe_megatron.export import ExportError, hf_config_dict, to_hf_state_dict
@@ -427,6 +451,12 @@ def test_export_of_learned_temperatures_needs_one_k_and_the_temperatures(exporte
             to_hf_state_dict(cfg, weights, k=k)
     with pytest.raises(ExportError, match=r"gate_temperature=learned but no learned temperatures were given"):
         hf_config_dict(cfg, PADDED, k=2)
+    with pytest.raises(ExportError, match=r"gate_gain=learned but no learned gains were given"):
+        hf_config_dict(cfg, PADDED, k=2, log_temperatures=[[0.0] * 4] * 3)
+    gains = dict(weights)
+    del gains["decoder.layers.3.mlp.router.log_gain"]
+    with pytest.raises(ExportError, match=r"no decoder\.layers\.3\.mlp\.router\.log_gain"):
+        to_hf_state_dict(cfg, gains, k=2)
     del weights["decoder.layers.2.mlp.router.log_temperature"]
     with pytest.raises(ExportError, match=r"no decoder\.layers\.2\.mlp\.router\.log_temperature"):
         to_hf_state_dict(cfg, weights, k=2)

@@ -12,8 +12,8 @@ import pytest
 
 import math
 
-from mmoe_megatron.serving.layer_ks import (BUDGET_KEY, LAYER_KS_KEY, TEMPERATURE_KEY, ServingConfigError,
-                                            gate_scales, moe_layer_indices, serving_layer_ks)
+from mmoe_megatron.serving.layer_ks import (BUDGET_KEY, GAIN_KEY, LAYER_KS_KEY, TEMPERATURE_KEY, ServingConfigError,
+                                            down_scales, gate_scales, moe_layer_indices, serving_layer_ks)
 from tests.helpers import ROOT, tiny_config
 
 # A config.json as the exporter writes it: 4 layers, layer 1 dense, 8 experts, served at k = 2.
@@ -75,6 +75,20 @@ def test_gate_scales_refuse_a_record_of_another_model():
     short = {**TEMPERATURES, "log_temperatures": TEMPERATURES["log_temperatures"][:2]}
     with pytest.raises(ServingConfigError, match=r"2 layers' temperatures but the model has 3 MoE layers"):
         gate_scales({**CONFIG, "matryoshka": {TEMPERATURE_KEY: short}}, {0: 1})
+
+
+def test_down_scales_move_the_folded_gain_to_each_layers_k():
+    # Gains 1, 2, 4 at ks 1, 2, 4 in every layer, folded at k = 2: g(k) / g(2).
+    gains = {"trained_ks": [1, 2, 4], "folded_ks": [2, 2, 2], "log_gains": [[0.0, math.log(2), math.log(4)]] * 3}
+    config = {**CONFIG, "matryoshka": {TEMPERATURE_KEY: TEMPERATURES, GAIN_KEY: gains}}
+    scales = down_scales(config, {0: 1, 2: 4, 3: 3})
+    assert scales == pytest.approx({0: 0.5, 2: 2.0, 3: 2 ** 0.5849625}, rel=1e-6)
+    assert down_scales(config, {2: 2}, folded={2: 4})[2] == pytest.approx(0.5)
+    # The gates' temperatures and the experts' gains are rescaled apart.
+    assert gate_scales(config, {2: 4})[2] == pytest.approx(math.exp(-0.2))
+    assert down_scales({**CONFIG, "matryoshka": {TEMPERATURE_KEY: TEMPERATURES}}, {0: 1}) == {}
+    with pytest.raises(ServingConfigError, match=r"2 layers' gains but the model has 3 MoE layers"):
+        down_scales({**CONFIG, "matryoshka": {GAIN_KEY: {**gains, "log_gains": gains["log_gains"][:2]}}}, {0: 1})
 
 
 def test_importing_the_plugin_does_not_import_vllm():

@@ -191,8 +191,9 @@ class MatryoshkaConfig:
     layer's output as large at k = 8 as at k = 1 (the weighted mean of 8 experts is smaller than
     one expert's output) is to sharpen the combine onto a few experts, which is what learned
     temperatures do; the gain keeps the size and leaves the weights free. ks between trained ks
-    interpolate the log-gain in log k. Needs topk_softmax and an elastic model; not exportable to
-    Qwen3-MoE yet."""
+    interpolate the log-gain in log k. Needs topk_softmax and an elastic model. The export folds the
+    gain of its k into the experts' down projections and records the others (`load_hf_model` and
+    the vLLM plugin rescale for any k)."""
     gate_temperature_floor: float = field(0.0, ge=0, lt=1)
     """With learned gate temperatures: the lowest temperature a layer may apply at any k (the
     learned log-temperature is clamped from below, in training, evaluation and export), so the

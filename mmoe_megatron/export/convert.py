@@ -23,8 +23,8 @@ from mmoe_megatron.config import ExperimentConfig, config_from_dict, load_config
 from mmoe_megatron.config.base import to_dict
 from mmoe_megatron.export.engines import warn_serving_problems
 from mmoe_megatron.export.hf_files import read_hf_dir, save_hf_weights, write_hf_tokenizer, write_json
-from mmoe_megatron.export.qwen3_moe import (ExportError, check_exportable, dims_from_config, gate_log_temperatures,
-                                            hf_config_dict, to_hf_state_dict)
+from mmoe_megatron.export.qwen3_moe import (ExportError, check_exportable, dims_from_config, gate_log_gains,
+                                            gate_log_temperatures, hf_config_dict, to_hf_state_dict)
 from mmoe_megatron.export.qwen3_moe_import import experiment_sections, from_hf_state_dict
 
 
@@ -74,11 +74,12 @@ def export_to_hf(
                f"model.hidden_size / model.num_attention_heads = {m.hidden_size} / {m.num_attention_heads}")
     warn_serving_problems(dims_from_config(cfg).head_dim, setting)
     hf_sd = to_hf_state_dict(cfg, global_sd, width, k)
-    log_temperatures = gate_log_temperatures(cfg, global_sd)
+    log_temperatures, log_gains = gate_log_temperatures(cfg, global_sd), gate_log_gains(cfg, global_sd)
     vocab_rows = int(hf_sd["model.embed_tokens.weight"].shape[0])
     budgets = dict(layer_budgets or {})
     # validates k and the budgets
-    hf_config_dict(cfg, vocab_rows, k, budgets, dtype, width=width, log_temperatures=log_temperatures)
+    hf_config_dict(cfg, vocab_rows, k, budgets, dtype, width=width, log_temperatures=log_temperatures,
+                   log_gains=log_gains)
     os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
     special = {}
@@ -86,7 +87,7 @@ def export_to_hf(
         special = write_hf_tokenizer(tokenizer, out_dir, vocab_rows)
         written += ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
     config = hf_config_dict(cfg, vocab_rows, k, budgets, dtype, special, width=width,
-                            log_temperatures=log_temperatures)
+                            log_temperatures=log_temperatures, log_gains=log_gains)
     written += save_hf_weights(hf_sd, out_dir, dtype)
     write_json(os.path.join(out_dir, "config.json"), config)
     written.append("config.json")

@@ -66,7 +66,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from mmoe_megatron.config import ExperimentConfig
-from mmoe_megatron.serving.layer_ks import TEMPERATURE_KEY, floored_log_temperatures, log_temperature_at
+from mmoe_megatron.serving.layer_ks import GAIN_KEY, TEMPERATURE_KEY, floored_log_temperatures, log_temperature_at
 
 KSpec = Union[int, Sequence[int]]
 MATRYOSHKA_KEY = "matryoshka"
@@ -150,12 +150,6 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "per block of ranks, so the model cannot be written without changing its outputs; export a "
             "model trained with topk_softmax or softmax_topk"
         )
-    if cfg.matryoshka.gate_gain == "learned":
-        raise ExportError(
-            "matryoshka.gate_gain=learned: Qwen3-MoE's combine weights sum to 1 (norm_topk_prob), and a "
-            "gain per k that scales them is not written by this export yet; export a model trained with "
-            "gate_gain: none"
-        )
     if not m.qk_layernorm:
         raise ExportError(
             "model.qk_layernorm=false: Qwen3-MoE always applies q_norm/k_norm (RMSNorm over head_dim), and "
@@ -213,14 +207,15 @@ def hf_config_dict(
     cfg: ExperimentConfig, vocab_size: int, k: int, layer_budgets: Optional[Mapping[str, Sequence[int]]] = None,
     dtype: str = "float32", special_tokens: Optional[Mapping[str, Optional[int]]] = None, width: float = 1.0,
     log_temperatures: Optional[Sequence[Sequence[float]]] = None,
+    log_gains: Optional[Sequence[Sequence[float]]] = None,
 ) -> dict:
     """The Qwen3-MoE config.json for a megatron config, served at `k` experts per token with the
     experts at `width` of their FFN.
 
     `vocab_size` is the padded embedding size; `layer_budgets` (name -> one k per MoE layer,
     i.e. budgets.json), the training range and the learned gate temperatures (`log_temperatures`,
-    from `gate_log_temperatures`; folded at `k` by `to_hf_state_dict`) are recorded under the
-    `matryoshka` key.
+    from `gate_log_temperatures`; folded at `k` by `to_hf_state_dict`) and gains (`log_gains`,
+    from `gate_log_gains`, folded the same way) are recorded under the `matryoshka` key.
     """
     columns = check_serving_width(cfg, width)
     check_exportable(cfg)
@@ -273,12 +268,13 @@ def hf_config_dict(
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         out[name] = (special_tokens or {}).get(name)
     out[MATRYOSHKA_KEY] = matryoshka_record(cfg, k, budgets, columns / moe.expert_ffn_hidden_size,
-                                            log_temperatures)
+                                            log_temperatures, log_gains)
     return out
 
 
 def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[int]], width: float = 1.0,
-                      log_temperatures: Optional[Sequence[Sequence[float]]] = None) -> dict:
+                      log_temperatures: Optional[Sequence[Sequence[float]]] = None,
+                      log_gains: Optional[Sequence[Sequence[float]]] = None) -> dict:
     """How the model was trained to be elastic, and the per-layer budgets found for it."""
     mat = cfg.matryoshka
     num_moe = cfg.num_moe_layers
@@ -287,9 +283,16 @@ def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[
             f"matryoshka.gate_temperature={mat.gate_temperature} but "
             f"{'no' if log_temperatures is None else 'some'} learned temperatures were given; pass "
             "gate_log_temperatures(cfg, weights) of the checkpoint being exported")
+    if (mat.gate_gain == "learned") != (log_gains is not None):
+        raise ExportError(
+            f"matryoshka.gate_gain={mat.gate_gain} but {'no' if log_gains is None else 'some'} learned "
+            "gains were given; pass gate_log_gains(cfg, weights) of the checkpoint being exported")
     temperatures = {} if log_temperatures is None else {TEMPERATURE_KEY: {
         "trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
         "log_temperatures": [[float(x) for x in layer] for layer in log_temperatures]}}
+    if log_gains is not None:
+        temperatures[GAIN_KEY] = {"trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
+                                  "log_gains": [[float(x) for x in layer] for layer in log_gains]}
     widths = {} if not mat.elastic_width and width == 1.0 else {
         "trained_widths": list(mat.widths), "serving_width": width,
         "full_moe_intermediate_size": cfg.moe.expert_ffn_hidden_size}
@@ -306,10 +309,11 @@ def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[
         "layer_budgets": {name: list(v) for name, v in budgets.items()},
         "usage": ("any k in 1..num_experts: from_pretrained(path, num_experts_per_tok=k); per MoE layer: "
                   "set model.model.layers[i].mlp.gate.top_k (mmoe_megatron.export.load_hf_model)"
-                  if log_temperatures is None else
+                  if log_temperatures is None and log_gains is None else
                   "mmoe_megatron.export.load_hf_model(path, k) for any k or one k per MoE layer: it also "
-                  "rescales the gates by the learned temperatures (gate_temperatures); from_pretrained "
-                  "with another num_experts_per_tok keeps the temperature of serving_k"),
+                  "rescales the gates by the learned temperatures (gate_temperatures) and the experts' "
+                  "down projections by the learned gains (gate_gains); from_pretrained with another "
+                  "num_experts_per_tok keeps those of serving_k"),
     }
 
 
@@ -405,34 +409,44 @@ def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tenso
     return {str(k): [math.exp(layer[i]) for layer in log_temperatures] for i, k in enumerate(cfg.matryoshka.ks)}
 
 
-def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
-    """k -> each MoE layer's learned gain at that trained k (`matryoshka.gate_gain`), in layer
-    order; empty for a model trained without them."""
+def gate_log_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> Optional[list[list[float]]]:
+    """Each MoE layer's learned log-gains (one per trained k, `matryoshka.gate_gain`), in layer
+    order; None for a model trained without them."""
     if cfg.matryoshka.gate_gain != "learned":
-        return {}
+        return None
     names = [f"decoder.layers.{n}.mlp.router.log_gain" for n in dims_from_config(cfg).moe_layers]
     missing = [name for name in names if name not in global_sd]
     if missing:
         raise ExportError(f"the config says matryoshka.gate_gain=learned but the checkpoint has no {missing[0]}; "
                           "were the config and the weights saved together?")
-    return {str(k): [math.exp(float(global_sd[name][i])) for name in names]
-            for i, k in enumerate(cfg.matryoshka.ks)}
+    return [[float(x) for x in global_sd[name].float()] for name in names]
+
+
+def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """k -> each MoE layer's learned gain at that trained k, in layer order (what the suite
+    reports); empty for a model trained without them."""
+    log_gains = gate_log_gains(cfg, global_sd)
+    if not log_gains:
+        return {}
+    return {str(k): [math.exp(layer[i]) for layer in log_gains] for i, k in enumerate(cfg.matryoshka.ks)}
 
 
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
                      width: float = 1.0, k: Optional[int] = None) -> dict[str, torch.Tensor]:
     """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`), the experts
-    sliced to `width`, learned gate temperatures folded into the gates at `k` (required for such
-    a model). Raises ExportError for a setting Qwen3-MoE cannot express or a weight it has no
+    sliced to `width`, learned gate temperatures folded into the gates and learned gains into the
+    experts' down projections at `k` (required for such a model). Raises ExportError for a setting Qwen3-MoE cannot express or a weight it has no
     place for."""
     check_exportable(cfg)
     columns = check_serving_width(cfg, width)
     dims = dims_from_config(cfg)
     learned = cfg.matryoshka.gate_temperature == "learned"
-    if learned:
+    gained = cfg.matryoshka.gate_gain == "learned"
+    if learned or gained:
         if isinstance(k, bool) or not isinstance(k, int):
-            raise ExportError(f"k={k!r}: the model learned a gate temperature per k; give the one k to export "
-                              "at, whose temperature is folded into the gate weights")
+            what = "gate temperature" if learned else "gain"
+            raise ExportError(f"k={k!r}: the model learned a {what} per k; give the one k to export at, whose "
+                              f"{what} is folded into the weights")
         check_serving_k(dims, k, "k")
     out: dict[str, torch.Tensor] = {}
 
@@ -453,6 +467,8 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
         expert = _EXPERT.match(rest)
         if rest == "mlp.router.log_temperature" and learned:
             continue  # folded into mlp.gate.weight below
+        if rest == "mlp.router.log_gain" and gained:
+            continue  # folded into the experts' down_proj below
         if rest in _SIMPLE_LAYER:
             put(p + _SIMPLE_LAYER[rest], value)
         elif rest == "self_attention.linear_qkv.weight":
@@ -483,6 +499,13 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
         gate = out[f"model.layers.{n}.mlp.gate.weight"]
         inverse = torch.exp(torch.tensor(-log_temperature_at(cfg.matryoshka.ks, log_t, k)))
         out[f"model.layers.{n}.mlp.gate.weight"] = (gate.float() * inverse).to(gate.dtype).contiguous()
+    for n, log_g in zip(dims.moe_layers, gate_log_gains(cfg, global_sd) or []):
+        # The router multiplies the combine weights by the gain; the experts' outputs are linear in
+        # their down projections, so the gain at k moves into them.
+        gain = torch.exp(torch.tensor(log_temperature_at(cfg.matryoshka.ks, log_g, k)))
+        for e in range(cfg.moe.num_experts):
+            name = f"model.layers.{n}.mlp.experts.{e}.down_proj.weight"
+            out[name] = (out[name].float() * gain).to(out[name].dtype).contiguous()
     return out
 
 

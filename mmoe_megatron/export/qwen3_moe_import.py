@@ -6,7 +6,8 @@ Accepted: Qwen's per-expert keys and transformers 5's fused `mlp.experts.gate_up
 non-SiLU activations, attention biases, sliding windows, scaled rotary.
 An export of a model with learned gate temperatures imports with its gates as written (the
 temperature of its serving k folded in) and no temperatures; an elastic continued run learns them
-again (`matryoshka.gate_temperature: auto`), starting at 1. Its experts train at full width only
+again (`matryoshka.gate_temperature: auto`), starting at 1; learned gains likewise stay folded
+in the experts' down projections at the serving k. Its experts train at full width only
 (`matryoshka.widths: [1.0]`): Qwen's expert columns are not nested prefixes.
 """
 

@@ -10,7 +10,8 @@ Why two mechanisms (transformers 5.23, models/qwen3_moe/modeling_qwen3_moe.py): 
 afterwards does nothing; one k is therefore passed to `from_pretrained`. The experts read k from
 the shape of the routing indices, so a per-layer k is set on each layer's `mlp.gate.top_k`.
 A model trained with learned gate temperatures holds them folded at its export k; setting
-another k also rescales that layer's gate weight (`mmoe_megatron.serving.layer_ks.gate_scales`).
+another k also rescales that layer's gate weight (`mmoe_megatron.serving.layer_ks.gate_scales`),
+and learned gains, folded into the experts' down projections, rescale those (`down_scales`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence, Union
 import torch
 
 from mmoe_megatron.export.qwen3_moe import MATRYOSHKA_KEY, ExportError
-from mmoe_megatron.serving.layer_ks import gate_scales
+from mmoe_megatron.serving.layer_ks import down_scales, gate_scales
 
 HFKSpec = Union[None, int, str, Sequence[int]]
 
@@ -49,12 +50,18 @@ def set_hf_topk(model, k: Union[int, Sequence[int]]) -> None:
     # The k whose temperature each gate holds now (the export's until a first rescale).
     folded = {i: gate.folded_k for i, gate in indexed.items() if hasattr(gate, "folded_k")}
     scales = gate_scales(model.config, layer_ks, folded)
+    # The k whose gain each layer's experts hold now.
+    gain_folded = {i: gate.gain_folded_k for i, gate in indexed.items() if hasattr(gate, "gain_folded_k")}
+    gains = down_scales(model.config, layer_ks, gain_folded)
     with torch.no_grad():
         for i, gate in indexed.items():
             gate.top_k = layer_ks[i]
             if i in scales:
                 gate.weight.mul_(scales[i])
                 gate.folded_k = layer_ks[i]
+            if i in gains:
+                model.model.layers[i].mlp.experts.down_proj.mul_(gains[i])
+                gate.gain_folded_k = layer_ks[i]
 
 
 def current_hf_topk(model) -> list[int]:

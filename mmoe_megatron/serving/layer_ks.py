@@ -32,6 +32,9 @@ RECORD_KEY = "matryoshka"
 TEMPERATURE_KEY = "gate_temperatures"
 """Under RECORD_KEY: {"trained_ks": [...], "log_temperatures": [[one per trained k] per MoE layer],
 "folded_ks": [the k whose temperature each MoE layer's gate weight holds]}."""
+GAIN_KEY = "gate_gains"
+"""Under RECORD_KEY: {"trained_ks": [...], "log_gains": [[one per trained k] per MoE layer],
+"folded_ks": [the k whose gain each MoE layer's expert down projections hold]}."""
 ARCHITECTURE = "MatryoshkaQwen3MoeForCausalLM"
 """The architecture name the vLLM plugin registers; select it with --hf-overrides."""
 
@@ -127,18 +130,33 @@ def gate_scales(config: Any, layer_ks: Mapping[int, int],
     """{MoE layer index: the factor its exported gate weight is multiplied by to route at
     `layer_ks[layer]`}: T(folded k) / T(k). Empty for a model without learned temperatures.
     `folded` overrides the recorded folded k of some layers (a model already rescaled)."""
-    record = (_get(config, RECORD_KEY) or {}).get(TEMPERATURE_KEY)
+    return _rescale(config, TEMPERATURE_KEY, "log_temperatures", "temperatures", layer_ks, folded, -1.0)
+
+
+def down_scales(config: Any, layer_ks: Mapping[int, int],
+                folded: Optional[Mapping[int, int]] = None) -> dict[int, float]:
+    """{MoE layer index: the factor its experts' exported down projections are multiplied by to
+    route at `layer_ks[layer]`}: g(k) / g(folded k), g the learned gain. Empty for a model without
+    learned gains. `folded` as in `gate_scales`."""
+    return _rescale(config, GAIN_KEY, "log_gains", "gains", layer_ks, folded, 1.0)
+
+
+def _rescale(config: Any, key: str, field: str, what: str, layer_ks: Mapping[int, int],
+             folded: Optional[Mapping[int, int]], sign: float) -> dict[int, float]:
+    """exp(sign * (log q(k) - log q(folded k))) per MoE layer for the per-k quantity q recorded
+    under `key` (its log values per layer in `field`)."""
+    record = (_get(config, RECORD_KEY) or {}).get(key)
     if not record:
         return {}
-    ks, log_ts = list(record["trained_ks"]), record["log_temperatures"]
+    ks, logs = list(record["trained_ks"]), record[field]
     layers = moe_layer_indices(config)
-    if len(log_ts) != len(layers) or len(record["folded_ks"]) != len(layers):
+    if len(logs) != len(layers) or len(record["folded_ks"]) != len(layers):
         raise ServingConfigError(
-            f"config.json {RECORD_KEY}.{TEMPERATURE_KEY} has {len(log_ts)} layers' temperatures but the "
-            f"model has {len(layers)} MoE layers; the config does not belong to these weights, re-export")
+            f"config.json {RECORD_KEY}.{key} has {len(logs)} layers' {what} but the model has "
+            f"{len(layers)} MoE layers; the config does not belong to these weights, re-export")
     folded_ks = dict(zip(layers, record["folded_ks"]))
     folded_ks.update(folded or {})
-    by_layer = dict(zip(layers, log_ts))
-    return {layer: math.exp(log_temperature_at(ks, by_layer[layer], folded_ks[layer])
-                            - log_temperature_at(ks, by_layer[layer], k))
+    by_layer = dict(zip(layers, logs))
+    return {layer: math.exp(sign * (log_temperature_at(ks, by_layer[layer], k)
+                                    - log_temperature_at(ks, by_layer[layer], folded_ks[layer])))
             for layer, k in layer_ks.items()}

@@ -11,7 +11,8 @@ loading and everything else are the stock Qwen3-MoE's, so any Qwen3-MoE export l
 Which k each layer gets, and the errors for a request the model cannot serve, come from
 `mmoe_megatron.serving.layer_ks` and are raised while the engine starts. A model trained with
 learned gate temperatures has them folded into its gate weights at the export's k; each layer's
-gate weight is rescaled to its own k while the weights load (`gate_scales`).
+gate weight is rescaled to its own k while the weights load (`gate_scales`); learned gains,
+folded into the experts' down projections, are rescaled the same way (`down_scales`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models import qwen3_moe
 from vllm.model_executor.models.utils import extract_layer_index, maybe_prefix
 
-from mmoe_megatron.serving.layer_ks import gate_scales, serving_layer_ks
+from mmoe_megatron.serving.layer_ks import down_scales, gate_scales, serving_layer_ks
 
 logger = init_logger(__name__)
 _GATE = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.weight$")
+_DOWN = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(?:\d+\.)?down_proj(?:\.weight)?$")
 
 
 def _with_top_k(vllm_config: VllmConfig, k: int) -> VllmConfig:
@@ -78,10 +80,14 @@ class MatryoshkaQwen3MoeForCausalLM(qwen3_moe.Qwen3MoeForCausalLM):
         # The user's mistake is raised before anything is allocated.
         self.layer_top_ks = serving_layer_ks(config)
         self.gate_scales = gate_scales(config, self.layer_top_ks)
+        self.down_scales = down_scales(config, self.layer_top_ks)
         logger.info("Matryoshka Qwen3-MoE: top-k per MoE layer %s", self.layer_top_ks)
         if self.gate_scales:
             logger.info("Matryoshka Qwen3-MoE: gate weights rescaled to the learned temperature of each "
                         "layer's k by %s", {i: round(f, 6) for i, f in self.gate_scales.items()})
+        if self.down_scales:
+            logger.info("Matryoshka Qwen3-MoE: expert down projections rescaled to the learned gain of each "
+                        "layer's k by %s", {i: round(f, 6) for i, f in self.down_scales.items()})
         self.config = config
         self.quant_config = vllm_config.quant_config
         if getattr(config, "mlp_only_layers", []):  # dense layers hold a fused gate_up_proj
@@ -98,8 +104,9 @@ class MatryoshkaQwen3MoeForCausalLM(qwen3_moe.Qwen3MoeForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         def rescaled():
             for name, tensor in weights:
-                match = _GATE.match(name)
-                scale = self.gate_scales.get(int(match.group(1))) if match else None
+                match, down = _GATE.match(name), _DOWN.match(name)
+                scale = (self.gate_scales.get(int(match.group(1))) if match else
+                         self.down_scales.get(int(down.group(1))) if down else None)
                 yield name, tensor if scale is None else (tensor.float() * scale).to(tensor.dtype)
 
         return super().load_weights(rescaled())
