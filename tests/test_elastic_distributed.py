@@ -26,6 +26,11 @@ VARIANTS = {
     "layerwise": {"matryoshka.strategy": "layerwise"},
     "token": {"matryoshka.strategy": "token"},
     "plan": {"matryoshka.strategy": "layerwise", "matryoshka.sandwich": 0.5, "matryoshka.coupled": 0.25},
+    # Step 5 of 10 lies in the late phase (the last 6 steps), which draws only k = 3 and 4; the
+    # learned gains are dense router weights averaged over the ranks.
+    "late": {"matryoshka.strategy": "token", "train.train_iters": 10, "optimizer.warmup_iters": 1,
+             "matryoshka.late_fraction": 0.6, "matryoshka.late_probs": [0.0, 0.0, 0.5, 0.5],
+             "matryoshka.gate_gain": "learned"},
 }
 
 
@@ -139,6 +144,10 @@ def test_expert_parallel_matches_single_process(single_process_mcore, dispatcher
                     per_sample.append(ks)
             assert {1} in per_sample and {4} in per_sample
             assert sum(len(ks) == 1 for ks in per_sample) >= 3
+        if strategy == "late":
+            drawn = {k for result in ranks for layer in result[strategy]["used"] for k in torch.tensor(layer).view(-1).tolist()}
+            assert drawn == {3, 4}
+            assert any(name.endswith("router.log_gain") for name in ref_grads)
         merged = {**ranks[0][strategy]["grads"], **ranks[1][strategy]["grads"]}
         assert set(merged) == set(ref_grads)
         experts = {n for n in merged if ".local_experts." in n}
