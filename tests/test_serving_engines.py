@@ -57,12 +57,17 @@ def prompts(export):
     return [tokenizer(text, add_special_tokens=False).input_ids for text in TEXTS]
 
 
-def hf_reference(export, k, prompts, new_tokens=NEW_TOKENS) -> dict:
+def hf_reference(export, k, prompts, new_tokens=NEW_TOKENS, stock: bool = False) -> dict:
     """transformers' log-prob of each prompt token after the first, and a greedy continuation of
-    `new_tokens` tokens (no stop at end-of-document, like vLLM's ignore_eos) with its log-probs."""
+    `new_tokens` tokens (no stop at end-of-document, like vLLM's ignore_eos) with its log-probs.
+    The trained model at k (`load_hf_model`), or with `stock` the weights as exported routed at k
+    (`from_pretrained(num_experts_per_tok=k)`: the export k's temperatures and gains kept)."""
+    from transformers import AutoModelForCausalLM
+
     from mmoe_megatron.export import load_hf_model
 
-    model = load_hf_model(export, k=k, dtype=torch.float32).eval()
+    model = (AutoModelForCausalLM.from_pretrained(export, num_experts_per_tok=k, dtype=torch.float32) if stock
+             else load_hf_model(export, k=k, dtype=torch.float32)).eval()
     out = {"prompt_logprobs": [], "generated": [], "generated_logprobs": []}
     with torch.no_grad():
         for ids in prompts:
@@ -203,14 +208,16 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("k, overrides", [
-    (1, {"num_experts_per_tok": 1}),  # stock Qwen3-MoE: at k = 1 the temperature has no effect
+    # Stock Qwen3-MoE at k = 1 serves the weights as exported (the learned gain of the export's k;
+    # the temperature has no effect at k = 1): compared with stock transformers.
+    (1, {"num_experts_per_tok": 1}),
     (4, _plugin(num_experts_per_tok=4)),
     (BUDGET_KS, _plugin(matryoshka_budget=BUDGET)),
 ])
 def test_vllm_server_completion_and_logprobs(export, prompts, tmp_path, k, overrides):
     from transformers import AutoTokenizer
 
-    ref = hf_reference(export, k, prompts[:1])
+    ref = hf_reference(export, k, prompts[:1], stock="architectures" not in overrides)
     reply = serve_and_complete(export, overrides, TEXTS[0], str(tmp_path / "server.log"))
     choice = reply["choices"][0]
     # The tokens come back as "token_id:N" (return_tokens_as_token_ids): compared exactly.
@@ -266,9 +273,9 @@ def lm_eval(backend: str, model_args: str, task_dir: str, out_dir) -> tuple[dict
 
 
 def test_lm_eval_hf_and_vllm_backends_agree_at_two_ks(export, tmp_path):
-    """Both backends build the stock Qwen3-MoE with `num_experts_per_tok` from model_args; the
-    ks are 1 (where the learned temperature has no effect) and the export's own k (whose
-    temperature the gates hold), where the stock model is the trained model."""
+    """Both backends build the stock Qwen3-MoE with `num_experts_per_tok` from model_args, at k = 1
+    and at the export's own k (whose temperature and gain the weights hold, where the stock model
+    is the trained model); at k = 1 both serve the weights as exported."""
     task_dir = write_local_task(tmp_path)
     scores = {}
     for k in (1, SERVE_K):
