@@ -221,13 +221,18 @@ def test_learned_temperature_divides_the_selected_logits_of_each_k(single_proces
         assert torch.equal(map_TE, expected_TE > 0)  # the same experts as at temperature 1
         assert torch.allclose(probs_TE, expected_TE, atol=1e-6)
     # Per-token ks: every token at its own k's temperature.
+    assert_per_token_ks_route_as_each_k(tempered, x)
+
+
+def assert_per_token_ks_route_as_each_k(router, x):
+    """Random per-token ks in 1..4: each token's weights are those of the router set to its k."""
     ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
-    tempered.set_token_ks(ks_SB, width=4)
-    per_token_TE, _ = tempered(x)
+    router.set_token_ks(ks_SB, width=4)
+    per_token_TE, _ = router(x)
     for k in (1, 2, 3, 4):
-        tempered.set_k(k)
+        router.set_k(k)
         rows_T = ks_SB.reshape(-1) == k
-        assert torch.allclose(per_token_TE[rows_T], tempered(x)[0][rows_T], atol=1e-6)
+        assert torch.allclose(per_token_TE[rows_T], router(x)[0][rows_T], atol=1e-6)
 
 
 def test_learned_temperature_routes_a_bf16_router_as_its_fp32_original(single_process_mcore):
@@ -323,13 +328,7 @@ def test_a_learned_gain_scales_the_combine_weights_of_each_k(single_process_mcor
         assert torch.equal(map_TE, expected_map_TE)
         assert torch.allclose(probs_TE, g * expected_TE, atol=1e-6)
         assert torch.allclose(probs_TE.sum(dim=1), torch.full((probs_TE.shape[0],), g), atol=1e-5)
-    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
-    gained.set_token_ks(ks_SB, width=4)
-    per_token_TE, _ = gained(x)
-    for k in (1, 2, 3, 4):
-        gained.set_k(k)
-        rows_T = ks_SB.reshape(-1) == k
-        assert torch.allclose(per_token_TE[rows_T], gained(x)[0][rows_T], atol=1e-6)
+    assert_per_token_ks_route_as_each_k(gained, x)
     # Training: every k's gain learns from the tokens at that k (k = 1 too: its weight is the gain).
     gained.train()
     for k, moved in ((1, [True, False, False]), (4, [False, False, True])):

@@ -403,10 +403,7 @@ def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.T
 def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
     """k -> each MoE layer's learned temperature at that trained k, in layer order (what the suite
     reports); empty for a model trained without them."""
-    log_temperatures = gate_log_temperatures(cfg, global_sd)
-    if not log_temperatures:
-        return {}
-    return {str(k): [math.exp(layer[i]) for layer in log_temperatures] for i, k in enumerate(cfg.matryoshka.ks)}
+    return _per_trained_k(cfg, gate_log_temperatures(cfg, global_sd))
 
 
 def gate_log_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> Optional[list[list[float]]]:
@@ -425,10 +422,13 @@ def gate_log_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor])
 def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
     """k -> each MoE layer's learned gain at that trained k, in layer order (what the suite
     reports); empty for a model trained without them."""
-    log_gains = gate_log_gains(cfg, global_sd)
-    if not log_gains:
-        return {}
-    return {str(k): [math.exp(layer[i]) for layer in log_gains] for i, k in enumerate(cfg.matryoshka.ks)}
+    return _per_trained_k(cfg, gate_log_gains(cfg, global_sd))
+
+
+def _per_trained_k(cfg: ExperimentConfig, log_values: Optional[list[list[float]]]) -> dict[str, list[float]]:
+    """k -> exp of each layer's log-value at that trained k; {} for None."""
+    return {str(k): [math.exp(layer[i]) for layer in log_values] for i, k in enumerate(cfg.matryoshka.ks)} \
+        if log_values else {}
 
 
 def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor],
