@@ -107,7 +107,7 @@ class MatryoshkaRouter(TopKRouter):
                 raise ValueError("a temperature or gain per k weights the selected logits' softmax: use topk_softmax")
             weights_KE = temperature_weights(per_k, self.num_experts)
             # Row k (0..E) of the interpolation matrix, [E + 1, K]; row 0 is unused.
-            self.register_buffer("temperature_weights_EK", weights_KE.t().contiguous(), persistent=False)
+            self.register_buffer("log_k_weights_EK", weights_KE.t().contiguous(), persistent=False)
         if self.gain_ks is not None:
             if nested:
                 raise ValueError("the nested combine learns its own gates per block of ranks: not with a gain per k")
@@ -279,7 +279,7 @@ class MatryoshkaRouter(TopKRouter):
         """exp of a per-trained-k log-quantity at k, interpolated in log k: a 0-d tensor for a scalar
         k, [T, 1] per token."""
         # fp32 whatever the model's dtype (a bf16 model's buffers are cast with it).
-        weights_EK = self.temperature_weights_EK.to(device=device, dtype=torch.float32)
+        weights_EK = self.log_k_weights_EK.to(device=device, dtype=torch.float32)
         value = torch.exp(weights_EK[budget] @ log_K.float().to(device))
         return value if isinstance(budget, int) else value.unsqueeze(1)
 

@@ -287,16 +287,15 @@ def matryoshka_record(cfg: ExperimentConfig, k: int, budgets: Mapping[str, list[
         raise ExportError(
             f"matryoshka.gate_gain={mat.gate_gain} but {'no' if log_gains is None else 'some'} learned "
             "gains were given; pass gate_log_gains(cfg, weights) of the checkpoint being exported")
-    temperatures = {} if log_temperatures is None else {TEMPERATURE_KEY: {
-        "trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
-        "log_temperatures": [[float(x) for x in layer] for layer in log_temperatures]}}
-    if log_gains is not None:
-        temperatures[GAIN_KEY] = {"trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
-                                  "log_gains": [[float(x) for x in layer] for layer in log_gains]}
+    # The learned values per k, folded at `k` into the weights, recorded for rescaling to other ks.
+    per_k = {key: {"trained_ks": list(mat.ks), "folded_ks": [int(k)] * num_moe,
+                   field: [[float(x) for x in layer] for layer in values]}
+             for key, field, values in ((TEMPERATURE_KEY, "log_temperatures", log_temperatures),
+                                        (GAIN_KEY, "log_gains", log_gains)) if values is not None}
     widths = {} if not mat.elastic_width and width == 1.0 else {
         "trained_widths": list(mat.widths), "serving_width": width,
         "full_moe_intermediate_size": cfg.moe.expert_ffn_hidden_size}
-    return {**widths, **temperatures,
+    return {**widths, **per_k,
         "method": mat.method,
         "strategy": mat.strategy,
         "trained_ks": list(mat.ks),
@@ -388,15 +387,23 @@ def gate_log_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.T
     order; None for a model trained without them."""
     if cfg.matryoshka.gate_temperature != "learned":
         return None
+    # What the router applies: clamped at the floor, if the model was trained with one.
+    floor = cfg.matryoshka.gate_temperature_floor
+    return [[float(x) for x in floored_log_temperatures(v, floor)]
+            for v in _router_vectors(cfg, global_sd, "log_temperature", "gate_temperature")]
+
+
+def _router_vectors(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor], param: str,
+                    setting: str) -> list[torch.Tensor]:
+    """Each MoE layer's router parameter `param` (fp32), in layer order; ExportError naming the
+    first layer without it (the config says `matryoshka.<setting>` learned it)."""
     out = []
     for n in dims_from_config(cfg).moe_layers:
-        name = f"decoder.layers.{n}.mlp.router.log_temperature"
+        name = f"decoder.layers.{n}.mlp.router.{param}"
         if name not in global_sd:
-            raise ExportError(f"the config says matryoshka.gate_temperature=learned but the checkpoint has no {name}; "
+            raise ExportError(f"the config says matryoshka.{setting}=learned but the checkpoint has no {name}; "
                               "were the config and the weights saved together?")
-        # What the router applies: clamped at the floor, if the model was trained with one.
-        out.append([float(x) for x in floored_log_temperatures(global_sd[name].float(),
-                                                               cfg.matryoshka.gate_temperature_floor)])
+        out.append(global_sd[name].float())
     return out
 
 
@@ -411,12 +418,7 @@ def gate_log_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor])
     order; None for a model trained without them."""
     if cfg.matryoshka.gate_gain != "learned":
         return None
-    names = [f"decoder.layers.{n}.mlp.router.log_gain" for n in dims_from_config(cfg).moe_layers]
-    missing = [name for name in names if name not in global_sd]
-    if missing:
-        raise ExportError(f"the config says matryoshka.gate_gain=learned but the checkpoint has no {missing[0]}; "
-                          "were the config and the weights saved together?")
-    return [[float(x) for x in global_sd[name].float()] for name in names]
+    return [[float(x) for x in v] for v in _router_vectors(cfg, global_sd, "log_gain", "gate_gain")]
 
 
 def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
@@ -435,8 +437,8 @@ def to_hf_state_dict(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor
                      width: float = 1.0, k: Optional[int] = None) -> dict[str, torch.Tensor]:
     """HF Qwen3-MoE weights from megatron global weights (`load_global_state_dict`), the experts
     sliced to `width`, learned gate temperatures folded into the gates and learned gains into the
-    experts' down projections at `k` (required for such a model). Raises ExportError for a setting Qwen3-MoE cannot express or a weight it has no
-    place for."""
+    experts' down projections at `k` (required for such a model). Raises ExportError for a setting
+    Qwen3-MoE cannot express or a weight it has no place for."""
     check_exportable(cfg)
     columns = check_serving_width(cfg, width)
     dims = dims_from_config(cfg)
