@@ -11,10 +11,10 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import sys
-from contextlib import closing
+
+from mmoe_megatron.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -76,12 +76,6 @@ def spread(values) -> dict:
     q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
     return {"median": statistics.median(values), "p10": q[0], "p90": q[-1],
             "mean": statistics.fmean(values), "n": len(values)}
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def single_process(cfg) -> None:

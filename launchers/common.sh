@@ -17,14 +17,14 @@ pick_python() {
 }
 
 # The rendezvous port: $MASTER_PORT if set. One node: a port that is free now, so that two local
-# jobs never collide. Several nodes must agree on it without talking, so they use 29500 unless
+# jobs never collide, drawn outside the ephemeral range (mmoe_megatron.ports says why). Several nodes must agree on it without talking, so they use 29500 unless
 # MASTER_PORT says otherwise.
 pick_port() {
   local python="$1" nnodes="$2"
   if [ -n "${MASTER_PORT:-}" ]; then
     echo "$MASTER_PORT"
   elif [ "$nnodes" = 1 ]; then
-    "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    "$python" -m mmoe_megatron.ports
   else
     echo 29500
   fi

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 from mmoe_megatron import compat
 from mmoe_megatron.config import ConfigError, ExperimentConfig
 from mmoe_megatron.failures import start_line, this_rank
+from mmoe_megatron.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,6 @@ def env_from_os(environ=None) -> Env:
     else:
         port = 29500
     return Env(rank=rank, world_size=world, local_rank=local, master_addr=addr, master_port=port)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_layout(cfg: ExperimentConfig, world_size: int) -> int:

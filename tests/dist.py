@@ -22,7 +22,7 @@ import queue
 import traceback
 from multiprocessing import reduction
 
-from mmoe_megatron.distributed import free_port  # noqa: F401 - tests import it from here
+from mmoe_megatron.ports import free_port  # noqa: F401 - tests import it from here
 
 PRELOAD = ["mmoe_megatron.training.trainer", "deepspeed"]
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from mmoe_megatron.ports import free_ports
+
 # What the tests train on the cluster: CPU ranks with gloo, expert parallelism 2 across the two
 # emulated nodes, enough steps (about 0.25 s each) that a run is still going when a test
 # interferes with it.
@@ -60,29 +62,6 @@ def ensure_installed() -> str | None:
         if proc.returncode != 0:
             return f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}"
     return None if not _missing() else f"installed {PACKAGES} but still missing {_missing()}"
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports, consecutive where slurm.conf needs a range (the slurmd ports)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        if start + n >= 65535:
-            continue
-        socks = []
-        try:
-            for port in range(start, start + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return list(range(start, start + n))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"found no {n} consecutive free ports")
 
 
 class SlurmCluster:
@@ -131,7 +110,7 @@ class SlurmCluster:
                       f"--log-file={self.path('log', 'munged.log')}",
                       f"--seed-file={self.path('munge', 'munged.seed')}", "--force"],
                      self.path("munge", "munged.pid"))
-        ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         self._write_conf(socket_path, ctld_port, node_ports)
         self._daemon(["slurmctld", "-f", self.conf], self.path("slurmctld.pid"))
         for node in NODES:

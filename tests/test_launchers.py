@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from mmoe_megatron.ports import ephemeral_range
 from tests.data_fixtures import small_datasets, small_run_config, small_tokenizer  # noqa: F401
 from tests.dist import free_port
 from tests.helpers import ROOT, logged_steps
@@ -145,6 +146,9 @@ def test_launchers_pick_a_free_port_unless_master_port_is_set(tmp_path, launcher
             pass  # already held by something else: just as busy
         port = _port_of(_dry_run_command(tmp_path, env, launcher))
         assert port != 29500
+        # Outside the ephemeral range, where other processes' connections cannot take it.
+        first, last = ephemeral_range()
+        assert not first <= port <= last
     finally:
         busy.close()
     with socket.socket() as s:
