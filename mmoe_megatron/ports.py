@@ -20,6 +20,9 @@ import socket
 RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default, used where RANGE_FILE cannot be read
 LOWEST = 10000  # below this lie the ports that common services are configured to use
+# The ports the Slurm scripts give a job's rendezvous (slurm/common.sh: 20000 + job id mod 10000),
+# bound later by the job without a check: local draws stay out of them.
+SLURM_JOB_PORTS = (20000, 29999)
 ATTEMPTS = 200
 
 # Not the module-level generator: two processes that seeded `random` alike would draw the same ports.
@@ -40,7 +43,11 @@ def _windows(n: int, path: str) -> list[tuple[int, int]]:
     """Ranges [lo, hi] of start ports whose n consecutive ports lie outside the ephemeral range."""
     first, last = ephemeral_range(path)
     windows = [(LOWEST, first - n), (last + 1, 65536 - n)]
-    return [(lo, hi) for lo, hi in windows if lo <= hi]
+    slurm_first, slurm_last = SLURM_JOB_PORTS
+    split = []
+    for lo, hi in windows:  # remove the start ports whose n ports would touch the Slurm jobs' range
+        split += [(lo, min(hi, slurm_first - n)), (max(lo, slurm_last + 1), hi)]
+    return [(lo, hi) for lo, hi in split if lo <= hi]
 
 
 def _bindable(ports: range) -> bool:

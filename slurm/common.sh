@@ -32,7 +32,8 @@ setup_rendezvous() {
   fi
   export MASTER_ADDR=$addr
   # One port per job (array tasks have their own job id; a requeued job reuses its port once the
-  # previous run is gone). 20000-29999 stays below Linux's ephemeral range (32768-60999).
+  # previous run is gone). 20000-29999 stays below Linux's ephemeral range (32768-60999), and local
+  # rendezvous ports (mmoe_megatron.ports) are never drawn from it.
   export MASTER_PORT=${MMOE_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
   # Compiled DeepSpeed/torch extensions persist across jobs instead of being rebuilt in /tmp.
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$SLURM_SUBMIT_DIR/.cache/torch_extensions}

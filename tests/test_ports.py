@@ -24,15 +24,17 @@ def test_ports_lie_outside_the_machines_ephemeral_range_and_are_free():
     for _ in range(20):
         port = ports.free_port()
         assert _outside(port, first, last) and port >= ports.LOWEST
+        assert _outside(port, *ports.SLURM_JOB_PORTS)  # the Slurm scripts' job ports
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 
 
 def test_consecutive_ports_are_all_free_and_outside_the_range():
     first, last = ports.ephemeral_range()
-    got = ports.free_ports(3)
-    assert got == list(range(got[0], got[0] + 3))
-    assert all(_outside(p, first, last) for p in got)
+    for _ in range(20):
+        got = ports.free_ports(3)
+        assert got == list(range(got[0], got[0] + 3))
+        assert all(_outside(p, first, last) and _outside(p, *ports.SLURM_JOB_PORTS) for p in got)
     socks = [socket.socket() for _ in got]
     try:
         for s, p in zip(socks, got):
