@@ -17,8 +17,8 @@ pick_python() {
 }
 
 # The rendezvous port: $MASTER_PORT if set. One node: a port that is free now, so that two local
-# jobs never collide, drawn outside the ephemeral range (mmoe_megatron.ports says why). Several nodes must agree on it without talking, so they use 29500 unless
-# MASTER_PORT says otherwise.
+# jobs never collide, drawn outside the ephemeral range (mmoe_megatron.ports says why). Several
+# nodes must agree on it without talking, so they use 29500 unless MASTER_PORT says otherwise.
 pick_port() {
   local python="$1" nnodes="$2"
   if [ -n "${MASTER_PORT:-}" ]; then
