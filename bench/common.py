@@ -14,8 +14,6 @@ import shlex
 import statistics
 import sys
 
-from mmoe_megatron.ports import free_port
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
 
@@ -79,9 +77,9 @@ def spread(values) -> dict:
 
 
 def single_process(cfg) -> None:
-    """torch.distributed (world of one) and megatron's parallel state for `cfg`."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    """torch.distributed (world of one, on a free local port) and megatron's parallel state for
+    `cfg`. The port is not exported: a subprocess a benchmark starts (an engine, a launcher) must
+    not inherit a rendezvous address this process holds."""
     from mmoe_megatron import distributed
 
     distributed.init_distributed(cfg)
