@@ -1,12 +1,17 @@
 """Rendezvous ports are drawn outside the kernel's ephemeral range, where no outgoing connection or
 bind to port 0 elsewhere on the machine can take them between being found and being bound."""
 
+import os
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from mmoe_megatron import ports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _range_file(tmp_path, first, last):
@@ -99,3 +104,22 @@ def test_the_range_is_read_from_the_kernel_file_or_defaults(tmp_path):
 def test_asking_for_no_ports_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         ports.free_ports(0)
+
+
+def test_a_benchmarks_lone_process_does_not_export_its_rendezvous_port():
+    # A subprocess the benchmark starts (a serving engine, a launcher) inherits the environment: a
+    # MASTER_PORT there would name the port this process's store holds.
+    code = (
+        "import os\n"
+        "from bench.common import single_process\n"
+        "from mmoe_megatron.config import load_config\n"
+        "single_process(load_config('configs/tiny.yaml', []))\n"
+        "import torch.distributed as dist\n"
+        "print(dist.is_initialized(), dist.get_world_size(), 'MASTER_PORT' in os.environ, "
+        "'MASTER_ADDR' in os.environ)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True 1 False False"
