@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from mmoe_megatron import ports
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, TINY
 
 
 def _range_file(tmp_path, first, last):
@@ -113,7 +112,7 @@ def test_a_benchmarks_lone_process_does_not_export_its_rendezvous_port():
         "import os\n"
         "from bench.common import single_process\n"
         "from mmoe_megatron.config import load_config\n"
-        "single_process(load_config('configs/tiny.yaml', []))\n"
+        f"single_process(load_config({TINY!r}, []))\n"
         "import torch.distributed as dist\n"
         "print(dist.is_initialized(), dist.get_world_size(), 'MASTER_PORT' in os.environ, "
         "'MASTER_ADDR' in os.environ)\n"
