@@ -108,7 +108,8 @@ def test_transformer_config_keeps_k_max_and_normalisation():
 def test_param_counts_match_the_built_model(single_process_mcore):
     from mmoe_megatron.model import build_model
 
-    for overrides in ({}, {"model.tie_embeddings": True, "moe.layer_freq": 2}):
+    for overrides in ({}, {"model.tie_embeddings": True, "moe.layer_freq": 2},
+                      {"moe.shared_expert_ffn_hidden_size": 48}):
         cfg = tiny_config(**overrides)
         model = build_model(cfg, vocab_size=VOCAB)
         built = sum(p.numel() for p in model.parameters())

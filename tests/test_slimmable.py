@@ -199,3 +199,32 @@ def test_widths_can_be_set_per_layer_and_bad_ones_are_refused(single_process_mco
         set_width(model, [0.5, 1.0])
     with pytest.raises(ValueError, match=r"0.3 .* 19.2 columns"):
         set_width(model, 0.3)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["one-width", "per-token-widths"])
+def test_a_shared_expert_adds_its_full_width_output_at_every_k_and_width(single_process_mcore, per_token):
+    """An MoE layer with a shared expert returns the routed experts' output plus the shared
+    expert's dense SwiGLU at full width, whatever the routed experts' k and width (with per-token
+    widths the dispatched rows carry a level column that the layer must drop before adding)."""
+    from mmoe_megatron.model import build_model, set_point
+
+    S, B, C = 16, 2, 48
+    model = build_model(slim_config(**{"moe.shared_expert_ffn_hidden_size": C}), VOCAB).eval()
+    layer = model.decoder.layers[0].mlp
+    shared = layer.shared_experts
+    assert tuple(shared.linear_fc1.weight.shape) == (2 * C, H)
+    x_SBH = torch.randn(S, B, H, generator=torch.Generator().manual_seed(4))
+    set_point(model, 2, 0.5)
+    if per_token:
+        levels_SB = torch.randint(1, 5, (S, B), generator=torch.Generator().manual_seed(5))
+        layer.experts.set_token_levels(levels_SB)
+    fc1, fc2 = shared.linear_fc1.weight.detach().clone(), shared.linear_fc2.weight.detach().clone()
+    x_NH = x_SBH.reshape(-1, H)
+    expected_NH = F.linear(F.silu(F.linear(x_NH, fc1[:C])) * F.linear(x_NH, fc1[C:]), fc2)
+    with torch.no_grad():
+        with_shared = layer(x_SBH)[0]
+        shared.linear_fc2.weight.zero_()  # the same routing, without the shared expert's part
+        routed_only = layer(x_SBH)[0]
+    assert with_shared.shape == (S, B, H)
+    assert expected_NH.abs().max() > 1e-3
+    torch.testing.assert_close((with_shared - routed_only).reshape(-1, H), expected_NH, rtol=1e-4, atol=1e-6)

@@ -22,10 +22,13 @@ GBS = 16  # 4 ranks x 2 micro-batches of 2
 # The routing of an elastic model before its defaults drew expert widths and learned gate
 # temperatures: every parameter then gets gradients well above rounding level.
 FULL_WIDTH = {"matryoshka.widths": [1.0], "matryoshka.gate_temperature": "none"}
+# An always-on shared expert (with the default routing): dense weights inside the MoE layer,
+# replicated over all 4 ranks.
+SHARED = {"moe.shared_expert_ffn_hidden_size": 48}
 
 
-def config(tmp, expert, zero_stage, strategy="layerwise", full_width=False):
-    return tiny_config(**(FULL_WIDTH if full_width else {}), **{
+def config(tmp, expert, zero_stage, strategy="layerwise", full_width=False, shared=False):
+    return tiny_config(**(FULL_WIDTH if full_width else {}), **(SHARED if shared else {}), **{
         "parallel.expert": expert, "optimizer.zero_stage": zero_stage,
         "matryoshka.strategy": strategy, "data.seq_length": SEQ,
         "train.micro_batch_size": MBS, "train.global_batch_size": GBS, "train.train_iters": 10,
@@ -49,12 +52,12 @@ def make_batch(tokens, indices):
     }
 
 
-def _train_worker(rank, world_size, tmp, zero_stage, strategy, full_width=False):
+def _train_worker(rank, world_size, tmp, zero_stage, strategy, full_width=False, shared=False):
     from mmoe_megatron import distributed
     from mmoe_megatron.model import named_global_parameters
     from mmoe_megatron.training.trainer import Trainer
 
-    cfg = config(tmp, expert=2, zero_stage=zero_stage, strategy=strategy, full_width=full_width)
+    cfg = config(tmp, expert=2, zero_stage=zero_stage, strategy=strategy, full_width=full_width, shared=shared)
     distributed.init_distributed(cfg)
     trainer = Trainer(cfg, vocab_size=VOCAB, datasets=())
     tokens = global_tokens(cfg, STEPS + 2)
@@ -90,7 +93,7 @@ def _train_worker(rank, world_size, tmp, zero_stage, strategy, full_width=False)
     return out
 
 
-def reference(tmp, strategy, full_width=False):
+def reference(tmp, strategy, full_width=False, shared=False):
     """Plain torch on one process: same init, same samples, same ks, same update rule."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -100,7 +103,7 @@ def reference(tmp, strategy, full_width=False):
     from mmoe_megatron.training.lr import lr_at
     from mmoe_megatron.training.trainer import causal_mask, token_loss
 
-    cfg = config(tmp, expert=1, zero_stage=1, strategy=strategy, full_width=full_width)
+    cfg = config(tmp, expert=1, zero_stage=1, strategy=strategy, full_width=full_width, shared=shared)
     model = build_model(cfg, VOCAB)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -133,12 +136,17 @@ def reference(tmp, strategy, full_width=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, full_width", [pytest.param(2, False, id="2"), pytest.param(1, False, id="1"),
-                                                    pytest.param(2, True, id="2-full-width")])
-def test_zero_with_expert_parallel_matches_single_process(single_process_mcore, tmp_path, zero_stage, full_width):
+@pytest.mark.parametrize("zero_stage, full_width, shared", [
+    pytest.param(2, False, False, id="2"), pytest.param(1, False, False, id="1"),
+    pytest.param(2, True, False, id="2-full-width"), pytest.param(2, False, True, id="2-shared-expert")])
+def test_zero_with_expert_parallel_matches_single_process(single_process_mcore, tmp_path, zero_stage, full_width,
+                                                           shared):
     ranks = run_distributed(_train_worker, world_size=4, timeout=600, tmp=str(tmp_path / "run"),
-                            zero_stage=zero_stage, strategy="layerwise", full_width=full_width)
-    ref_losses, ref_norms, ref_params = reference(str(tmp_path / "ref"), "layerwise", full_width)
+                            zero_stage=zero_stage, strategy="layerwise", full_width=full_width, shared=shared)
+    ref_losses, ref_norms, ref_params = reference(str(tmp_path / "ref"), "layerwise", full_width, shared)
+    # The shared expert is there, on every rank, as a dense weight every rank holds.
+    assert shared == any(".shared_experts." in n for n in ref_params)
+    assert all(shared == any(".shared_experts." in n for n in r["params"]) for r in ranks)
     for r in ranks:
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5)
         # Clipping is active (norm > 0.3) and uses the true global norm over all experts.

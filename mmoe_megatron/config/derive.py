@@ -73,6 +73,7 @@ def transformer_config(cfg: ExperimentConfig):
         # MoE. The router is built at k_max; the elastic k is chosen per forward by the router.
         num_moe_experts=moe.num_experts,
         moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
         moe_layer_freq=moe.layer_freq,
         moe_router_topk=mat.k_max,
         moe_router_pre_softmax=mat.normalization == "softmax_topk",
@@ -152,6 +153,7 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h + qk_norm
     dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)
     expert = 3 * h * moe.expert_ffn_hidden_size
+    shared = 3 * h * (moe.shared_expert_ffn_hidden_size or 0)
     columns = iter(expert_columns(cfg, width))
     router = moe.num_experts * h
     if cfg.matryoshka.gate_temperature == "learned":
@@ -163,8 +165,8 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     for is_moe in cfg.moe_layer_pattern():
         layer = attention + 2 * norm
         if is_moe:
-            total += layer + router + moe.num_experts * expert
-            active += layer + router + next(ks) * 3 * h * next(columns)
+            total += layer + router + moe.num_experts * expert + shared
+            active += layer + router + next(ks) * 3 * h * next(columns) + shared
         else:
             total += layer + dense_mlp
             active += layer + dense_mlp

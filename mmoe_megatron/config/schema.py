@@ -65,6 +65,11 @@ class MoEConfig:
     num_experts: int = field(ge=2)
     expert_ffn_hidden_size: int = field(ge=1)
     """Hidden width of each routed expert (SwiGLU)."""
+    shared_expert_ffn_hidden_size: Optional[int] = field(None, ge=1)
+    """Hidden width of an always-on shared expert (SwiGLU) in every MoE layer, added to the routed
+    experts' output at every k (DeepSeek-MoE, Qwen2-MoE; megatron-core's SharedExpertMLP), so the
+    routed experts need not each carry what every token needs; null = none. Dense weights (not
+    expert-parallel), full width at every expert width. Not exportable to Qwen3-MoE."""
     layer_freq: Union[int, list[int]] = 1
     """1 = every layer is MoE; N = every N-th layer; or a 0/1 list with one entry per layer."""
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"

@@ -150,6 +150,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "per block of ranks, so the model cannot be written without changing its outputs; export a "
             "model trained with topk_softmax or softmax_topk"
         )
+    if cfg.moe.shared_expert_ffn_hidden_size is not None:
+        raise ExportError(
+            f"moe.shared_expert_ffn_hidden_size={cfg.moe.shared_expert_ffn_hidden_size}: Qwen3-MoE has no "
+            "shared expert (its MoE layer is the routed experts alone), so the model cannot be written "
+            "without dropping part of every MoE layer's output; export a model trained without one"
+        )
     if not m.qk_layernorm:
         raise ExportError(
             "model.qk_layernorm=false: Qwen3-MoE always applies q_norm/k_norm (RMSNorm over head_dim), and "
