@@ -128,7 +128,7 @@ def _cell(values, signed=True):
 
 
 def report(spec, records: list[dict]) -> tuple[str, dict]:
-    from mmoe_megatron.evaluation.suite import domains
+    from mmoe_megatron.evaluation.suite import domains, specialists_of
 
     ks = [str(k) for k in spec.eval.curve_ks]
     domain_names = [d for d, _ in domains(spec)]
@@ -166,15 +166,15 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
     lines += ["", "Tax of each elastic model (elastic minus specialist at the specialist's k, paired by seed), "
               "both at T = 1 and both calibrated:", "",
               "| model | domain | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|---|" + "---:|" * len(ks)]
-    specialists = {r["trained_k"]: {} for r in records if r["role"] == "specialist"}
-    for r in records:
-        if r["role"] == "specialist":
-            specialists[r["trained_k"]][r["seed"]] = r
+    by_name = {member.name: member for member in spec.members}
     taxes = {}
     for m in members:
         rs = [r for r in records if r["member"] == m and r["role"] == "elastic"]
         if not rs:
             continue
+        # k -> seed -> record of its specialists (those it names, else the unnamed ones).
+        specialists = {k: {r["seed"]: r for r in records if r["member"] == name}
+                       for name, k in specialists_of(spec.members, by_name[m]).items()}
         for d in domain_names:
             cells = []
             for k in ks:

@@ -31,13 +31,13 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
     fraction, domain, k and seed, with the tokens each run had trained on (from the runs' results
     kept in `results_dir`/<suite name>/)."""
     from mmoe_megatron.evaluation.compare import fraction_steps
-    from mmoe_megatron.evaluation.suite import load_suite, member_config, specialist_k
+    from mmoe_megatron.evaluation.suite import load_suite, member_config, specialists_of
 
     spec = load_suite(suite_path)
     members = {m.name: m for m in spec.members}
     if elastic not in members:
         raise ValueError(f"{spec.name} has no member {elastic!r}; members: {sorted(members)}")
-    specialists = {specialist_k(m): m.name for m in spec.members if m.role == "specialist"}
+    specialists = {k: name for name, k in specialists_of(spec.members, members[elastic]).items()}
     missing = [k for k in ks if k not in specialists]
     if missing:
         raise ValueError(f"{spec.name} has no specialist at k = {missing} (its specialists: "

@@ -43,8 +43,11 @@ def _record(member, role, seed, trained_k, valid):
 
 
 def test_tax_pairs_elastic_and_specialist_by_seed():
-    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[2], heldout=[], data_seed=None),
-                           members=[SimpleNamespace(name="elastic"), SimpleNamespace(name="k2")])
+    from mmoe_megatron.evaluation.suite import MemberSpec
+
+    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[2], heldout=[], data_seed=None), members=[
+        MemberSpec("elastic", "elastic"),
+        MemberSpec("k2", "specialist", {"matryoshka.strategy": "fixed", "matryoshka.ks": [2]})])
     records = [_record("elastic", "elastic", 1, None, {2: (4.0, 3.9)}),
                _record("elastic", "elastic", 2, None, {2: (4.2, 4.0)}),
                _record("k2", "specialist", 1, 2, {2: (3.8, 3.8)}),

@@ -207,6 +207,62 @@ def test_comparison_aggregates_seeds_and_pairs_the_tax():
     assert "Learning curve of the tax" in text
 
 
+def test_an_elastic_member_that_names_its_specialists_is_taxed_against_those_only():
+    """Two architectures in one suite: each elastic model against the specialists of its own (the
+    named ones, or the unnamed ones), at every k, never against the other's at the same k."""
+    from mmoe_megatron.evaluation.compare import comparison
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+
+    fixed = lambda k, **o: {"matryoshka.strategy": "fixed", "matryoshka.ks": [k], **o}  # noqa: E731
+    spec = SuiteSpec(name="s", base="b", seeds=[1], eval=EvalSpec(fractions=[1.0]), members=[
+        MemberSpec("elastic", "elastic"),
+        MemberSpec("k1", "specialist", fixed(1)), MemberSpec("k4", "specialist", fixed(4)),
+        MemberSpec("shared", "elastic", {"moe.shared_expert_ffn_hidden_size": 8},
+                   specialists=["k1_shared", "k4_shared"]),
+        MemberSpec("k1_shared", "specialist", fixed(1, **{"moe.shared_expert_ffn_hidden_size": 8})),
+        MemberSpec("k4_shared", "specialist", fixed(4, **{"moe.shared_expert_ffn_hidden_size": 8}))])
+
+    def rec(member, role, k, a, b):  # losses a at k = 1 and b at k = 4
+        return _record(member, 1, role, k, {1.0: {"valid": {"1": a, "4": b}}}, trained_ks=(1, 4))
+
+    records = [rec("elastic", "elastic", None, 5.0, 4.8), rec("k1", "specialist", 1, 5.1, 5.3),
+               rec("k4", "specialist", 4, 5.5, 4.7), rec("shared", "elastic", None, 4.9, 4.5),
+               rec("k1_shared", "specialist", 1, 4.6, 5.0), rec("k4_shared", "specialist", 4, 5.2, 4.4)]
+    tax = comparison(spec, records)["tax"]
+    by_k = {m: {k: v["mean"] for k, v in tax[m]["valid"]["1"]["by_k"].items()} for m in tax}
+    assert by_k["elastic"] == {"1": pytest.approx(-0.1), "4": pytest.approx(0.1)}
+    assert by_k["shared"] == {"1": pytest.approx(0.3), "4": pytest.approx(0.1)}
+    # The share of the specialists' gain uses the member's own k = 1 specialist: 4.6 - 4.4.
+    assert tax["shared"]["valid"]["1"]["by_k"]["4"]["fraction_of_gain"] == pytest.approx(0.1 / 0.2)
+
+
+def test_named_specialists_must_be_specialists_one_per_k(tmp_path):
+    from mmoe_megatron.config import ConfigError
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    def suite(**shared):
+        path = tmp_path / "suite.yaml"
+        fixed = lambda k: {"matryoshka.strategy": "fixed", "matryoshka.ks": [k]}  # noqa: E731
+        path.write_text(yaml.safe_dump({
+            "name": "sp", "base": os.path.join(ROOT, "configs", "tiny.yaml"),
+            "overrides": {"model.vocab_size": 512, "data.mock": True},
+            "members": [{"name": "elastic", "role": "elastic"},
+                        {"name": "k2", "role": "specialist", "overrides": fixed(2)},
+                        {"name": "k2_other", "role": "specialist", "overrides": fixed(2)},
+                        {"name": "other", "role": "elastic", **shared}]}))
+        return str(path)
+
+    assert load_suite(suite(specialists=["k2_other"])).members[3].specialists == ["k2_other"]
+    with pytest.raises(ConfigError, match=r"members\[3\]\.specialists\[0\].*'elastic' is not a specialist"):
+        load_suite(suite(specialists=["elastic"]))
+    with pytest.raises(ConfigError, match=r"members\[3\]\.specialists.*two specialists at k = \[2\]"):
+        load_suite(suite(specialists=["k2", "k2_other"]))
+    # Unnamed, both k = 2 specialists would be every elastic member's: refused, with the fix.
+    with pytest.raises(ConfigError, match=r"'elastic' would be measured against two specialists at k = \[2\]; "
+                                          r"name its own"):
+        load_suite(suite())
+
+
 def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed():
     from mmoe_megatron.evaluation.compare import comparison, markdown
     from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec

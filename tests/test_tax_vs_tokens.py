@@ -129,3 +129,21 @@ def test_a_rung_without_runs_of_a_specialist_lists_the_other_ks(rungs, tmp_path,
     markdown, data = tvt.report([d], "el", [2, 4])
     assert "The rung rung-d has no run of the specialist at k = 4." in markdown
     assert [(s["k"], s["domain"]) for s in data["end_of_training"]] == [(2, "valid"), (2, "wiki")]
+
+
+def test_an_elastic_member_is_paired_with_the_specialists_it_names(tmp_path, small_tokenizer, small_datasets):
+    data = (small_tokenizer, small_datasets["sonnets"][0])
+    path = _suite(tmp_path, "rung-s", 100, [1], data)
+    with open(path, "a") as f:
+        f.write("  - {name: sh, role: elastic, specialists: [k2_sh], overrides: {moe.shared_expert_ffn_hidden_size: 16}}\n"
+                "  - {name: k2_sh, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [2], "
+                "moe.shared_expert_ffn_hidden_size: 16}}\n")
+    results = tmp_path / "results"
+    for member, (v, w) in {"el": (4.5, 5.5), "k2": (4.4, 5.6), "sh": (4.3, 5.3), "k2_sh": (4.0, 5.2)}.items():
+        _keep(results, "rung-s", member, 1, 100, {50: (v + 0.5, w + 0.5), 100: (v, w)})
+    end = {}
+    for elastic in ("el", "sh"):
+        _, data = tvt.report([tvt.rung(path, elastic, [2], str(results))], elastic, [2])
+        end[elastic] = {s["domain"]: s["tax_all_seeds"] for s in data["end_of_training"]}
+    assert end["el"] == {"valid": pytest.approx(0.1), "wiki": pytest.approx(-0.1)}  # against k2
+    assert end["sh"] == {"valid": pytest.approx(0.3), "wiki": pytest.approx(0.1)}  # against k2_sh

@@ -47,7 +47,7 @@ def _stats_or_none(values: list) -> dict:
 
 def comparison(spec, records: Optional[list[dict]] = None) -> dict:
     """Everything the report shows, as plain data."""
-    from mmoe_megatron.evaluation.suite import VALID, load_results
+    from mmoe_megatron.evaluation.suite import VALID, load_results, specialists_of
 
     records = load_results(spec) if records is None else records
     if not records:
@@ -83,11 +83,12 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                          "mean_loss_uniform_k": statistics.fmean(uniform) if uniform else None})
         tables[domain] = rows
 
-    specialists = {m.name: by_member[m.name][0]["trained_k"] for m in members
-                   if m.role == "specialist" and by_member[m.name][0]["trained_k"] is not None}
-    k_min_member = min(specialists, key=specialists.get) if specialists else None
     tax = {}
     for m in (m for m in members if m.role == "elastic"):
+        # Its specialists (those it names, else the unnamed ones) among the members with results.
+        specialists = specialists_of(spec.members, m)
+        specialists = {name: k for name, k in specialists.items() if name in by_member}
+        k_min_member = min(specialists, key=specialists.get) if specialists else None
         elastic = {r["seed"]: r for r in by_member[m.name]}
         trained_ks = by_member[m.name][0].get("trained_ks") or []
         tax[m.name] = {}

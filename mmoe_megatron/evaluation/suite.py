@@ -23,6 +23,8 @@ Suite file (YAML):
          equal_compute_to: elastic}       # as many steps as give the elastic member's compute
       - {name: elastic_data1, role: elastic, overrides: {data.seed: 1},
          same_runs_as: elastic}           # its seed 1 trains exactly elastic's seed 1: reused
+      - {name: shared, role: elastic, overrides: {moe.shared_expert_ffn_hidden_size: 64},
+         specialists: [k1_shared]}        # its tax against these (its own architecture's) only
 
 A run is one (member, seed). Runs go to runs/<suite>/<member> (no seeds) or
 runs/<suite>/<member>/seed<S>; the report to runs/<suite>/report.
@@ -72,6 +74,10 @@ class MemberSpec:
     member's run trains (the same config once the run's name and directory and the seeds that
     default to train.seed are resolved; checked), that run is this member's too: it is not
     trained again, and its result stands in reports for both."""
+    specialists: Optional[list[str]] = None
+    """An elastic member's own specialists (member names, one per k): its tax is measured against
+    these, e.g. specialists of its own architecture. Without it, against every specialist that no
+    member names here."""
 
 
 @dataclass
@@ -177,10 +183,47 @@ def load_suite(path: str) -> SuiteSpec:
                               f"no member {m.same_runs_as!r} listed before {m.name!r}; members: {names}")
     if not any(m.role == "elastic" for m in spec.members):
         raise ConfigError("members", "a suite needs one member with role: elastic")
+    _check_specialists(spec.members)
     for run in runs(spec):
         cfg = run_config(spec, run)  # fail now, not after hours of training the previous members
         _check_eval_points(spec, cfg)
     return spec
+
+
+def _check_specialists(members: list[MemberSpec]) -> None:
+    """Each elastic member's specialists are specialists of the suite, one per k."""
+    by_name = {m.name: m for m in members}
+    known = sorted(m.name for m in members if m.role == "specialist" and specialist_k(m) is not None)
+    for i, m in enumerate(members):
+        if m.specialists is None:
+            continue
+        if m.role != "elastic":
+            raise ConfigError(f"members[{i}].specialists", f"{m.name!r} has role {m.role}; only an elastic "
+                              "member names the specialists its tax is measured against")
+        for j, name in enumerate(m.specialists):
+            if name not in known:
+                raise ConfigError(f"members[{i}].specialists[{j}]", f"{name!r} is not a specialist of this "
+                                  f"suite (role: specialist, strategy fixed, one k); specialists: {known}")
+    for m in members:
+        if m.role == "elastic":
+            ks = sorted(specialists_of(members, m).values())
+            twice = sorted({k for k in ks if ks.count(k) > 1})
+            if twice:
+                where = (f"members[{members.index(m)}].specialists" if m.specialists is not None
+                         else "members")
+                raise ConfigError(where, f"{m.name!r} would be measured against two specialists at k = "
+                                  f"{twice}; name its own (specialists: [...]) so that each k has one")
+
+
+def specialists_of(members: list[MemberSpec], elastic: MemberSpec) -> dict[str, int]:
+    """The specialists an elastic member's tax is measured against (name -> the k it trains at):
+    those it names, else every specialist that no member names, in suite order."""
+    claimed = {name for m in members for name in (m.specialists or [])}
+    names = elastic.specialists if elastic.specialists is not None else [
+        m.name for m in members if m.role == "specialist" and m.name not in claimed]
+    by_name = {m.name: m for m in members}
+    return {name: specialist_k(by_name[name]) for name in names
+            if name in by_name and specialist_k(by_name[name]) is not None}
 
 
 def _check_eval_points(spec: SuiteSpec, cfg: ExperimentConfig) -> None:
