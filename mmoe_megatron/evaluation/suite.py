@@ -23,8 +23,11 @@ Suite file (YAML):
          equal_compute_to: elastic}       # as many steps as give the elastic member's compute
       - {name: elastic_data1, role: elastic, overrides: {data.seed: 1},
          same_runs_as: elastic}           # its seed 1 trains exactly elastic's seed 1: reused
+      - {name: k1_shared, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [1],
+                                                        moe.shared_expert_ffn_hidden_size: 64}}
       - {name: shared, role: elastic, overrides: {moe.shared_expert_ffn_hidden_size: 64},
-         specialists: [k1_shared]}        # its tax against these (its own architecture's) only
+         specialists: [k1_shared]}        # its tax against these (its own architecture's) only;
+                                          # the other elastic members' against k1
 
 A run is one (member, seed). Runs go to runs/<suite>/<member> (no seeds) or
 runs/<suite>/<member>/seed<S>; the report to runs/<suite>/report.
@@ -192,7 +195,6 @@ def load_suite(path: str) -> SuiteSpec:
 
 def _check_specialists(members: list[MemberSpec]) -> None:
     """Each elastic member's specialists are specialists of the suite, one per k."""
-    by_name = {m.name: m for m in members}
     known = sorted(m.name for m in members if m.role == "specialist" and specialist_k(m) is not None)
     for i, m in enumerate(members):
         if m.specialists is None:
