@@ -206,13 +206,12 @@ def _check_specialists(members: list[MemberSpec]) -> None:
             if name not in known:
                 raise ConfigError(f"members[{i}].specialists[{j}]", f"{name!r} is not a specialist of this "
                                   f"suite (role: specialist, strategy fixed, one k); specialists: {known}")
-    for m in members:
+    for i, m in enumerate(members):
         if m.role == "elastic":
             ks = sorted(specialists_of(members, m).values())
             twice = sorted({k for k in ks if ks.count(k) > 1})
             if twice:
-                where = (f"members[{members.index(m)}].specialists" if m.specialists is not None
-                         else "members")
+                where = f"members[{i}].specialists" if m.specialists is not None else "members"
                 raise ConfigError(where, f"{m.name!r} would be measured against two specialists at k = "
                                   f"{twice}; name its own (specialists: [...]) so that each k has one")
 
