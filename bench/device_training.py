@@ -1,0 +1,191 @@
+"""A suite member's training on a GPU against the same run on CPU: loss per step and speed.
+
+    python -m bench.device_training run --suite S --member M [--member M2] [--seed 1] --steps 200
+    python -m bench.device_training report
+
+`run` trains each member's configuration (the suite's overrides, the member's, the seed) for
+`--steps` steps through the user entry point, `mmoe_megatron.train`, on whatever device this
+machine gives it (CUDA when present), logging every step, and keeps
+`<records-dir>/<device>-<member>-s<seed>.json`: the loss and tokens/s of every step, the device,
+the code version. The k and width draws come from seeded CPU generators and the data order from
+the seed, so a CUDA run and a CPU run of the same member and seed see the same tokens at the same
+ks: their losses differ only by the devices' rounding, which compounds over the steps.
+
+`report` pairs the CUDA and CPU records of each member and seed: |loss(CUDA) - loss(CPU)| per
+step (how far apart at steps 1, 10, 50 and the last, and the mean over the last tenth), set
+against how far two seeds of the same member are apart on CPU when both were run (what "the same
+run" can be told from), and the steps per second on each device (median after the first ten).
+It writes bench/results/device_training.json and its RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.common import RESULTS, ROOT, write_result
+
+RECORDS = os.path.join(RESULTS, "device_training")
+SKIP_STEPS = 10
+"""Steps left out of the speed figures (start-up, allocator warm-up)."""
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str) -> str:
+    import torch
+
+    from mmoe_megatron.evaluation.suite import code_version, load_suite, member_overrides
+    from mmoe_megatron.training.metrics import read_metrics
+
+    spec = load_suite(suite)
+    member = next((m for m in spec.members if m.name == member_name), None)
+    if member is None:
+        raise SystemExit(f"no member {member_name!r} in {suite}; members: {[m.name for m in spec.members]}")
+    device = device_name()
+    run_dir = os.path.join(ROOT, "runs", "device_training", device, f"{member_name}-s{seed}")
+    # The suite's overrides at this seed, then this benchmark's: fewer steps (the schedule scaled to
+    # them, the same on both devices), every step logged, one checkpoint at the end.
+    overrides = [(k, v) for k, v in member_overrides(spec, member, seed)
+                 if k not in ("checkpoint.keep_steps", "logging.dir")]
+    overrides += [("train.train_iters", steps), ("train.log_interval", 1),
+                  ("optimizer.warmup_iters", max(1, steps // 10)), ("checkpoint.save_interval", steps),
+                  ("checkpoint.keep_last", 1), ("logging.dir", run_dir)]
+    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]
+    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + args
+    if os.path.isdir(run_dir):
+        import shutil
+
+        shutil.rmtree(run_dir)
+    start = time.time()
+    print("+ " + " ".join(cmd), flush=True)
+    status = subprocess.call(cmd, cwd=ROOT)
+    wall = time.time() - start
+    history = read_metrics(run_dir)["train"]
+    if status != 0 or len(history) < steps:
+        raise SystemExit(f"{member_name} seed {seed} on {device}: training exited with {status} after "
+                         f"{len(history)} of {steps} logged steps (log: {run_dir})")
+    record = {
+        "suite": spec.name, "member": member_name, "seed": seed, "steps": steps, "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "torch": torch.__version__, "code_version": code_version(ROOT), "wall_s": wall,
+        "loss": [history[s]["loss"] for s in range(1, steps + 1)],
+        "tokens_per_s": [history[s]["tokens_per_s"] for s in range(1, steps + 1)],
+        "tokens_per_step": spec_tokens_per_step(overrides, spec.base),
+    }
+    os.makedirs(records_dir, exist_ok=True)
+    path = os.path.join(records_dir, f"{device}-{member_name}-s{seed}.json")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    print(f"wrote {path} ({wall:.0f} s)", flush=True)
+    return path
+
+
+def spec_tokens_per_step(overrides: list, base: str) -> int:
+    from mmoe_megatron.config import load_config
+
+    cfg = load_config(base, overrides)
+    return cfg.train.global_batch_size * cfg.data.seq_length
+
+
+def load_records(records_dir: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(records_dir, name)) as f:
+                r = json.load(f)
+            out[(r["device"], r["member"], r["seed"])] = r
+    return out
+
+
+def gaps(a: list[float], b: list[float]) -> dict:
+    """|a - b| per step, summarised: at steps 1, 10, 50 and the last, and the mean over the last
+    tenth of the steps (the same tokens in both, so no sampling noise enters)."""
+    n = min(len(a), len(b))
+    d = [abs(x - y) for x, y in zip(a[:n], b[:n])]
+    tail = d[n - max(1, n // 10):]
+    return {"at": {str(s): d[s - 1] for s in (1, 10, 50, n) if s <= n}, "last_tenth_mean": statistics.fmean(tail),
+            "max": max(d)}
+
+
+def steps_per_s(record: dict) -> float:
+    rates = record["tokens_per_s"][SKIP_STEPS:] or record["tokens_per_s"]
+    return statistics.median(rates) / record["tokens_per_step"]
+
+
+def report(records_dir: str, results_dir: str = RESULTS) -> dict:
+    records = load_records(records_dir)
+    rows = []
+    for (device, member, seed), cuda in sorted(records.items()):
+        if device != "cuda" or ("cpu", member, seed) not in records:
+            continue
+        cpu = records[("cpu", member, seed)]
+        other = next((r for (d, m, s), r in sorted(records.items()) if d == "cpu" and m == member and s != seed), None)
+        rows.append({
+            "member": member, "seed": seed, "steps": min(cuda["steps"], cpu["steps"]),
+            "device_gap": gaps(cuda["loss"], cpu["loss"]),
+            "seed_gap": gaps(other["loss"], cpu["loss"]) if other else None,
+            "seed_gap_seeds": [seed, other["seed"]] if other else None,
+            "cuda_steps_per_s": steps_per_s(cuda), "cpu_steps_per_s": steps_per_s(cpu),
+            "cuda_device": cuda["device_name"], "cuda_torch": cuda["torch"], "cpu_torch": cpu["torch"],
+            "code_versions": sorted({cuda["code_version"], cpu["code_version"]}),
+            "final_loss": {"cuda": cuda["loss"][-1], "cpu": cpu["loss"][-1]},
+        })
+    if not rows:
+        raise SystemExit(f"no member has both a CUDA and a CPU record in {records_dir}")
+    lines = ["The same run (suite member, seed, data order, k and width draws) trained on a GPU and on "
+             "this project's CPU machine through `mmoe_megatron.train`, fp32, every step logged. "
+             "|loss(CUDA) - loss(CPU)| per step is rounding compounding over the steps; the seed gap "
+             "(two seeds of the member on CPU) is the size of a real difference between runs.", "",
+             "| member | seed | steps | loss CUDA / CPU at the last step | device gap at 1 / 10 / 50 / last | "
+             "device gap, mean of the last tenth | seed gap, mean of the last tenth | steps/s CUDA / CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        at = r["device_gap"]["at"]
+        seed_gap = f"{r['seed_gap']['last_tenth_mean']:.4f}" if r["seed_gap"] else "-"
+        lines.append(f"| {r['member']} | {r['seed']} | {r['steps']} | {r['final_loss']['cuda']:.4f} / "
+                     f"{r['final_loss']['cpu']:.4f} | {' / '.join(f'{v:.5f}' for v in at.values())} | "
+                     f"{r['device_gap']['last_tenth_mean']:.4f} | {seed_gap} | "
+                     f"{r['cuda_steps_per_s']:.2f} / {r['cpu_steps_per_s']:.2f} |")
+    r0 = rows[0]
+    lines += ["", f"CUDA: {r0['cuda_device']}, torch {r0['cuda_torch']}; CPU: torch {r0['cpu_torch']}; "
+              f"code version(s) {', '.join(r0['code_versions'])}."]
+    data = {"rows": rows}
+    write_result("device_training", "A suite member's training on CUDA against CPU", "\n".join(lines) + "\n",
+                 data, results_dir)
+    return data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--suite", required=True)
+    r.add_argument("--member", action="append", required=True)
+    r.add_argument("--seed", type=int, action="append", default=None)
+    r.add_argument("--steps", type=int, default=200)
+    r.add_argument("--records-dir", default=RECORDS)
+    rep = sub.add_parser("report")
+    rep.add_argument("--records-dir", default=RECORDS)
+    rep.add_argument("--results-dir", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.command == "run":
+        for member in args.member:
+            for seed in args.seed or [1]:
+                train(args.suite, member, seed, args.steps, args.records_dir)
+        return 0
+    report(args.records_dir, args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
