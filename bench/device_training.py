@@ -41,7 +41,8 @@ def device_name() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str) -> str:
+def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
+          version: str | None = None) -> str:
     import torch
 
     from mmoe_megatron.evaluation.suite import code_version, load_suite, member_overrides
@@ -77,7 +78,7 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str)
     record = {
         "suite": spec.name, "member": member_name, "seed": seed, "steps": steps, "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "torch": torch.__version__, "code_version": code_version(ROOT), "wall_s": wall,
+        "torch": torch.__version__, "code_version": version or code_version(ROOT), "wall_s": wall,
         "loss": [history[s]["loss"] for s in range(1, steps + 1)],
         "tokens_per_s": [history[s]["tokens_per_s"] for s in range(1, steps + 1)],
         "tokens_per_step": spec_tokens_per_step(overrides, spec.base),
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, action="append", default=None)
     r.add_argument("--steps", type=int, default=200)
     r.add_argument("--records-dir", default=RECORDS)
+    r.add_argument("--code-version", default=None,
+                   help="the commit trained, where the tree has no .git (a copy sent to a GPU machine)")
     rep = sub.add_parser("report")
     rep.add_argument("--records-dir", default=RECORDS)
     rep.add_argument("--results-dir", default=RESULTS)
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     if args.command == "run":
         for member in args.member:
             for seed in args.seed or [1]:
-                train(args.suite, member, seed, args.steps, args.records_dir)
+                train(args.suite, member, seed, args.steps, args.records_dir, args.code_version)
         return 0
     report(args.records_dir, args.results_dir)
     return 0
