@@ -150,7 +150,8 @@ def shutdown() -> None:
 # deterministically. Unset in normal runs, where `pause_point` costs one environment lookup.
 PAUSE_AT = "MMOE_PAUSE_AT"
 """Name of the point to pause at: `step_<n>` (the start of the n-th optimizer step, counted from 1
-as in the logs) or `save_<tag>` (after a checkpoint's files are written, before its manifest)."""
+as in the logs), `save_<tag>` (after a checkpoint's files are written, before its manifest) or
+`exit` (training ended, the process group not yet shut down)."""
 PAUSE_RANK = "MMOE_PAUSE_RANK"
 """Global rank that pauses (default 0)."""
 PAUSE_FILE = "MMOE_PAUSE_FILE"

@@ -8,13 +8,19 @@ The sbatch scripts in slurm/ call this around the step (`run_step` in slurm/comm
     (member, seed) counted as the suite's `runs` are)
 
 `begin` notes the newest complete checkpoint of the run as this attempt starts. `decide` prints
-one line saying what happens and why, and exits 0 when the script should requeue the job:
+one line saying what happens and why, and exits 0 when the script should requeue the job, 3
+(`FINISHED`) when the run had finished whatever the exit code, else 1:
 
 - exit code 75 (the trainer checkpointed on SIGUSR1/SIGTERM, e.g. the pre-limit signal):
   requeue; these requeues are not counted as retries. So is any other exit code when this
   attempt's newest checkpoint says it was written on a stop signal: srun's --kill-on-bad-exit
   ends the ranks still shutting down once the first exits 75, and the step then reports theirs
   (143);
+- any other exit code when the run's newest complete checkpoint is its last step
+  (`train.train_iters`) and was not written on a stop signal: the run has finished (the final
+  evaluation comes before that checkpoint), and the exit code came from a rank ended after it,
+  e.g. by srun's --wait while it was still shutting down. Not requeued; `decide` exits
+  `FINISHED` and the script ends the step as a success, naming the exit code it ignored;
 - any other failure (a crashed or killed rank, a lost node): requeue only while the job has
   been retried fewer than `--max-retries` times (MMOE_MAX_RETRIES, default 3) and a complete
   checkpoint newer than the one noted at `begin` exists, i.e. this attempt made progress. A crash
@@ -41,7 +47,7 @@ from mmoe_megatron.training.metrics import read_jsonl
 
 DEFAULT_MAX_RETRIES = 3
 MAX_RETRIES_ENV = "MMOE_MAX_RETRIES"
-REQUEUE, STOP = 0, 1  # exit codes of `decide`
+REQUEUE, STOP, FINISHED = 0, 1, 3  # exit codes of `decide`
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,16 @@ class Decision:
     requeue: bool
     counts_as_retry: bool
     reason: str
+    finished: bool = False
+    """The run's last checkpoint is complete: the step's failure came after the training ended."""
 
 
 def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
            newest_at_start: Optional[int], newest_now: Optional[int], started: bool = True,
-           newest_stopped_on_signal: bool = False) -> Decision:
+           newest_stopped_on_signal: bool = False, final_step: Optional[int] = None) -> Decision:
     """Whether job `job`, whose step exited with `exit_code`, goes back to the queue (pure).
-    `newest_stopped_on_signal`: the checkpoint of `newest_now` was written on a stop signal."""
+    `newest_stopped_on_signal`: the checkpoint of `newest_now` was written on a stop signal.
+    `final_step`: the run's last step (`train.train_iters`), None if unknown."""
     preempted = f"preempted: checkpoint written; requeueing job {job}"
     if exit_code == EXIT_PREEMPTED:
         return Decision(True, False, preempted)
@@ -65,6 +74,12 @@ def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
             f"{preempted} ({tag_for(newest_now)}, written on the stop signal; exit code {exit_code} came "
             f"from a rank ended while shutting down, as srun does once another rank exited {EXIT_PREEMPTED})"))
     failed = f"the training step failed with exit code {exit_code}"
+    if final_step is not None and newest_now is not None and newest_now >= final_step \
+            and not newest_stopped_on_signal:
+        return Decision(False, False, (
+            f"training finished: {tag_for(newest_now)}, the last step's checkpoint, is complete, so exit "
+            f"code {exit_code} came after it (a rank ended while shutting down); not requeueing job {job}, "
+            "the step counts as a success"), finished=True)
     if not started:
         return Decision(False, False, f"not requeueing job {job}: {failed}, and this attempt's start was "
                                       "not recorded, so it cannot tell whether it made progress")
@@ -86,8 +101,8 @@ def decide(exit_code: int, job: str, retries_so_far: int, max_retries: int,
 # --- the run and its attempt log --------------------------------------------------------------
 
 
-def run_dirs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, str]:
-    """(run directory, checkpoint directory) of the training this job step ran."""
+def run_dirs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, str, int]:
+    """(run directory, checkpoint directory, last step) of the training this job step ran."""
     if args.suite is not None:
         from mmoe_megatron.evaluation.suite import load_suite, run_config, run_dir, select
 
@@ -99,9 +114,10 @@ def run_dirs(args: argparse.Namespace, overrides: list[str]) -> tuple[str, str]:
             labels = ", ".join(r.label for r in chosen)
             raise ValueError(f"--member {args.member} names {len(chosen)} runs ({labels}); "
                              "pass one run's index, as an array task does")
-        return run_dir(spec, chosen[0]), run_config(spec, chosen[0]).checkpoint_dir
+        cfg = run_config(spec, chosen[0])
+        return run_dir(spec, chosen[0]), cfg.checkpoint_dir, cfg.train.train_iters
     cfg = load_config(args.config, parse_overrides(overrides))
-    return cfg.run_dir, cfg.checkpoint_dir
+    return cfg.run_dir, cfg.checkpoint_dir, cfg.train.train_iters
 
 
 def _log_path(run_dir: str) -> str:
@@ -155,7 +171,7 @@ def main(argv=None) -> int:
             int(os.environ.get(MAX_RETRIES_ENV, DEFAULT_MAX_RETRIES))
         if max_retries < 0:
             raise ValueError(f"the retry limit must be >= 0, got {max_retries}")
-        run_dir, ckpt_dir = run_dirs(args, overrides)
+        run_dir, ckpt_dir, final_step = run_dirs(args, overrides)
     except (ConfigError, ValueError) as e:
         print(f"=== error: {e}; not requeueing", flush=True)
         return 2
@@ -172,12 +188,13 @@ def main(argv=None) -> int:
     retries = sum(1 for r in records if r["event"] == "retry")
     decision = decide(args.exit_code, job, retries, max_retries,
                       begins[-1]["newest_checkpoint"] if begins else None, newest, started=bool(begins),
-                      newest_stopped_on_signal=stopped_on_signal(ckpt_dir, newest))
-    event = "retry" if decision.counts_as_retry else ("requeue" if decision.requeue else "stop")
+                      newest_stopped_on_signal=stopped_on_signal(ckpt_dir, newest), final_step=final_step)
+    event = "retry" if decision.counts_as_retry else ("requeue" if decision.requeue else
+                                                      "finished" if decision.finished else "stop")
     _append(run_dir, {"job": job, "restart": restart, "event": event, "exit_code": args.exit_code,
                       "newest_checkpoint": newest, "reason": decision.reason})
     print(f"=== {_now()} {decision.reason}", flush=True)
-    return REQUEUE if decision.requeue else STOP
+    return REQUEUE if decision.requeue else FINISHED if decision.finished else STOP
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
             trainer.install_signal_handlers()
             trainer.fit()
             trainer.metrics.close()
+            distributed.pause_point("exit")
         finally:
             distributed.shutdown()
         return EXIT_PREEMPTED if trainer.preempted else 0

@@ -54,8 +54,9 @@ log_start() {
 # trains for `python -m mmoe_megatron.requeue` (--config X [overrides], or --suite S --member I).
 # If the step fails, mmoe_megatron.requeue decides (and says why) whether this job goes back to the
 # queue: always after a preemption (exit 75), after other failures only within the retry limit and
-# when this attempt completed a newer checkpoint. A requeued job starts again under the same job
-# id and resumes from the newest complete checkpoint.
+# when this attempt completed a newer checkpoint; never once the run's last checkpoint is complete
+# (a rank killed while shutting down after it fails the step: the step then counts as a success). A
+# requeued job starts again under the same job id and resumes from the newest complete checkpoint.
 run_training_step() {
   local run=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do run+=("$1"); shift; done
@@ -79,11 +80,14 @@ run_training_step() {
   local code=0
   "$@" || code=$?
   [ "$code" -eq 0 ] && return 0
-  if "$PYTHON" -m mmoe_megatron.requeue decide --exit-code "$code" "${run[@]}"; then
-    scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed (needs #SBATCH --requeue)"
-    exit 0
-  fi
-  exit "$code"
+  local verdict=0
+  "$PYTHON" -m mmoe_megatron.requeue decide --exit-code "$code" "${run[@]}" || verdict=$?
+  case "$verdict" in
+    0) scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed (needs #SBATCH --requeue)"
+       exit 0 ;;
+    3) return 0 ;;  # finished: the run's last checkpoint is complete (decide said which exit code it ignored)
+    *) exit "$code" ;;
+  esac
 }
 
 # `--dry-run` as the first argument of an sbatch script: print the steps instead of running them.

@@ -38,6 +38,41 @@ def test_a_stop_checkpoint_of_this_attempt_makes_any_exit_code_a_preemption():
     assert not decide(143, "7", 3, 3, 8, 8, newest_stopped_on_signal=True).requeue
 
 
+def test_a_run_whose_last_checkpoint_is_complete_has_finished_whatever_the_exit_code():
+    # srun --wait kills a rank still shutting down after the last step's checkpoint: the step
+    # exits 137, but there is nothing left to train, so neither a retry nor a requeue.
+    decision = decide(137, "7", 0, 3, 16, 20, final_step=20)
+    assert (decision.requeue, decision.counts_as_retry, decision.finished) == (False, False, True)
+    assert decision.reason.startswith("training finished: step_00000020, the last step's checkpoint, is complete, "
+                                      "so exit code 137 came after it")
+    # Also when it was complete before this attempt, and with the retries spent.
+    assert decide(1, "7", 3, 3, 20, 20, final_step=20).finished
+    # A checkpoint short of the last step is a failure as before; so is the last step's checkpoint
+    # written on a stop signal (its final evaluation did not run: requeued to do it).
+    assert not decide(137, "7", 0, 3, 16, 19, final_step=20).finished
+    assert decide(137, "7", 0, 3, 16, 19, final_step=20).counts_as_retry
+    stopped = decide(143, "7", 0, 3, 16, 20, newest_stopped_on_signal=True, final_step=20)
+    assert (stopped.requeue, stopped.finished) == (True, False)
+    assert decide(75, "7", 0, 3, 16, 20, final_step=20).requeue
+
+
+def test_the_command_ends_a_finished_run_and_logs_it(tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "run")
+    selector = ["--config", TINY, f"--logging.dir={run}", "--optimizer.warmup_iters=2", "--train.train_iters=12"]
+    monkeypatch.setenv("SLURM_JOB_ID", "11")
+    assert main(["begin", *selector]) == 0
+    _checkpoint(run, 12, {"step": 12})
+    assert main(["decide", "--exit-code", "137", *selector]) == 3
+    assert "training finished: step_00000012, the last step's checkpoint, is complete" in capsys.readouterr().out
+    with open(os.path.join(run, "slurm", "attempts.jsonl")) as f:
+        assert [r["event"] for r in map(json.loads, f)] == ["begin", "finished"]
+    # The same checkpoint is not the last step of a longer run: a failure without progress, which stops.
+    longer = [*selector[:-1], "--train.train_iters=24"]
+    assert main(["begin", *longer]) == 0
+    assert main(["decide", "--exit-code", "137", *longer]) == 1
+    assert "before writing a new checkpoint (the newest is still step_00000012)" in capsys.readouterr().out
+
+
 def test_the_command_reads_the_stop_from_the_checkpoint(tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
     selector = ["--config", TINY, f"--logging.dir={run}", "--max-retries", "0"]

@@ -5,7 +5,9 @@
 - a crash that recurs before the next checkpoint: retried once, then stopped, the reason logged;
 - node2 lost (its slurmd, the step's slurmstepd and rank 1 SIGKILLed): the allocation is released
   within RELEASE_BOUND_S instead of Slurm's SlurmdTimeout, and once node2 is back the job
-  completes with the losses of an uninterrupted run.
+  completes with the losses of an uninterrupted run;
+- rank 1 still shutting down after the last checkpoint, killed by srun's --wait: the run has
+  finished, so the job ends as a success without a requeue or a retry.
 
 Runs checkpoint every 4 steps. Rank 1 pauses at a chosen step (MMOE_PAUSE_AT) and the test kills it
 there; while the pause's pid file stays in place a retried run passes the point. Timings are
@@ -24,7 +26,7 @@ import time
 import pytest
 
 from tests.helpers import TINY, logged_steps
-from tests.slurm_cluster import TRAIN_ARGS, submit_waiting
+from tests.slurm_cluster import STEPS, TRAIN_ARGS, submit_waiting
 
 FAULT_ARGS = ["--gpus-per-node", "0", "--nodes", "2", *TRAIN_ARGS, "--checkpoint.save_interval=4"]
 RELEASE_BOUND_S = 60
@@ -187,3 +189,29 @@ def test_a_lost_node_releases_the_allocation_and_the_job_completes_once_it_is_ba
     (resume,) = _resumes(run)
     assert (resume["step"], resume["attempt"], resume["hosts"]) == (4, 2, ["node1", "node2"])
     assert logged_steps(run) == slurm_reference
+
+
+@pytest.mark.slow
+def test_a_rank_killed_after_the_last_checkpoint_leaves_a_finished_job_not_requeued(
+        slurm_cluster, slurm_reference, tmp_path):
+    run = str(tmp_path / "run")
+    marker = tmp_path / "paused.pid"
+    env = {"MMOE_PAUSE_AT": "exit", "MMOE_PAUSE_RANK": "1", "MMOE_PAUSE_FILE": str(marker)}
+    proc, job = submit_waiting(slurm_cluster, "--config", TINY, "--job-name", "done", *FAULT_ARGS,
+                               f"--logging.dir={run}", env=env)
+    try:
+        # Rank 1 stays in its shutdown until srun's --wait (10 s after rank 0 exited) kills it.
+        assert _paused_pid(marker, proc), "the job ended before rank 1 finished training"
+    finally:
+        out = _finish(proc)
+    log = _read(f"{run}/slurm/done-{job}.out")
+    last = f"step_{STEPS:08d}"
+    assert proc.returncode == 0, out[-2000:] + log[-4000:]
+    assert re.search(rf"training finished: {last}, the last step's checkpoint, is complete, so exit code \d+ "
+                     rf"came after it .*not requeueing job {job}", log), log[-4000:]
+    with open(f"{run}/slurm/attempts.jsonl") as f:
+        events = [(r["restart"], r["event"]) for r in map(json.loads, f)]
+    assert events == [(0, "begin"), (0, "finished")]
+    assert _resumes(run) == []
+    assert logged_steps(run) == slurm_reference
+    assert slurm_cluster.run(["squeue", "-h", "-j", job], check=False).stdout.strip() == ""
