@@ -11,10 +11,11 @@ the code version. The k and width draws come from seeded CPU generators and the 
 the seed, so a CUDA run and a CPU run of the same member and seed see the same tokens at the same
 ks: their losses differ only by the devices' rounding, which compounds over the steps.
 
-`report` pairs the CUDA and CPU records of each member and seed: |loss(CUDA) - loss(CPU)| per
-step (how far apart at steps 1, 10, 50 and the last, and the mean over the last tenth), set
-against how far two seeds of the same member are apart on CPU when both were run (what "the same
-run" can be told from), and the steps per second on each device (median after the first ten).
+`report` pairs the CUDA and CPU records of each member and seed: the first step whose losses
+differ by more than DIVERGED, the per-step gap at steps 10, 50 and the last, and the difference of
+the mean loss over the last tenth of the steps, set against the same difference between two seeds
+of the member on CPU when both were run; and the steps per second on each device (median after
+the first ten).
 It writes bench/results/device_training.json and its RESULTS.md section.
 """
 
@@ -83,12 +84,39 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
         "tokens_per_s": [history[s]["tokens_per_s"] for s in range(1, steps + 1)],
         "tokens_per_step": spec_tokens_per_step(overrides, spec.base),
     }
+    record["final_valid"] = final_valid(run_dir)
     os.makedirs(records_dir, exist_ok=True)
     path = os.path.join(records_dir, f"{device}-{member_name}-s{seed}.json")
     with open(path, "w") as f:
         json.dump(record, f)
     print(f"wrote {path} ({wall:.0f} s)", flush=True)
     return path
+
+
+def final_valid(run_dir: str) -> dict:
+    """The validation loss per k of the run's final evaluation (the same tokens on every device)."""
+    from mmoe_megatron.training.metrics import read_metrics
+
+    evals = read_metrics(run_dir)["eval"]
+    if not evals:
+        raise SystemExit(f"{run_dir}: no evaluation in metrics.jsonl")
+    return evals[max(evals, key=lambda key: key[1])]["loss"]
+
+
+def attach_final_valid(records_dir: str, runs_dir: str) -> None:
+    """Add `final_valid` to records written without it, from <runs_dir>/<device>/<member>-s<seed>
+    (a GPU machine's runs, brought back)."""
+    for name in sorted(os.listdir(records_dir)):
+        path = os.path.join(records_dir, name)
+        with open(path) as f:
+            record = json.load(f)
+        if "final_valid" in record:
+            continue
+        record["final_valid"] = final_valid(
+            os.path.join(runs_dir, record["device"], f"{record['member']}-s{record['seed']}"))
+        with open(path, "w") as f:
+            json.dump(record, f)
+        print(f"added the final validation losses to {path}")
 
 
 def spec_tokens_per_step(overrides: list, base: str) -> int:
@@ -108,14 +136,20 @@ def load_records(records_dir: str) -> dict:
     return out
 
 
+DIVERGED = 1e-4
+"""A per-step loss gap above this marks where two runs of the same tokens stop being the same."""
+
+
 def gaps(a: list[float], b: list[float]) -> dict:
-    """|a - b| per step, summarised: at steps 1, 10, 50 and the last, and the mean over the last
-    tenth of the steps (the same tokens in both, so no sampling noise enters)."""
+    """How runs `a` and `b` of the same tokens differ: the first step whose losses differ by more
+    than DIVERGED, |a - b| at steps 10, 50 and the last, and the difference of their mean losses
+    over the last tenth of the steps (a smoothed loss, comparable with a difference of seeds)."""
     n = min(len(a), len(b))
     d = [abs(x - y) for x, y in zip(a[:n], b[:n])]
-    tail = d[n - max(1, n // 10):]
-    return {"at": {str(s): d[s - 1] for s in (1, 10, 50, n) if s <= n}, "last_tenth_mean": statistics.fmean(tail),
-            "max": max(d)}
+    tail = max(1, n // 10)
+    return {"first_diverged_step": next((i + 1 for i, x in enumerate(d) if x > DIVERGED), None),
+            "at": {str(s): d[s - 1] for s in (10, 50, n) if s <= n},
+            "tail_mean_diff": statistics.fmean(a[n - tail:n]) - statistics.fmean(b[n - tail:n])}
 
 
 def steps_per_s(record: dict) -> float:
@@ -138,25 +172,37 @@ def report(records_dir: str, results_dir: str = RESULTS) -> dict:
             "seed_gap_seeds": [seed, other["seed"]] if other else None,
             "cuda_steps_per_s": steps_per_s(cuda), "cpu_steps_per_s": steps_per_s(cpu),
             "cuda_device": cuda["device_name"], "cuda_torch": cuda["torch"], "cpu_torch": cpu["torch"],
-            "code_versions": sorted({cuda["code_version"], cpu["code_version"]}),
+            "code_versions": sorted({cuda["code_version"], cpu["code_version"]}
+                                    | ({other["code_version"]} if other else set())),
             "final_loss": {"cuda": cuda["loss"][-1], "cpu": cpu["loss"][-1]},
+            "final_valid": {"cuda": cuda["final_valid"], "cpu": cpu["final_valid"],
+                            "other_seed": other["final_valid"] if other else None},
         })
     if not rows:
         raise SystemExit(f"no member has both a CUDA and a CPU record in {records_dir}")
     lines = ["The same run (suite member, seed, data order, k and width draws) trained on a GPU and on "
-             "this project's CPU machine through `mmoe_megatron.train`, fp32, every step logged. "
-             "|loss(CUDA) - loss(CPU)| per step is rounding compounding over the steps; the seed gap "
-             "(two seeds of the member on CPU) is the size of a real difference between runs.", "",
-             "| member | seed | steps | loss CUDA / CPU at the last step | device gap at 1 / 10 / 50 / last | "
-             "device gap, mean of the last tenth | seed gap, mean of the last tenth | steps/s CUDA / CPU |",
+             "this project's CPU machine through `mmoe_megatron.train`, fp32, every step logged. The "
+             "per-step losses agree until the devices' rounding has compounded into a different "
+             f"trajectory (first step with a gap above {DIVERGED:g}); from then on, compare the mean loss of "
+             "the last tenth of the steps with the difference between two seeds of the member on CPU.", "",
+             "| member | seed | steps | first step apart | per-step gap at 10 / 50 / last | "
+             "mean loss of the last tenth, CUDA - CPU | the same, another seed - this one (CPU) | steps/s CUDA / CPU |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        at = r["device_gap"]["at"]
-        seed_gap = f"{r['seed_gap']['last_tenth_mean']:.4f}" if r["seed_gap"] else "-"
-        lines.append(f"| {r['member']} | {r['seed']} | {r['steps']} | {r['final_loss']['cuda']:.4f} / "
-                     f"{r['final_loss']['cpu']:.4f} | {' / '.join(f'{v:.5f}' for v in at.values())} | "
-                     f"{r['device_gap']['last_tenth_mean']:.4f} | {seed_gap} | "
-                     f"{r['cuda_steps_per_s']:.2f} / {r['cpu_steps_per_s']:.2f} |")
+        g = r["device_gap"]
+        seed_gap = f"{r['seed_gap']['tail_mean_diff']:+.4f}" if r["seed_gap"] else "-"
+        lines.append(f"| {r['member']} | {r['seed']} | {r['steps']} | {g['first_diverged_step'] or 'none'} | "
+                     f"{' / '.join(f'{v:.4f}' for v in g['at'].values())} | {g['tail_mean_diff']:+.4f} | "
+                     f"{seed_gap} | {r['cuda_steps_per_s']:.2f} / {r['cpu_steps_per_s']:.2f} |")
+    lines += ["", "Validation loss at the last step (the run's final evaluation, the same tokens on both devices):",
+              "", "| member | seed | k | CUDA | CPU | CUDA - CPU | another seed - this one (CPU) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r["final_valid"]
+        for k in v["cpu"]:
+            other = f"{v['other_seed'][k] - v['cpu'][k]:+.4f}" if v["other_seed"] else "-"
+            lines.append(f"| {r['member']} | {r['seed']} | {k} | {v['cuda'][k]:.4f} | {v['cpu'][k]:.4f} | "
+                         f"{v['cuda'][k] - v['cpu'][k]:+.4f} | {other} |")
     r0 = rows[0]
     lines += ["", f"CUDA: {r0['cuda_device']}, torch {r0['cuda_torch']}; CPU: torch {r0['cpu_torch']}; "
               f"code version(s) {', '.join(r0['code_versions'])}."]
@@ -177,6 +223,9 @@ def main(argv=None) -> int:
     r.add_argument("--records-dir", default=RECORDS)
     r.add_argument("--code-version", default=None,
                    help="the commit trained, where the tree has no .git (a copy sent to a GPU machine)")
+    att = sub.add_parser("final-valid", help="add the final validation losses to records written without them")
+    att.add_argument("--records-dir", default=RECORDS)
+    att.add_argument("--runs-dir", required=True, help="holds <device>/<member>-s<seed>/metrics.jsonl")
     rep = sub.add_parser("report")
     rep.add_argument("--records-dir", default=RECORDS)
     rep.add_argument("--results-dir", default=RESULTS)
@@ -185,6 +234,9 @@ def main(argv=None) -> int:
         for member in args.member:
             for seed in args.seed or [1]:
                 train(args.suite, member, seed, args.steps, args.records_dir, args.code_version)
+        return 0
+    if args.command == "final-valid":
+        attach_final_valid(args.records_dir, args.runs_dir)
         return 0
     report(args.records_dir, args.results_dir)
     return 0
