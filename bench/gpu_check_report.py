@@ -32,15 +32,24 @@ def markdown(check) -> str:
 
     if check.parity:
         lines += ["", "Parity against the local spec in fp32 on the same device, tokens and weights (init std "
-                  "1/sqrt(hidden); slimmable experts, full width except in the last two cases); differences "
-                  "in nats and as a share of the spread of the reference's "
-                  f"per-token losses (tolerance: mean {runs.MEAN_LOSS_TOL:.0%}, per token {runs.TOKEN_LOSS_TOL:.0%}):", "",
-                  "| candidate (bf16) | k or case | reference loss | candidate loss | token loss spread | mean diff | per-token diff | within |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+                  "1/sqrt(hidden); slimmable experts, full width except in the last two cases), every MoE layer "
+                  "routed to the experts the reference chose (route replay); differences in nats and as a "
+                  "share of the spread of the reference's "
+                  f"per-token losses (tolerance: mean {runs.MEAN_LOSS_TOL:.0%}, per token {runs.TOKEN_LOSS_TOL:.0%}). "
+                  "Beside it, not judged: the per-token difference with the candidate's own routing, and the "
+                  "share of tokens it ranks as the reference does in the first and the last MoE layer (bf16 "
+                  "rounding flips near-tied rankings; a flip changes the token and, through attention, the "
+                  "tokens after it, and the flips compound over the layers):", "",
+                  "| candidate (bf16) | k or case | reference loss | candidate loss | token loss spread | mean diff | "
+                  "per-token diff | within | own routing: per-token diff | ranked as the reference, first / last layer |",
+                  "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
         for r in check.parity:
+            own, same = r.get("own_routing"), r.get("routes_identical")
             lines.append(f"| {r['candidate']} | {r['case']} | {r['reference_loss']:.4f} | {r['candidate_loss']:.4f} | "
                          f"{r['token_loss_spread']:.3f} | {r['mean_loss_diff']:.1e} ({r['mean_rel']:.1%}) | "
-                         f"{r['token_loss_diff']:.1e} ({r['token_rel']:.1%}) | {'yes' if r['passed'] else '**no**'} |")
+                         f"{r['token_loss_diff']:.1e} ({r['token_rel']:.1%}) | {'yes' if r['passed'] else '**no**'} | "
+                         + (f"{own['token_loss_diff']:.1e} ({own['token_rel']:.1%}) | {same[0]:.1%} / {same[-1]:.1%} |"
+                            if own is not None else "- | - |"))
 
     if check.training:
         first = next(iter(check.training.values()))

@@ -72,6 +72,15 @@ class MatryoshkaRouter(TopKRouter):
     only the experts that its k added to the prefix served at k // 2: they fit what the prefix
     misses, as the stages of boosting do. The router's gradient and every value are unchanged.
     A sign is exact in any dtype and rides through the dispatchers with the weights.
+
+    Route logging and replay, to compare two copies of a model (another dtype or layer spec) on
+    the same experts: with `route_log` a list, every forward appends its ranked expert ids [T, W];
+    with `route_replay` a list of such ids (another copy's log), every forward ranks the next
+    entry's experts instead of its own, gathering its own scores for them (so its weights, ks and
+    widths are still its own), and ranks its own best experts after them where it needs more. In
+    bf16 a near-tied ranking flips, which changes the token's output and, through attention, every
+    later token's; replay keeps such flips out of an arithmetic comparison. megatron-core's own
+    router replay (`moe_enable_routing_replay`) is not supported.
     """
 
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
@@ -137,6 +146,8 @@ class MatryoshkaRouter(TopKRouter):
             )
             setattr(self.log_block_gate, "sequence_parallel", config.sequence_parallel)
         self.k_max_trained = config.moe_router_topk
+        self.route_log: Optional[list] = None
+        self.route_replay: Optional[list] = None
         self._k: int = config.moe_router_topk
         self._token_ks_SB: Optional[torch.Tensor] = None
         self._width: int = config.moe_router_topk
@@ -208,6 +219,31 @@ class MatryoshkaRouter(TopKRouter):
         """Which of the W ranked experts each token uses: the first k (Matryoshka nesting)."""
         return leading_slots(ranked_TW, budget)
 
+    def _rank(self, ranked_by_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranking_width() best experts of every token, best first, and their scores: this
+        forward's own, or under `route_replay` the next logged ranking's (then the token's own
+        best experts outside it, where more are needed)."""
+        width = self.ranking_width()
+        if self.route_replay is not None:
+            if not self.route_replay:
+                raise RuntimeError("route_replay ran out: this copy ran more forwards than the one logged")
+            ids_TW = self.route_replay.pop(0).to(ranked_by_TE.device)
+            if ids_TW.shape[0] != ranked_by_TE.shape[0]:
+                raise ValueError(f"route_replay holds {ids_TW.shape[0]} tokens' ranking, this forward has "
+                                 f"{ranked_by_TE.shape[0]}")
+            if width > ids_TW.shape[1]:
+                own_TE = torch.argsort(ranked_by_TE, dim=1, descending=True)
+                new_TE = ~(own_TE.unsqueeze(2) == ids_TW.unsqueeze(1)).any(dim=2)
+                rest = own_TE.masked_select(new_TE).view(ids_TW.shape[0], -1)
+                ids_TW = torch.cat([ids_TW, rest], dim=1)
+            ids_TW = ids_TW[:, :width]
+            ranked_TW = ranked_by_TE.gather(1, ids_TW)
+        else:
+            ranked_TW, ids_TW = torch.topk(ranked_by_TE, k=width, dim=1, sorted=True)
+        if self.route_log is not None:
+            self.route_log.append(ids_TW.detach())
+        return ranked_TW, ids_TW
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         if padding_mask is not None:
             raise NotImplementedError("padded batches are not used in pretraining; pack sequences")
@@ -218,7 +254,7 @@ class MatryoshkaRouter(TopKRouter):
 
         scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
         ranked_by_TE = scores_TE if self.pre_softmax else logits_TE
-        ranked_TW, ids_TW = torch.topk(ranked_by_TE, k=self.ranking_width(), dim=1, sorted=True)
+        ranked_TW, ids_TW = self._rank(ranked_by_TE)
         active_TW = self.slot_mask(ranked_TW, ids_TW, budget, scores_TE)
 
         if self.pre_softmax:

@@ -47,6 +47,14 @@ def test_every_failure_is_reported_and_the_other_checks_still_run(faulty_run):
     for case in ("2", "per-token k and width"):
         broken = next(r for r in data["parity"] if r["case"] == case)
         assert broken["token_loss_diff"] > data["tolerances"]["token_loss_rel"] * broken["token_loss_spread"]
+    # Judged with every layer routed to the reference's experts (route replay), so an extra expert
+    # is still caught; the candidate's own routing is reported beside, with the share of tokens it
+    # ranks alike in each MoE layer. Where it ranked every token alike, replay changes nothing.
+    for r in data["parity"]:
+        assert len(r["routes_identical"]) == 2 and all(0 <= x <= 1 for x in r["routes_identical"])
+        if all(x == 1.0 for x in r["routes_identical"]):
+            assert r["token_loss_diff"] == r["own_routing"]["token_loss_diff"]
+    assert not next(r for r in data["parity"] if r["case"] == "2")["own_routing"]["passed"]
     detail = next(c["detail"] for c in data["checks"] if c["name"] == "parity:local bf16")
     assert "k = 2 (" in detail and "per-token k and width (" in detail
     # The narrower widths change the model: their losses are not the full-width ones.
@@ -88,6 +96,7 @@ def test_the_report_says_what_was_measured(faulty_run):
     assert env["transformer_engine"] is False and env["grouped_gemm"] is False
     assert "Transformer Engine is not installed here" in md and "the local megatron-core layer spec" in md
     assert "| local bf16 | 2 |" in md and "**no**" in md
+    assert "routed to the experts the reference chose (route replay)" in md and "own routing" in md
     assert "**Verdict: FAILED**" in md
 
 

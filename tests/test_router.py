@@ -430,3 +430,36 @@ def test_a_nested_model_starts_as_top_k_then_softmax_at_k_max(single_process_mco
             losses[k] = (forward_loss(plain, tokens, labels).item(), forward_loss(nested, tokens, labels).item())
     assert losses[4][1] == pytest.approx(losses[4][0], abs=1e-5)
     assert abs(losses[2][1] - losses[2][0]) > 1e-4
+
+
+def test_a_replayed_ranking_routes_another_copy_to_the_logged_experts(single_process_mcore):
+    router = make_router(single_process_mcore)
+    other = make_router(single_process_mcore)
+    with torch.no_grad():  # another copy whose own ranking differs
+        other.weight.copy_(torch.randn(other.weight.shape, generator=torch.Generator().manual_seed(5)))
+    x = hidden()
+    router.set_k(2)
+    router.route_log = []
+    probs_TE, map_TE = router(x)
+    (logged,) = router.route_log
+    assert [set(row.tolist()) for row in logged] == expected_topk_sets(router.gating(x).view(-1, E), 2)
+    other.set_k(2)
+    own_TE = other(x)[1]
+    assert not torch.equal(own_TE, map_TE)  # the test means something
+    other.route_replay = [logged]
+    replayed_probs_TE, replayed_TE = other(x)
+    assert torch.equal(replayed_TE, map_TE) and other.route_replay == []
+    # The weights are the copy's own scores of those experts (topk_softmax over them).
+    logits_TE = other.gating(x).view(-1, E).float()
+    expected = torch.softmax(logits_TE.gather(1, logged), dim=1)
+    assert torch.allclose(replayed_probs_TE.gather(1, logged), expected, atol=1e-6)
+    # A copy routed at a wider k keeps the logged experts first and adds its own best after them.
+    other.set_k(3)
+    other.route_replay = [logged]
+    wider_TE = other(x)[1]
+    own_order = torch.argsort(logits_TE, dim=1, descending=True)
+    for t in range(wider_TE.shape[0]):
+        third = next(e for e in own_order[t].tolist() if e not in logged[t].tolist())
+        assert set(torch.nonzero(wider_TE[t]).flatten().tolist()) == set(logged[t].tolist()) | {third}
+    with pytest.raises(RuntimeError, match="route_replay ran out"):
+        other(x)
