@@ -14,7 +14,9 @@ did, each failure printed:
   train:<variant>  ~30 bf16 steps of a model of 135-400 M active parameters at fixed k (the
                    Matryoshka router and megatron-core's stock router) and with per-token ks:
                    tokens/s, MFU (3 x the project's forward FLOPs per token, config/derive.py,
-                   against --peak-tflops), peak memory
+                   against --peak-tflops), peak memory. The runs a verdict compares (both
+                   routers at one k; at k = 4 also per-token ks) are built together and timed
+                   in turns of 5 steps, so that a slow spell of the host hits them alike
   verdict:*        router overhead (Matryoshka / stock step time at each k, goal <= 1.02),
                    elastic per-token ks against the fixed k at their mean (goal <= 1.05), and
                    the first-step loss of both routers at the same k
@@ -74,6 +76,8 @@ class GpuCheck:
         self.start = time.time()
         self.env: dict = {}
         self.parity: list[dict] = []
+        self._timed: dict = {}
+        """Rows (or the exception) of the training runs timed so far, by variant name."""
         self.training: dict[str, dict] = {}
         self.outcomes: list[Outcome] = []
 
@@ -103,7 +107,8 @@ class GpuCheck:
         self.check_environment()  # the candidate list depends on it; recorded again below
         for check in self.checks():
             begin = time.time()
-            if begin - self.start > self.budget_s and not check.name.startswith("verdict:"):
+            measured = check.name.startswith("train:") and check.name[len("train:"):] in self._timed
+            if begin - self.start > self.budget_s and not check.name.startswith("verdict:") and not measured:
                 self._record(Outcome(check.name, "skipped", f"time budget of {self.budget_s:.0f} s spent", 0.0))
                 continue
             try:
@@ -158,7 +163,13 @@ class GpuCheck:
         return not bad, detail, {"rows": rows}
 
     def check_training(self, variant: runs.Variant):
-        row = runs.train_variant(self.setup, variant, self.backend)
+        if variant.name not in self._timed:  # its group is timed together, at its first check
+            group = next(g for g in runs.timing_groups(runs.training_variants()) if variant in g)
+            self._timed.update(runs.train_group(self.setup, [v for v in group if v.name not in self._timed],
+                                                self.backend))
+        row = self._timed[variant.name]
+        if isinstance(row, Exception):
+            raise row
         self.training[variant.name] = row
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
         memory = f", peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""

@@ -299,50 +299,120 @@ def _synthetic_microbatches(cfg, vocab: int, step: int, num: int, device) -> lis
     return out
 
 
-def train_variant(setup: Setup, variant: Variant, backend: dict) -> dict:
-    """`setup.steps` bf16 training steps (the first `setup.warmup` untimed) of one variant."""
-    from mmoe_megatron.config.derive import flops_per_token
+BLOCK_STEPS = 5
+"""Timed steps each trainer of a group runs before the next one takes its turn."""
+
+
+def timing_groups(variants: list[Variant]) -> list[list[Variant]]:
+    """The runs whose step times are compared, timed together: those priced at one k (the
+    Matryoshka and the stock router at a fixed k, and at the elastic run's mean k that run too)."""
+    return [[v for v in variants if v.k == k] for k in dict.fromkeys(v.k for v in variants)]
+
+
+@dataclass
+class _Run:
+    variant: Variant
+    cfg: object
+    trainer: object
+    build_s: float
+    static_bytes: int
+    times: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    peak_delta: int = 0
+
+
+def train_group(setup: Setup, variants: list[Variant], backend: dict) -> dict:
+    """`setup.steps` bf16 training steps of each variant (the first `setup.warmup` untimed), with
+    every trainer of the group built first and the timed steps taken in turns of BLOCK_STEPS, the
+    order rotating each round, so that a slow spell of the machine (the step of a model this size
+    is bound by kernel launches, i.e. by the host) falls on every variant alike. Returns {name: row}
+    or {name: the exception} for a variant that failed; the others are still measured."""
+    out: dict = {}
+    built: list[_Run] = []
+    try:
+        for variant in variants:
+            try:
+                built.append(_build(setup, variant, backend))
+            except Exception as e:  # noqa: BLE001 - the group's other variants are still measured
+                out[variant.name] = e
+        for run in built:  # warm-up, untimed; the first step also allocates the optimizer's state
+            _steps(setup, run, range(setup.warmup), timed=False)
+        timed = list(range(setup.warmup, setup.steps))
+        blocks = [timed[i:i + BLOCK_STEPS] for i in range(0, len(timed), BLOCK_STEPS)]
+        for r, block in enumerate(blocks):
+            for i in range(len(built)):
+                run = built[(i + r) % len(built)]
+                if run.variant.name not in out:
+                    try:
+                        _steps(setup, run, block, timed=True)
+                    except Exception as e:  # noqa: BLE001
+                        out[run.variant.name] = e
+        for run in built:
+            if run.variant.name not in out:
+                out[run.variant.name] = _row(setup, run)
+    finally:
+        for run in built:
+            run.trainer = None
+        built.clear()
+        _free()
+    return {v.name: out[v.name] for v in variants}
+
+
+def _build(setup: Setup, variant: Variant, backend: dict) -> _Run:
     from mmoe_megatron.training.trainer import Trainer
 
     if "train" in setup.fault and variant.name == "stock k=2":
         raise RuntimeError("deliberate fault (--fault train): this variant fails on purpose")
     cfg = setup.config(variant.name.replace(" ", "_").replace("=", ""), {**variant.overrides, **backend})
-    vocab = cfg.model.vocab_size
-    if setup.mode == "gpu":
-        torch.cuda.reset_peak_memory_stats()
-    build_start = time.perf_counter()
+    before = _allocated(setup)
+    start = time.perf_counter()
     os.makedirs(cfg.run_dir, exist_ok=True)
     # DeepSpeed prints memory tables while it builds the optimizer: keep them beside the run.
     with open(os.path.join(cfg.run_dir, "build.log"), "w") as log, contextlib.redirect_stdout(log):
-        trainer = Trainer(cfg, vocab_size=vocab, datasets=(), stock_routing=variant.stock)
-    build_s = time.perf_counter() - build_start
-    times, losses = [], []
-    try:
-        for step in range(setup.steps):
-            batches = _synthetic_microbatches(cfg, vocab, step, trainer.layout.num_microbatches, setup.device)
-            _sync(setup)
-            start = time.perf_counter()
-            losses.append(trainer.train_step(step, batches)["loss"])
-            _sync(setup)
-            if step >= setup.warmup:
-                times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() if setup.mode == "gpu" else None
-    finally:
-        del trainer
-        _free()
-    step_s = statistics.median(times)
+        trainer = Trainer(cfg, vocab_size=cfg.model.vocab_size, datasets=(), stock_routing=variant.stock)
+    return _Run(variant, cfg, trainer, time.perf_counter() - start, _allocated(setup) - before)
+
+
+def _allocated(setup: Setup) -> int:
+    return torch.cuda.memory_allocated() if setup.mode == "gpu" else 0
+
+
+def _steps(setup: Setup, run: _Run, steps, timed: bool) -> None:
+    if setup.mode == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+    base = _allocated(setup)
+    for step in steps:
+        batches = _synthetic_microbatches(run.cfg, run.cfg.model.vocab_size, step,
+                                          run.trainer.layout.num_microbatches, setup.device)
+        _sync(setup)
+        start = time.perf_counter()
+        run.losses.append(run.trainer.train_step(step, batches)["loss"])
+        _sync(setup)
+        if timed:
+            run.times.append(time.perf_counter() - start)
+    if setup.mode == "gpu":
+        run.peak_delta = max(run.peak_delta, torch.cuda.max_memory_allocated() - base)
+
+
+def _row(setup: Setup, run: _Run) -> dict:
+    from mmoe_megatron.config.derive import flops_per_token
+
+    cfg, variant = run.cfg, run.variant
+    step_s = statistics.median(run.times)
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
     k = variant.k if float(variant.k).is_integer() else [variant.k] * cfg.num_moe_layers
-    train_flops = 3 * flops_per_token(cfg, vocab, int(k) if not isinstance(k, list) else k)
+    train_flops = 3 * flops_per_token(cfg, cfg.model.vocab_size, int(k) if not isinstance(k, list) else k)
     tokens_per_s = tokens / step_s
     return {
         "variant": variant.name, "k": variant.k, "stock_router": variant.stock,
-        "step_s_median": step_s, "step_s_p10_p90": _p10_p90(times), "tokens_per_step": tokens,
-        "tokens_per_s": tokens_per_s, "train_flops_per_token": train_flops,
+        "step_s_median": step_s, "step_s_p10_p90": _p10_p90(run.times), "step_s": run.times,
+        "tokens_per_step": tokens, "tokens_per_s": tokens_per_s, "train_flops_per_token": train_flops,
         "mfu": tokens_per_s * train_flops / setup.peak_flops if setup.peak_flops else None,
-        "peak_memory_gib": peak / 2**30 if peak is not None else None,
-        "first_loss": losses[0], "last_loss": losses[-1], "build_s": build_s,
-        "finite": all(math.isfinite(x) for x in losses),
+        # As if alone on the device: its weights and optimizer state, plus the most its steps
+        # allocated above what the group held when they started.
+        "peak_memory_gib": (run.static_bytes + run.peak_delta) / 2**30 if setup.mode == "gpu" else None,
+        "first_loss": run.losses[0], "last_loss": run.losses[-1], "build_s": run.build_s,
+        "finite": all(math.isfinite(x) for x in run.losses),
     }
 
 

@@ -154,3 +154,34 @@ def test_a_spent_time_budget_skips_the_measurements_and_fails_the_check(tmp_path
     assert len(measurements) == 10 and all(status[n] == "skipped" for n in measurements)
     assert status["verdict:router overhead"] == "error" and data["training"] == []
     assert "FAILED train:elastic per-token k in [2, 4, 6]: time budget of 0 s spent" in proc.stdout
+
+
+def test_a_group_is_timed_in_turns_and_a_failed_build_leaves_the_others_measured(monkeypatch):
+    from bench import gpu_check_runs as runs
+
+    setup = runs.Setup(mode="cpu", device=None, run_dir="unused", steps=12, warmup=2, peak_flops=None)
+    variants = [runs.Variant("a", 1, {}), runs.Variant("b", 1, {}), runs.Variant("c", 1, {})]
+    order = []
+
+    def build(setup, variant, backend):
+        if variant.name == "b":
+            raise RuntimeError("b does not build")
+        return runs._Run(variant, None, object(), 0.0, 0)
+
+    def steps(setup, run, block, timed):
+        order.append((run.variant.name, list(block), timed))
+        run.times += [1.0] * len(block) if timed else []
+        run.losses += [2.0] * len(block)
+
+    monkeypatch.setattr(runs, "_build", build)
+    monkeypatch.setattr(runs, "_steps", steps)
+    monkeypatch.setattr(runs, "_row", lambda setup, run: {"times": list(run.times)})
+    out = runs.train_group(setup, variants, {})
+    assert isinstance(out["b"], RuntimeError) and out["a"] == out["c"] == {"times": [1.0] * 10}
+    # Warm-up first, untimed; then blocks of 5 timed steps, the order rotating each round.
+    assert order == [("a", [0, 1], False), ("c", [0, 1], False),
+                     ("a", [2, 3, 4, 5, 6], True), ("c", [2, 3, 4, 5, 6], True),
+                     ("c", [7, 8, 9, 10, 11], True), ("a", [7, 8, 9, 10, 11], True)]
+    assert [[v.name for v in g] for g in runs.timing_groups(runs.training_variants())] == [
+        ["matryoshka k=1", "stock k=1"], ["matryoshka k=2", "stock k=2"],
+        ["matryoshka k=4", "stock k=4", "elastic per-token k in [2, 4, 6]"], ["matryoshka k=8", "stock k=8"]]
