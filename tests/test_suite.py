@@ -497,3 +497,5 @@ def test_provenance_names_the_instruction_set_torch_runs_on():
     assert launch["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert machine_label({"cpu": "AMD EPYC", "cpu_capability": "AVX512"}) == "AMD EPYC (AVX512)"
     assert machine_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records from before it was kept
+    # A run on a GPU is told apart by its GPU (its host CPU hardly touches the arithmetic).
+    assert machine_label({"cpu": "Intel Xeon", "cpu_capability": "AVX512", "gpu": "NVIDIA H200"}) == "NVIDIA H200 (GPU)"

@@ -149,7 +149,10 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
 
 
 def machine_label(launch: dict) -> Optional[str]:
-    """A launch's CPU, with the instruction set torch ran on where it was recorded."""
+    """A launch's GPU where it ran on one, else its CPU, with the instruction set torch ran on
+    where it was recorded."""
+    if launch.get("gpu"):
+        return f"{launch['gpu']} (GPU)"
     cpu, capability = launch.get("cpu"), launch.get("cpu_capability")
     return f"{cpu} ({capability})" if capability else cpu
 

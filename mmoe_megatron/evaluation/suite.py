@@ -440,10 +440,11 @@ def code_version(root: str) -> str:
 
 
 def provenance() -> dict:
-    """The code version and machine of a launch (results of different ones are told apart). The
-    CPU's model name can be the same on machines whose vector units differ, and torch's kernels
-    (hence a run's rounding, and after many steps its losses) differ with them: `cpu_capability`
-    is the instruction set torch dispatches to (e.g. AVX2, AVX512)."""
+    """The code version and machine of a launch (results of different ones are told apart): the
+    GPU where there is one, and the CPU. The CPU's model name can be the same on machines whose
+    vector units differ, and torch's kernels (hence a run's rounding, and after many steps its
+    losses) differ with them: `cpu_capability` is the instruction set torch dispatches to (e.g.
+    AVX2, AVX512)."""
     import torch
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -453,8 +454,11 @@ def provenance() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"code_version": code_version(root), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_count": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    out = {"code_version": code_version(root), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu_count": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if torch.cuda.is_available():  # runs train there: the GPU is what tells their rounding apart
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
 
 
 def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
