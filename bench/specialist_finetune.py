@@ -1,0 +1,151 @@
+"""What elastic training does to a specialist: fine-tune a suite's trained fixed-k specialist with the
+suite's elastic routing and evaluate it as it goes.
+
+    python -m bench.specialist_finetune --suite bench/suites/elasticity_ladder2x_wide_cpu.yaml \
+        --specialist k8 --elastic elastic --seed 1 --steps 250 --eval-at 25 --eval-at 50 --eval-at 100 \
+        --compare temperature_widths
+
+The fine-tune starts from the specialist's final weights (`checkpoint.init_weights`, a fresh
+optimizer), trains the `--elastic` member's configuration (its per-token ks) on the seed's data
+order for `--steps` steps at the suite's final learning rate (`optimizer.min_lr`, constant after 10
+warm-up steps), and is evaluated at each `--eval-at` step and the last with the suite's evaluation
+settings (ks, samples, data seed, held-out domains), so its losses sit beside the suite's kept
+results: the specialist it started from, the `--compare` member trained elastic from scratch, and
+the specialists at their own k. It says whether the elastic objective undoes what the specialist's
+wider routing learned, how fast, and what a specialist-first schedule would buy. Not at equal
+compute: the start cost a whole specialist run; the table gives both runs' training FLOPs.
+The specialist's run directory must still hold its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from bench.common import RESULTS, ROOT, kept_records, write_result
+
+KS_SHOWN = ("1", "2", "3", "4", "6", "8")
+
+
+def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, eval_at: list[int],
+             out_root: str) -> dict:
+    """Train and evaluate; {step: {domain: {k label: loss}}} and the run's training FLOPs."""
+    from mmoe_megatron import distributed
+    from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
+    from mmoe_megatron.evaluation.suite import (
+        Run, _vocab_size, domains, load_suite, member_config, member_overrides, run_dir, training_flops,
+    )
+    from mmoe_megatron.training.checkpoint import complete_checkpoints, tag_for
+
+    spec = load_suite(suite)
+    members = {m.name: m for m in spec.members}
+    for name in (specialist, elastic):
+        if name not in members:
+            raise SystemExit(f"{spec.name} has no member {name!r}; members: {sorted(members)}")
+    start_cfg = member_config(spec, members[specialist], seed)
+    start = os.path.join(run_dir(spec, Run(members[specialist], seed)), "checkpoints",
+                         tag_for(start_cfg.train.train_iters))
+    if tag_for(start_cfg.train.train_iters) not in complete_checkpoints(os.path.dirname(start)):
+        raise SystemExit(f"no complete final checkpoint of {specialist} seed {seed} at {start}: train it first "
+                         f"(python -m bench.suite_bench --suite {suite} --member {specialist} --seed {seed})")
+    out = os.path.join(out_root, f"{spec.name}-{specialist}-to-{elastic}-s{seed}")
+    shutil.rmtree(out, ignore_errors=True)
+    lr = start_cfg.optimizer.min_lr
+    overrides = [(k, v) for k, v in member_overrides(spec, members[elastic], seed)
+                 if k not in ("checkpoint.keep_steps", "logging.dir", "name", "train.train_iters")]
+    overrides += [("train.train_iters", steps), ("optimizer.lr", lr), ("optimizer.min_lr", lr),
+                  ("optimizer.warmup_iters", min(10, steps)), ("checkpoint.save_interval", steps),
+                  ("checkpoint.keep_steps", sorted(s for s in set(eval_at) if s < steps)),
+                  ("checkpoint.init_weights", start), ("checkpoint.load", None),
+                  ("name", f"{spec.name}-{specialist}-to-{elastic}-s{seed}"), ("logging.dir", out)]
+    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]
+    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + args
+    print("+ " + " ".join(cmd), flush=True)
+    if subprocess.call(cmd, cwd=ROOT) != 0:
+        raise SystemExit(f"the fine-tune failed (log in {out})")
+
+    cfg = saved_config(out)
+    losses = {}
+    distributed.init_distributed(cfg)
+    try:
+        for step in sorted(set(eval_at) | {steps}):
+            checkpoint = os.path.join(cfg.checkpoint_dir, tag_for(step))
+            losses[str(step)] = {}
+            for domain, domain_overrides in domains(spec):
+                points, _ = evaluate_checkpoint(saved_config(out, domain_overrides), checkpoint, spec.eval.specs(),
+                                                spec.eval.num_samples, analysis=False)
+                losses[str(step)][domain] = {p.label: p.loss for p in points}
+            print(f"evaluated step {step}", flush=True)
+    finally:
+        distributed.shutdown()
+    return {"losses": losses, "training_flops": training_flops(cfg, _vocab_size(cfg)), "lr": lr,
+            "start": start}
+
+
+def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: int, run: dict) -> tuple[str, dict]:
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    spec = load_suite(suite)
+    kept = {(r["member"], r["seed"]): r for r in
+            kept_records(spec, os.path.join(RESULTS, spec.name.replace("-", "_")))}
+
+    def final(record):
+        return record["losses"][str(record["train_iters"])]
+
+    missing = [m for m in [specialist] + compare if (m, seed) not in kept]
+    if missing:
+        raise SystemExit(f"no kept result of {missing} seed {seed} in bench/results/{spec.name.replace('-', '_')}")
+    start = kept[(specialist, seed)]
+    rows = [(f"`{specialist}` (the start), {start['train_iters']} steps", final(start), start["training_flops"])]
+    steps = sorted(run["losses"], key=int)
+    for step in steps:
+        rows.append((f"+ {step} steps of `{elastic}` routing", run["losses"][step],
+                     start["training_flops"] + run["training_flops"] * int(step) / int(steps[-1])))
+    for name in compare:
+        r = kept[(name, seed)]
+        rows.append((f"`{name}` from scratch, {r['train_iters']} steps", final(r), r["training_flops"]))
+    # Each specialist at its own k: the target at that k.
+    at_k = {str(r["trained_k"]): final(r) for (m, s), r in kept.items() if s == seed and r.get("trained_k")}
+    lines = [f"Suite `{spec.name}`, seed {seed}: the `{specialist}` specialist fine-tuned with `{elastic}`'s "
+             f"routing at lr {run['lr']:g} (constant), evaluated with the suite's settings. Training FLOPs "
+             "count the start's run; the specialists' row gives each at its own k."]
+    for domain in next(iter(run["losses"].values())):
+        lines += ["", f"{domain}:", "", "| model | " + " | ".join(f"k = {k}" for k in KS_SHOWN) + " | training FLOPs |",
+                  "|---|" + "---:|" * (len(KS_SHOWN) + 1)]
+        for label, losses, flops in rows:
+            cells = [f"{losses[domain][k]:.4f}" if k in losses.get(domain, {}) else "-" for k in KS_SHOWN]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {flops:.3g} |")
+        cells = [f"{at_k[k][domain][k]:.4f}" if k in at_k and k in at_k[k].get(domain, {}) else "-" for k in KS_SHOWN]
+        lines.append("| each specialist at its k | " + " | ".join(cells) + " | - |")
+    data = {"suite": spec.name, "specialist": specialist, "elastic": elastic, "seed": seed, "run": run,
+            "compare": {name: final(kept[(name, seed)]) for name in compare}, "start": final(start)}
+    return "\n".join(lines) + "\n", data
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--suite", required=True)
+    p.add_argument("--specialist", required=True, help="the fixed-k member to start from")
+    p.add_argument("--elastic", required=True, help="the member whose routing the fine-tune trains with")
+    p.add_argument("--compare", action="append", default=[], help="members shown beside it (repeatable)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--eval-at", type=int, action="append", default=[])
+    p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "specialist_finetune"))
+    args = p.parse_args(argv)
+    run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at, args.runs_dir)
+    markdown, data = report(args.suite, args.specialist, args.elastic, args.compare, args.seed, run)
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    name = f"specialist_finetune_{load_suite(args.suite).name.replace('-', '_')}"
+    write_result(name, f"A specialist fine-tuned with elastic routing ({load_suite(args.suite).name})",
+                 markdown, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
