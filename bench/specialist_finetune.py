@@ -86,12 +86,13 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
             "start": start}
 
 
-def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: int, run: dict) -> tuple[str, dict]:
+def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: int, run: dict,
+           results_dir: str = RESULTS) -> tuple[str, dict]:
     from mmoe_megatron.evaluation.suite import load_suite
 
     spec = load_suite(suite)
     kept = {(r["member"], r["seed"]): r for r in
-            kept_records(spec, os.path.join(RESULTS, spec.name.replace("-", "_")))}
+            kept_records(spec, os.path.join(results_dir, spec.name.replace("-", "_")))}
 
     def final(record):
         return record["losses"][str(record["train_iters"])]

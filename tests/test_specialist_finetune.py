@@ -1,0 +1,37 @@
+"""bench.specialist_finetune's report: the fine-tune's points beside the kept results of the start,
+of the members compared and of each specialist at its own k (kept results written here by hand)."""
+
+import json
+
+from bench.specialist_finetune import report
+from tests.helpers import TINY
+
+
+def _keep(kept, member, seed, iters, trained_k, losses, flops):
+    record = {"member": member, "seed": seed, "train_iters": iters, "trained_k": trained_k,
+              "training_flops": flops, "losses": {str(iters): {"valid": losses}}}
+    (kept / f"{member}-s{seed}.json").write_text(json.dumps(record))
+
+
+def test_the_report_sets_the_fine_tune_beside_its_start_and_the_members_trained_from_scratch(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s-x\nbase: {TINY}\nseeds: [1, 2]\nmembers:\n  - {{name: el, role: elastic}}\n"
+                     "  - {name: k2, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [2]}}\n"
+                     "  - {name: k4, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [4]}}\n")
+    kept = tmp_path / "results" / "s_x"
+    kept.mkdir(parents=True)
+    _keep(kept, "k4", 1, 100, 4, {"1": 5.0, "2": 4.5, "4": 4.0}, 4e12)
+    _keep(kept, "k2", 1, 100, 2, {"1": 4.6, "2": 4.2, "4": 4.4}, 3e12)
+    _keep(kept, "el", 1, 100, None, {"1": 4.4, "2": 4.3, "4": 4.25}, 3e12)
+    _keep(kept, "k4", 2, 100, 4, {"1": 9.0, "2": 9.0, "4": 9.0}, 4e12)  # another seed: not shown
+    run = {"losses": {"10": {"valid": {"1": 4.7, "2": 4.4, "4": 4.1}}, "40": {"valid": {"1": 4.5, "2": 4.3, "4": 4.15}}},
+           "training_flops": 1e12, "lr": 3e-4, "start": "unused"}
+    markdown, data = report(str(suite), "k4", "el", ["el"], 1, run, results_dir=str(tmp_path / "results"))
+    lines = markdown.splitlines()
+    assert "| `k4` (the start), 100 steps | 5.0000 | 4.5000 | - | 4.0000 | - | - | 4e+12 |" in lines
+    # FLOPs: the start's plus the fine-tune's share up to that point.
+    assert "| + 10 steps of `el` routing | 4.7000 | 4.4000 | - | 4.1000 | - | - | 4.25e+12 |" in lines
+    assert "| + 40 steps of `el` routing | 4.5000 | 4.3000 | - | 4.1500 | - | - | 5e+12 |" in lines
+    assert "| `el` from scratch, 100 steps | 4.4000 | 4.3000 | - | 4.2500 | - | - | 3e+12 |" in lines
+    assert "| each specialist at its k | - | 4.2000 | - | 4.0000 | - | - | - |" in lines
+    assert data["start"]["valid"]["4"] == 4.0 and data["compare"]["el"]["valid"]["1"] == 4.4
