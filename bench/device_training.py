@@ -14,8 +14,9 @@ ks: their losses differ only by the devices' rounding, which compounds over the 
 `report` pairs the CUDA and CPU records of each member and seed: the first step whose losses
 differ by more than DIVERGED, the per-step gap at steps 10, 50 and the last, and the difference of
 the mean loss over the last tenth of the steps, set against the same difference between two seeds
-of the member on CPU when both were run; and the steps per second on each device (median after
-the first ten).
+of the member on CPU when both were run; the validation losses of the runs' final evaluations
+(`final_valid`, the same tokens on both devices; `final-valid --runs-dir D` adds them to records
+brought back without them); and the steps per second on each device (median after the first ten).
 It writes bench/results/device_training.json and its RESULTS.md section.
 """
 
