@@ -47,6 +47,7 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
           version: str | None = None) -> str:
     import torch
 
+    from mmoe_megatron.config import override_args
     from mmoe_megatron.evaluation.suite import code_version, load_suite, member_overrides
     from mmoe_megatron.training.metrics import read_metrics
 
@@ -63,8 +64,7 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
     overrides += [("train.train_iters", steps), ("train.log_interval", 1),
                   ("optimizer.warmup_iters", max(1, steps // 10)), ("checkpoint.save_interval", steps),
                   ("checkpoint.keep_last", 1), ("logging.dir", run_dir)]
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]
-    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + args
+    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + override_args(overrides)
     if os.path.isdir(run_dir):
         import shutil
 
@@ -73,7 +73,8 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
     print("+ " + " ".join(cmd), flush=True)
     status = subprocess.call(cmd, cwd=ROOT)
     wall = time.time() - start
-    history = read_metrics(run_dir)["train"]
+    metrics = read_metrics(run_dir)
+    history = metrics["train"]
     if status != 0 or len(history) < steps:
         raise SystemExit(f"{member_name} seed {seed} on {device}: training exited with {status} after "
                          f"{len(history)} of {steps} logged steps (log: {run_dir})")
@@ -85,7 +86,7 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
         "tokens_per_s": [history[s]["tokens_per_s"] for s in range(1, steps + 1)],
         "tokens_per_step": spec_tokens_per_step(overrides, spec.base),
     }
-    record["final_valid"] = final_valid(run_dir)
+    record["final_valid"] = final_valid(metrics, run_dir)
     os.makedirs(records_dir, exist_ok=True)
     path = os.path.join(records_dir, f"{device}-{member_name}-s{seed}.json")
     with open(path, "w") as f:
@@ -94,11 +95,10 @@ def train(suite: str, member_name: str, seed: int, steps: int, records_dir: str,
     return path
 
 
-def final_valid(run_dir: str) -> dict:
-    """The validation loss per k of the run's final evaluation (the same tokens on every device)."""
-    from mmoe_megatron.training.metrics import read_metrics
-
-    evals = read_metrics(run_dir)["eval"]
+def final_valid(metrics: dict, run_dir: str) -> dict:
+    """The validation loss per k of the final evaluation in a run's metrics (`read_metrics` of
+    `run_dir`; the same tokens on every device)."""
+    evals = metrics["eval"]
     if not evals:
         raise SystemExit(f"{run_dir}: no evaluation in metrics.jsonl")
     return evals[max(evals, key=lambda key: key[1])]["loss"]
@@ -107,14 +107,16 @@ def final_valid(run_dir: str) -> dict:
 def attach_final_valid(records_dir: str, runs_dir: str) -> None:
     """Add `final_valid` to records written without it, from <runs_dir>/<device>/<member>-s<seed>
     (a GPU machine's runs, brought back)."""
+    from mmoe_megatron.training.metrics import read_metrics
+
     for name in sorted(os.listdir(records_dir)):
         path = os.path.join(records_dir, name)
         with open(path) as f:
             record = json.load(f)
         if "final_valid" in record:
             continue
-        record["final_valid"] = final_valid(
-            os.path.join(runs_dir, record["device"], f"{record['member']}-s{record['seed']}"))
+        run_dir = os.path.join(runs_dir, record["device"], f"{record['member']}-s{record['seed']}")
+        record["final_valid"] = final_valid(read_metrics(run_dir), run_dir)
         with open(path, "w") as f:
             json.dump(record, f)
         print(f"added the final validation losses to {path}")

@@ -20,7 +20,6 @@ The specialist's run directory must still hold its final checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
              out_root: str) -> dict:
     """Train and evaluate; {step: {domain: {k label: loss}}} and the run's training FLOPs."""
     from mmoe_megatron import distributed
+    from mmoe_megatron.config import override_args
     from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
     from mmoe_megatron.evaluation.suite import (
         Run, _vocab_size, domains, load_suite, member_config, member_overrides, run_dir, training_flops,
@@ -62,8 +62,7 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
                   ("checkpoint.keep_steps", sorted(s for s in set(eval_at) if s < steps)),
                   ("checkpoint.init_weights", start), ("checkpoint.load", None),
                   ("name", f"{spec.name}-{specialist}-to-{elastic}-s{seed}"), ("logging.dir", out)]
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides]
-    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + args
+    cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + override_args(overrides)
     print("+ " + " ".join(cmd), flush=True)
     if subprocess.call(cmd, cwd=ROOT) != 0:
         raise SystemExit(f"the fine-tune failed (log in {out})")

@@ -310,3 +310,14 @@ def test_a_suite_budget_or_point_no_member_can_run_is_refused_at_load(tmp_path):
         with pytest.raises(ConfigError, match=message) as err:
             load_suite(suite(**spec))
         assert err.value.path == field
+
+
+def test_override_args_are_read_back_as_the_overrides_they_came_from():
+    from mmoe_megatron.config import override_args, parse_overrides
+
+    overrides = [("name", "run-a"), ("train.train_iters", 12), ("optimizer.lr", 3e-4), ("checkpoint.load", None),
+                 ("matryoshka.ks", [1, 2, 4]), ("matryoshka.widths", [0.25, 1.0]), ("logging.tensorboard", False),
+                 ("data.blend", [{"prefix": "data/x", "weight": 1.0}])]
+    args = override_args(overrides)
+    assert args[:4] == ["--name=run-a", "--train.train_iters=12", "--optimizer.lr=0.0003", "--checkpoint.load=null"]
+    assert parse_overrides(args) == overrides

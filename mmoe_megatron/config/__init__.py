@@ -39,6 +39,7 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "load_config",
+    "override_args",
     "parse_overrides",
     "save_config",
 ]
@@ -69,6 +70,14 @@ def parse_overrides(args: Iterable[str]) -> list[tuple[str, object]]:
         out.append((key, parsed))
         i += 1
     return out
+
+
+def override_args(overrides: Iterable[tuple[str, object]]) -> list[str]:
+    """The command-line form of (key, value) overrides, which `parse_overrides` reads back: strings
+    as written, other values as JSON (which YAML parses to the same types)."""
+    import json
+
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides]
 
 
 def config_from_dict(data: dict, overrides: Iterable[tuple[str, object]] = ()) -> ExperimentConfig:

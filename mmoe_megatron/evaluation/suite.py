@@ -56,7 +56,7 @@ from typing import Any, Optional
 
 import yaml
 
-from mmoe_megatron.config import ConfigError, ExperimentConfig, load_config
+from mmoe_megatron.config import ConfigError, ExperimentConfig, load_config, override_args
 from mmoe_megatron.config.base import from_dict
 from mmoe_megatron.train import EXIT_PREEMPTED
 
@@ -468,8 +468,7 @@ def train_run(spec: SuiteSpec, run: Run, launcher: str) -> int:
     launches = os.path.join(out, "launches.jsonl")
     with open(launches, "a") as f:
         f.write(json.dumps(provenance()) + "\n")
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}"
-            for k, v in member_overrides(spec, run.member, run.seed)]
+    args = override_args(member_overrides(spec, run.member, run.seed))
     cmd = shlex.split(launcher) + ["-m", "mmoe_megatron.train", "--config", spec.base] + args
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.call(cmd)
