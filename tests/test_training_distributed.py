@@ -4,7 +4,11 @@ Layout: world 4, expert parallel 2 (each rank holds 4 of the 8 experts), so expe
 replicated over expert-data-parallel groups of 2 and dense weights over all 4 ranks. The
 reference trains the same model on one process, with torch's AdamW, explicit global-norm
 clipping and gradient accumulation over the same global batches, no DeepSpeed involved.
-After N steps every parameter (dense and expert) must agree.
+After N steps every parameter (dense and expert) must agree. The ranks rank the experts as the
+reference did (`MatryoshkaRouter.route_replay`, each token's logged ranking found by its sample
+and position): the two runs' weights differ by rounding after a step, and a near-tied ranking
+then flips in one of them (on an Intel Xeon a token of MoE layer 2 moved between experts 4 and 7,
+which moved 10% of both experts' weights by up to 4e-4 within 3 steps).
 """
 
 import pytest
@@ -52,26 +56,49 @@ def make_batch(tokens, indices):
     }
 
 
-def _train_worker(rank, world_size, tmp, zero_stage, strategy, full_width=False, shared=False):
+def log_routes(routers, indices, routes: dict) -> None:
+    """File the ranking each router logged for a micro-batch of `indices` under (MoE layer, sample):
+    megatron's tokens are [sequence, batch] flattened, position-major."""
+    for layer, router in enumerate(routers):
+        ids_SBW = router.route_log.pop().reshape(SEQ, len(indices), -1)
+        for b, sample in enumerate(indices):
+            routes[layer, sample] = ids_SBW[:, b].clone()
+
+
+def replay_routes(routers, micro_batches, routes: dict) -> None:
+    """Give each router the logged rankings of these micro-batches (lists of samples), in order."""
+    for layer, router in enumerate(routers):
+        router.route_replay = [torch.stack([routes[layer, s] for s in indices], dim=1).reshape(SEQ * len(indices), -1)
+                               for indices in micro_batches]
+
+
+def _train_worker(rank, world_size, tmp, zero_stage, strategy, routes_path, full_width=False, shared=False):
     from mmoe_megatron import distributed
-    from mmoe_megatron.model import named_global_parameters
+    from mmoe_megatron.model import elastic_routers, named_global_parameters
     from mmoe_megatron.training.trainer import Trainer
 
     cfg = config(tmp, expert=2, zero_stage=zero_stage, strategy=strategy, full_width=full_width, shared=shared)
     distributed.init_distributed(cfg)
     trainer = Trainer(cfg, vocab_size=VOCAB, datasets=())
     tokens = global_tokens(cfg, STEPS + 2)
+    routes = torch.load(routes_path)
 
-    def run(tr, steps):
+    def run(tr, steps, replay=False):
         out = []
+        routers = elastic_routers(tr.engine.module)
         for step in steps:
-            mbs = [make_batch(tokens, tr.layout.sample_indices(step, m, tr.dp_rank))
-                   for m in range(tr.layout.num_microbatches)]
-            out.append(tr.train_step(step, mbs))
+            indices = [tr.layout.sample_indices(step, m, tr.dp_rank) for m in range(tr.layout.num_microbatches)]
+            if replay:
+                replay_routes(routers, indices, routes)
+            out.append(tr.train_step(step, [make_batch(tokens, i) for i in indices]))
             tr.step = step + 1
+            if replay:
+                assert all(r.route_replay == [] for r in routers)  # one forward per micro-batch
+                for router in routers:
+                    router.route_replay = None
         return out
 
-    results = run(trainer, range(STEPS))
+    results = run(trainer, range(STEPS), replay=True)
     params = {n: p.detach().clone() for n, p in named_global_parameters(trainer.engine.module, cfg)}
     out = {"losses": [r["loss"] for r in results], "grad_norms": [r["grad_norm"] for r in results],
            "params": params}
@@ -94,11 +121,13 @@ def _train_worker(rank, world_size, tmp, zero_stage, strategy, full_width=False,
 
 
 def reference(tmp, strategy, full_width=False, shared=False):
-    """Plain torch on one process: same init, same samples, same ks, same update rule."""
+    """Plain torch on one process: same init, same samples, same ks, same update rule. Returns the
+    losses, the gradient norms, the final weights and each token's expert ranking per MoE layer,
+    by (layer, sample)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from mmoe_megatron.elastic import ElasticK
-    from mmoe_megatron.model import build_model, named_global_parameters
+    from mmoe_megatron.model import build_model, elastic_routers, named_global_parameters
     from mmoe_megatron.training.batches import BatchLayout
     from mmoe_megatron.training.lr import lr_at
     from mmoe_megatron.training.trainer import causal_mask, token_loss
@@ -114,7 +143,10 @@ def reference(tmp, strategy, full_width=False, shared=False):
     ek = ElasticK.from_config(model, cfg, dp_rank=0, dp_size=1)
     tokens = global_tokens(cfg, STEPS)
     mask = causal_mask(SEQ, "cpu")
-    losses, norms = [], []
+    losses, norms, routes = [], [], {}
+    routers = elastic_routers(model)
+    for router in routers:
+        router.route_log = []
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / layout.num_microbatches))
     try:
         for step in range(STEPS):
@@ -123,7 +155,9 @@ def reference(tmp, strategy, full_width=False, shared=False):
             step_losses = []
             for j in range(layout.num_microbatches):
                 ek.set_microbatch(step, j)
-                loss = token_loss(model, make_batch(tokens, layout.sample_indices(step, j, 0)), mask)
+                indices = layout.sample_indices(step, j, 0)
+                loss = token_loss(model, make_batch(tokens, indices), mask)
+                log_routes(routers, indices, routes)
                 (loss / layout.num_microbatches).backward()
                 step_losses.append(loss.item())
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3).item())
@@ -132,7 +166,7 @@ def reference(tmp, strategy, full_width=False, shared=False):
             losses.append(sum(step_losses) / len(step_losses))
     finally:
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-    return losses, norms, {n: p.detach().clone() for n, p in named_global_parameters(model, cfg)}
+    return losses, norms, {n: p.detach().clone() for n, p in named_global_parameters(model, cfg)}, routes
 
 
 @pytest.mark.slow
@@ -141,9 +175,11 @@ def reference(tmp, strategy, full_width=False, shared=False):
     pytest.param(2, True, False, id="2-full-width"), pytest.param(2, False, True, id="2-shared-expert")])
 def test_zero_with_expert_parallel_matches_single_process(single_process_mcore, tmp_path, zero_stage, full_width,
                                                            shared):
+    ref_losses, ref_norms, ref_params, routes = reference(str(tmp_path / "ref"), "layerwise", full_width, shared)
+    torch.save(routes, tmp_path / "routes.pt")
     ranks = run_distributed(_train_worker, world_size=4, timeout=600, tmp=str(tmp_path / "run"),
-                            zero_stage=zero_stage, strategy="layerwise", full_width=full_width, shared=shared)
-    ref_losses, ref_norms, ref_params = reference(str(tmp_path / "ref"), "layerwise", full_width, shared)
+                            zero_stage=zero_stage, strategy="layerwise", full_width=full_width, shared=shared,
+                            routes_path=str(tmp_path / "routes.pt"))
     # The shared expert is there, on every rank, as a dense weight every rank holds.
     assert shared == any(".shared_experts." in n for n in ref_params)
     assert all(shared == any(".shared_experts." in n for n in r["params"]) for r in ranks)
