@@ -18,11 +18,13 @@ The DeepSpeed JSON is generated from the config tree by `deepspeed_config()`.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 
-from mmoe_megatron.config import ExperimentConfig
+from mmoe_megatron.config import ConfigError, ExperimentConfig
 from mmoe_megatron.layout import is_expert_param
 
 
@@ -136,6 +138,30 @@ def register_expert_groups(model: torch.nn.Module) -> str | None:
     return name
 
 
+def freeze_untrained(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
+    """With `optimizer.train_only` set, freeze (requires_grad False) every parameter whose global
+    name matches none of its patterns, before the optimizer is built. Collective then: with
+    expert parallelism a rank holds only its experts, so a pattern is checked against all ranks."""
+    from mmoe_megatron.model import named_global_parameters
+
+    patterns = cfg.optimizer.train_only
+    if patterns is None:
+        return
+    params = list(named_global_parameters(model, cfg))
+    hits = torch.zeros(len(patterns), dtype=torch.long, device=params[0][1].device)
+    for name, param in params:
+        matched = torch.tensor([fnmatchcase(name, p) for p in patterns], device=hits.device)
+        hits += matched
+        param.requires_grad_(bool(matched.any()))
+    if dist.is_initialized():
+        dist.all_reduce(hits)
+    unmatched = [p for p, n in zip(patterns, hits.tolist()) if n == 0]
+    if unmatched:
+        examples = ", ".join(name for name, _ in params[:: max(1, len(params) // 6)][:6])
+        raise ConfigError("optimizer.train_only", f"{unmatched} match no parameter; global names look like "
+                                                  f"{examples}")
+
+
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on 1-D parameters (norm weights, biases); experts split
     into their own groups so ZeRO reduces and shards them over the expert-data-parallel group."""
@@ -157,13 +183,15 @@ def _engine_class():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     class ExpertAwareEngine(DeepSpeedEngine):
-        """Tells DeepSpeed the model has MoE layers when its expert parameters are tagged."""
+        """Tells DeepSpeed the model has MoE layers when its expert parameters are tagged and
+        train. Frozen experts (optimizer.train_only) are left out: ZeRO would want an optimizer
+        group of them; they are still broadcast over their expert-data-parallel group only."""
 
         def _set_client_model(self, model):
             super()._set_client_model(model)
             from deepspeed.moe.utils import is_moe_param
 
-            if not self.has_moe_layers and any(is_moe_param(p) for p in model.parameters()):
+            if not self.has_moe_layers and any(is_moe_param(p) and p.requires_grad for p in model.parameters()):
                 self.has_moe_layers = True
                 self.num_experts = [getattr(model.config, "num_moe_experts", 0)]
 

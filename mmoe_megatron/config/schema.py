@@ -548,10 +548,20 @@ class OptimizerConfig:
     """With decay_style wsd: the final fraction of training spent decaying to min_lr."""
     zero_stage: Literal[1, 2] = 1
     """DeepSpeed ZeRO stage sharding optimizer states (1) and gradients (2)."""
+    train_only: Optional[list[str]] = None
+    """null trains every parameter. A list of shell-style patterns of global parameter names
+    (fnmatch; experts numbered globally, as in checkpoints) trains only the parameters matching
+    one of them; the others keep the values they start with (checkpoint.init_weights or a resume)
+    and get no gradient, optimizer state or weight decay. E.g. ['*.mlp.router.*'] fine-tunes
+    the routers and their temperatures over frozen experts. A pattern that matches no parameter
+    is an error."""
 
     def check(self, path: str) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"{path}.min_lr", f"{self.min_lr} exceeds lr={self.lr}")
+        if self.train_only is not None and not self.train_only:
+            raise ConfigError(f"{path}.train_only", "is empty, which would train nothing: "
+                                                    "give at least one pattern, or null to train everything")
 
 
 @dataclass

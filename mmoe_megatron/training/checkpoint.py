@@ -534,6 +534,9 @@ def _load_verified(engine, cfg, path: str) -> dict:
     # The module states DeepSpeed just loaded hold expert-parallel rank 0's experts on every rank;
     # the fp32 master shards hold each rank's own. Rebuild the weights from the masters.
     engine.optimizer.update_lp_params()
+    if not all(p.requires_grad for p in engine.module.parameters()):
+        # Frozen parameters (optimizer.train_only) have no masters: their weights come from model/.
+        load_weights_into(engine.module, cfg, load_global_state_dict(path))
     mismatched = check_weights(engine.module, cfg, path)
     raise_if_any(
         f"rank {_rank()}: {', '.join(mismatched[:5])}" if mismatched else None,

@@ -69,7 +69,6 @@ def gather_owned(engine, cfg) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from mmoe_megatron.layout import is_expert_param
-    from mmoe_megatron.model import named_global_parameters
 
     zero = engine.optimizer
     kinds = list(MOMENTS) if zero.optimizer.state else []  # no Adam state before the first step
@@ -78,7 +77,7 @@ def gather_owned(engine, cfg) -> dict[str, torch.Tensor]:
     if cfg.train.precision != "fp32":
         kinds.append(MASTER)
     out = {}
-    for name, param in named_global_parameters(engine.module, cfg):
+    for name, param in trained_parameters(engine.module, cfg):
         mine = _owner(is_expert_param(name))
         for kind in kinds:
             full = (safe_get_full_fp32_param(param) if kind == MASTER
@@ -86,6 +85,14 @@ def gather_owned(engine, cfg) -> dict[str, torch.Tensor]:
             if full is not None and mine:
                 out[f"{kind}.{name}"] = full.detach().to("cpu", torch.float32).clone().contiguous()
     return out
+
+
+def trained_parameters(model, cfg) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) of the parameters the optimizer holds: those that require a gradient
+    (`optimizer.train_only` freezes the others; they have no optimizer state)."""
+    from mmoe_megatron.model import named_global_parameters
+
+    return [(name, param) for name, param in named_global_parameters(model, cfg) if param.requires_grad]
 
 
 def _read(path: str, keys: set[str]) -> dict[str, torch.Tensor]:
@@ -134,14 +141,13 @@ def restore_local(engine, cfg, path: str, weights: dict[str, torch.Tensor], stat
     on every rank. Needs an engine that has not taken a step."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from mmoe_megatron.model import named_global_parameters
     from mmoe_megatron.training.checkpoint import CheckpointError, load_weights_into
 
     zero = engine.optimizer
     if zero.optimizer.state:
         raise RuntimeError("restoring optimizer state needs an engine that has not taken a step")
     steps = int(state.get("optimizer_steps", 0))
-    local = list(named_global_parameters(engine.module, cfg))
+    local = trained_parameters(engine.module, cfg)
     saved = _read(path, {f"{kind}.{name}" for name, _ in local for kind in (*MOMENTS, MASTER)})
     missing = [f"{kind}.{name}" for name, _ in local for kind in MOMENTS
                if steps and f"{kind}.{name}" not in saved]

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from mmoe_megatron.config import ExperimentConfig, save_config
 from mmoe_megatron.distributed import pause_point
 from mmoe_megatron.elastic import ElasticK
-from mmoe_megatron.engine import build_engine, set_lr
+from mmoe_megatron.engine import build_engine, freeze_untrained, set_lr
 from mmoe_megatron.failures import describe_collective_failure, gather_ranks, is_collective_failure, this_rank
 from mmoe_megatron.model import build_model, elastic_routers, moe_layer_numbers, named_global_parameters
 from mmoe_megatron.training import checkpoint as ckpt
@@ -94,6 +94,7 @@ class Trainer:
             vocab_size = resolve_vocab_size(cfg)
         self.vocab_size = vocab_size
         self.model = build_model(cfg, vocab_size, stock_routing=stock_routing)
+        freeze_untrained(self.model, cfg)
         self.engine, self.ds_config = build_engine(self.model, cfg, self.dp_size)
         self.device = next(self.engine.module.parameters()).device
         self.elastic = ElasticK.from_config(self.engine.module, cfg, self.dp_rank, self.dp_size)
