@@ -15,7 +15,9 @@ from typing import Callable, Optional
 from bench.common import RESULTS, ROOT
 
 ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder_repeat_cpu",
-         "elasticity_ladder_2x_wide_cpu", "specialist_finetune_elasticity_ladder_2x_wide_cpu", "tax_vs_tokens",
+         "elasticity_ladder_2x_wide_cpu", "specialist_finetune_elasticity_ladder_2x_wide_cpu",
+         "specialist_finetune_elasticity_ladder_2x_wide_cpu_repeat",
+         "specialist_finetune_elasticity_ladder_2x_wide_cpu_routers", "tax_vs_tokens",
          "expert_contributions_elasticity_ladder_cpu",
          "expert_contributions_elasticity_ladder_2x_cpu",
          "router_temperature_elasticity_ladder_cpu", "heldout_noise_elasticity_ladder_cpu", "slimmable_cpu",

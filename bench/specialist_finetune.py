@@ -15,6 +15,10 @@ the specialists at their own k. It says whether the elastic objective undoes wha
 wider routing learned, how fast, and what a specialist-first schedule would buy. Not at equal
 compute: the start cost a whole specialist run; the table gives both runs' training FLOPs.
 The specialist's run directory must still hold its final checkpoint.
+
+`--train-only '*.mlp.router.*' --label routers` trains the routers and their temperatures alone
+over the specialist's frozen experts and attention (optimizer.train_only), into its own results
+file: whether the elastic objective needs to change the experts, or only how they are chosen.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
 from bench.common import RESULTS, ROOT, kept_records, write_result
 
@@ -31,8 +36,9 @@ KS_SHOWN = ("1", "2", "3", "4", "6", "8")
 
 
 def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, eval_at: list[int],
-             out_root: str) -> dict:
-    """Train and evaluate; {step: {domain: {k label: loss}}} and the run's training FLOPs."""
+             out_root: str, train_only: Optional[list[str]] = None, label: str = "") -> dict:
+    """Train and evaluate; {step: {domain: {k label: loss}}} and the run's training FLOPs.
+    `train_only`: patterns of the parameters that train (optimizer.train_only), e.g. the routers."""
     from mmoe_megatron import distributed
     from mmoe_megatron.config import override_args
     from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
@@ -52,7 +58,8 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
     if tag_for(start_cfg.train.train_iters) not in complete_checkpoints(os.path.dirname(start)):
         raise SystemExit(f"no complete final checkpoint of {specialist} seed {seed} at {start}: train it first "
                          f"(python -m bench.suite_bench --suite {suite} --member {specialist} --seed {seed})")
-    out = os.path.join(out_root, f"{spec.name}-{specialist}-to-{elastic}-s{seed}")
+    name = f"{spec.name}-{specialist}-to-{elastic}{'-' + label if label else ''}-s{seed}"
+    out = os.path.join(out_root, name)
     shutil.rmtree(out, ignore_errors=True)
     lr = start_cfg.optimizer.min_lr
     overrides = [(k, v) for k, v in member_overrides(spec, members[elastic], seed)
@@ -61,7 +68,9 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
                   ("optimizer.warmup_iters", min(10, steps)), ("checkpoint.save_interval", steps),
                   ("checkpoint.keep_steps", sorted(s for s in set(eval_at) if s < steps)),
                   ("checkpoint.init_weights", start), ("checkpoint.load", None),
-                  ("name", f"{spec.name}-{specialist}-to-{elastic}-s{seed}"), ("logging.dir", out)]
+                  ("name", name), ("logging.dir", out)]
+    if train_only:
+        overrides.append(("optimizer.train_only", train_only))
     cmd = [sys.executable, "-m", "mmoe_megatron.train", "--config", spec.base] + override_args(overrides)
     print("+ " + " ".join(cmd), flush=True)
     if subprocess.call(cmd, cwd=ROOT) != 0:
@@ -82,7 +91,7 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
     finally:
         distributed.shutdown()
     return {"losses": losses, "training_flops": training_flops(cfg, _vocab_size(cfg)), "lr": lr,
-            "start": start}
+            "start": start, "train_only": train_only}
 
 
 def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: int, run: dict,
@@ -102,8 +111,9 @@ def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: 
     start = kept[(specialist, seed)]
     rows = [(f"`{specialist}` (the start), {start['train_iters']} steps", final(start), start["training_flops"])]
     steps = sorted(run["losses"], key=int)
+    trained = f", only {', '.join(f'`{p}`' for p in run['train_only'])} training" if run.get("train_only") else ""
     for step in steps:
-        rows.append((f"+ {step} steps of `{elastic}` routing", run["losses"][step],
+        rows.append((f"+ {step} steps of `{elastic}` routing{trained}", run["losses"][step],
                      start["training_flops"] + run["training_flops"] * int(step) / int(steps[-1])))
     for name in compare:
         r = kept[(name, seed)]
@@ -135,15 +145,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--eval-at", type=int, action="append", default=[])
+    p.add_argument("--train-only", action="append", default=None, metavar="PATTERN",
+                   help="train only the parameters matching these global-name patterns (repeatable), "
+                        "e.g. '*.mlp.router.*' for the routers and their temperatures over frozen experts")
+    p.add_argument("--label", default="", help="a name for this variant: its run folder and results file end in it")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "specialist_finetune"))
     args = p.parse_args(argv)
-    run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at, args.runs_dir)
+    run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at, args.runs_dir,
+                   args.train_only, args.label)
     markdown, data = report(args.suite, args.specialist, args.elastic, args.compare, args.seed, run)
     from mmoe_megatron.evaluation.suite import load_suite
 
-    name = f"specialist_finetune_{load_suite(args.suite).name.replace('-', '_')}"
-    write_result(name, f"A specialist fine-tuned with elastic routing ({load_suite(args.suite).name})",
-                 markdown, data)
+    suite = load_suite(args.suite).name
+    name = f"specialist_finetune_{suite.replace('-', '_')}{'_' + args.label if args.label else ''}"
+    what = " (only the parameters matching " + ", ".join(args.train_only) + " trained)" if args.train_only else ""
+    write_result(name, f"A specialist fine-tuned with elastic routing{what} ({suite})", markdown, data)
     return 0
 
 

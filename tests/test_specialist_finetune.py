@@ -35,3 +35,17 @@ def test_the_report_sets_the_fine_tune_beside_its_start_and_the_members_trained_
     assert "| `el` from scratch, 100 steps | 4.4000 | 4.3000 | - | 4.2500 | - | - | 3e+12 |" in lines
     assert "| each specialist at its k | - | 4.2000 | - | 4.0000 | - | - | - |" in lines
     assert data["start"]["valid"]["4"] == 4.0 and data["compare"]["el"]["valid"]["1"] == 4.4
+
+
+def test_a_fine_tune_of_some_parameters_says_which_trained(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s-x\nbase: {TINY}\nseeds: [1]\nmembers:\n  - {{name: el, role: elastic}}\n"
+                     "  - {name: k4, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [4]}}\n")
+    kept = tmp_path / "results" / "s_x"
+    kept.mkdir(parents=True)
+    _keep(kept, "k4", 1, 100, 4, {"1": 5.0, "4": 4.0}, 4e12)
+    run = {"losses": {"10": {"valid": {"1": 4.7, "4": 4.1}}}, "training_flops": 1e12, "lr": 3e-4,
+           "start": "unused", "train_only": ["*.mlp.router.*"]}
+    markdown, _ = report(str(suite), "k4", "el", [], 1, run, results_dir=str(tmp_path / "results"))
+    assert "| + 10 steps of `el` routing, only `*.mlp.router.*` training | 4.7000 | - | - | 4.1000 | - | - | 5e+12 |" \
+        in markdown.splitlines()
