@@ -148,14 +148,15 @@ def freeze_untrained(model: torch.nn.Module, cfg: ExperimentConfig) -> None:
     if patterns is None:
         return
     params = list(named_global_parameters(model, cfg))
-    hits = torch.zeros(len(patterns), dtype=torch.long, device=params[0][1].device)
+    hits = [0] * len(patterns)
     for name, param in params:
-        matched = torch.tensor([fnmatchcase(name, p) for p in patterns], device=hits.device)
-        hits += matched
-        param.requires_grad_(bool(matched.any()))
+        matched = [fnmatchcase(name, p) for p in patterns]
+        hits = [n + m for n, m in zip(hits, matched)]
+        param.requires_grad_(any(matched))
+    counts = torch.tensor(hits, device=params[0][1].device)
     if dist.is_initialized():
-        dist.all_reduce(hits)
-    unmatched = [p for p, n in zip(patterns, hits.tolist()) if n == 0]
+        dist.all_reduce(counts)
+    unmatched = [p for p, n in zip(patterns, counts.tolist()) if n == 0]
     if unmatched:
         examples = ", ".join(name for name, _ in params[:: max(1, len(params) // 6)][:6])
         raise ConfigError("optimizer.train_only", f"{unmatched} match no parameter; global names look like "

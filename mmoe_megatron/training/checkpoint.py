@@ -534,10 +534,11 @@ def _load_verified(engine, cfg, path: str) -> dict:
     # The module states DeepSpeed just loaded hold expert-parallel rank 0's experts on every rank;
     # the fp32 master shards hold each rank's own. Rebuild the weights from the masters.
     engine.optimizer.update_lp_params()
+    saved = load_global_state_dict(path)
     if not all(p.requires_grad for p in engine.module.parameters()):
         # Frozen parameters (optimizer.train_only) have no masters: their weights come from model/.
-        load_weights_into(engine.module, cfg, load_global_state_dict(path))
-    mismatched = check_weights(engine.module, cfg, path)
+        load_weights_into(engine.module, cfg, saved)
+    mismatched = check_weights(engine.module, cfg, saved)
     raise_if_any(
         f"rank {_rank()}: {', '.join(mismatched[:5])}" if mismatched else None,
         f"weights restored from {path} differ from the saved ones",
@@ -546,11 +547,11 @@ def _load_verified(engine, cfg, path: str) -> dict:
     return state
 
 
-def check_weights(model: torch.nn.Module, cfg, path: str) -> list[str]:
-    """Names of this rank's parameters that differ from the checkpoint's safetensors weights."""
+def check_weights(model: torch.nn.Module, cfg, saved: dict[str, torch.Tensor]) -> list[str]:
+    """Names of this rank's parameters that differ from a checkpoint's global weights `saved`
+    (`load_global_state_dict`)."""
     from mmoe_megatron.model import named_global_parameters
 
-    saved = load_global_state_dict(path)
     bad = []
     for name, param in named_global_parameters(model, cfg):
         ref = saved.get(name)

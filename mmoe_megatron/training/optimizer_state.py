@@ -121,14 +121,15 @@ def resume_in_new_layout(engine, cfg, path: str, state: dict) -> dict:
     problem = layout_change_problem(state, now, path)
     if problem:
         raise CheckpointError(problem)
-    error = None
+    error, saved = None, {}
     try:
-        restore_local(engine, cfg, path, load_global_state_dict(path), state)
+        saved = load_global_state_dict(path)
+        restore_local(engine, cfg, path, saved, state)
     except Exception as e:  # noqa: BLE001 - every rank must learn of any rank's failure
         error = f"rank {rank}: {type(e).__name__}: {e}"
     raise_if_any(error, f"could not resume {path} in the new layout")
     engine.optimizer.update_lp_params()
-    mismatched = check_weights(engine.module, cfg, path)
+    mismatched = check_weights(engine.module, cfg, saved)
     raise_if_any(f"rank {rank}: {', '.join(mismatched[:5])}" if mismatched else None,
                  f"weights restored from {path} in the new layout differ from the saved ones")
     return {**state, "layout_change": [describe(layout_of(state)), describe(now)]}
