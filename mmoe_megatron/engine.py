@@ -169,9 +169,10 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.dim() < 2 else decay).append(param)
+            # Per-k gains per channel ([K, H]) are scales, as norm weights are: not decayed.
+            (no_decay if param.dim() < 2 or name.endswith("log_gain") else decay).append(param)
     param_groups = [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},

@@ -60,7 +60,8 @@ def router_builder(cfg: ExperimentConfig):
                              temperature_ks=temperature_ks, added_grad_ks=mat.added_grad_ks,
                              nested=mat.normalization == "nested",
                              temperature_floor=mat.gate_temperature_floor,
-                             gain_ks=mat.ks if mat.gate_gain == "learned" else None)
+                             gain_ks=mat.ks if mat.gate_gain != "none" else None,
+                             gain_channels=mat.gate_gain == "channels")
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
@@ -226,8 +227,11 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
     out_std = std / (2.0 * cfg.model.num_layers) ** 0.5
     ep_rank = ps.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
+        if name.endswith("log_gain"):  # one per k, or one per k and channel ([K, H])
+            param.fill_(0.0)
+            continue
         if param.dim() == 1:
-            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_gain", "log_block_gate")) else 1.0)
+            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_block_gate")) else 1.0)
             continue
         if is_expert_param(name):
             num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()

@@ -66,6 +66,11 @@ class MatryoshkaRouter(TopKRouter):
     so at k they sum to the gain: the layer's output can keep its size at a wide k without the
     weights sharpening onto a few experts (topk_softmax only).
 
+    With `gain_channels` the log-gains are one vector per trained k, `log_gain` [K, H], and scale
+    the routed experts' combined output channel by channel (`output_gain`, applied by
+    `MatryoshkaMoELayer.postprocess`) instead of the combine weights: a part of the layer private
+    to each k.
+
     With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
     experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
     (`slimmable.py`) use the magnitude and give those rows' outputs no gradient, so a token trains
@@ -86,7 +91,7 @@ class MatryoshkaRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
                  nested: bool = False, temperature_floor: float = 0.0,
-                 gain_ks: Optional[Sequence[int]] = None, **router_kwargs):
+                 gain_ks: Optional[Sequence[int]] = None, gain_channels: bool = False, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -120,7 +125,8 @@ class MatryoshkaRouter(TopKRouter):
         if self.gain_ks is not None:
             if nested:
                 raise ValueError("the nested combine learns its own gates per block of ranks: not with a gain per k")
-            self.log_gain = torch.nn.Parameter(torch.zeros(len(self.gain_ks), dtype=config.params_dtype))
+            shape = (len(self.gain_ks), config.hidden_size) if gain_channels else (len(self.gain_ks),)
+            self.log_gain = torch.nn.Parameter(torch.zeros(shape, dtype=config.params_dtype))
             setattr(self.log_gain, "sequence_parallel", config.sequence_parallel)
         if self.temperature_ks is not None:
             self.log_temperature = torch.nn.Parameter(
@@ -130,6 +136,9 @@ class MatryoshkaRouter(TopKRouter):
         elif temperature_floor:
             raise ValueError("a temperature floor bounds the learned temperatures: pass temperature_ks")
         self.temperature_floor = temperature_floor
+        if gain_channels and self.gain_ks is None:
+            raise ValueError("gains per channel are learned at the trained ks: pass gain_ks")
+        self.gain_channels = gain_channels
         # The leading ranks whose experts a token routed at k does not train: k // 2 at the
         # added_grad_ks, 0 elsewhere (indexed by k, 0..E).
         added = set(added_grad_ks)
@@ -271,7 +280,7 @@ class MatryoshkaRouter(TopKRouter):
             # Under the nested combine a k = 1 weight depends on the router already.
             if self.k1_router_grad == "straight_through" and self.training and not self.nested:
                 probs_TW = self._straight_through_k1(probs_TW, active_TW, scores_TE, ids_TW)
-            if self.gain_ks is not None:
+            if self.gain_ks is not None and not self.gain_channels:
                 probs_TW = (probs_TW * self._per_k(self.log_gain, budget, probs_TW.device)).type_as(logits_TE)
 
         probs_TE = torch.zeros_like(logits_TE).scatter(1, ids_TW, probs_TW)
@@ -319,11 +328,19 @@ class MatryoshkaRouter(TopKRouter):
         value = torch.exp(weights_EK[budget] @ log_K.float().to(device))
         return value if isinstance(budget, int) else value.unsqueeze(1)
 
+    def output_gain(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
+        """Under `gain_channels`, the gain of every output channel at k: [H] for a scalar k, [T, H]
+        per token (the log-gains interpolated in log k, as the temperatures)."""
+        weights_EK = self.log_k_weights_EK.to(device=device, dtype=torch.float32)
+        return torch.exp(weights_EK[budget] @ self.log_gain.float().to(device))
+
     def gain(self, k: int) -> float:
-        """The gain this layer's combine weights sum to at k (1.0 without learned gains)."""
+        """The gain this layer's combine weights sum to at k (1.0 without learned gains); under
+        `gain_channels` the geometric mean of the channels' gains."""
         if self.gain_ks is None:
             return 1.0
-        return float(self._per_k(self.log_gain, k, self.log_gain.device).detach())
+        log_gain = self.log_gain.mean(dim=1) if self.gain_channels else self.log_gain
+        return float(self._per_k(log_gain, k, self.log_gain.device).detach())
 
     def temperature(self, k: int) -> float:
         """The temperature this layer applies at k (1.0 without learned temperatures)."""
@@ -489,7 +506,14 @@ class MatryoshkaMoELayer(MoELayer):
         return super().preprocess(hidden_states, probs, routing_map)
 
     def postprocess(self, output, shared_expert_output):
-        if not getattr(self.experts, "carries_levels", False):
+        gained = getattr(self.router, "gain_channels", False)
+        if not getattr(self.experts, "carries_levels", False) and not gained:
             return super().postprocess(output, shared_expert_output)
-        output = super().postprocess(output, None)[..., :-1].contiguous()
+        output = super().postprocess(output, None)
+        if getattr(self.experts, "carries_levels", False):
+            output = output[..., :-1].contiguous()
+        if gained:
+            # The k of every token this layer routed (the router's last forward), in its order.
+            gain = self.router.output_gain(self.router.last_k, output.device)
+            output = (output.view(-1, output.shape[-1]) * gain).view_as(output).type_as(output)
         return output if shared_expert_output is None else output + shared_expert_output

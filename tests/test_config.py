@@ -198,6 +198,8 @@ def test_every_shipped_config_loads():
      "matryoshka.gate_gain", "needs an elastic model"),
     ({"matryoshka.gate_gain": "learned", "matryoshka.normalization": "softmax_topk"},
      "matryoshka.gate_gain", "topk_softmax"),
+    ({"matryoshka.gate_gain": "channels", "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
+     "matryoshka.gate_gain", "needs an elastic model"),
     ({"matryoshka.gate_temperature_floor": 0.3, "matryoshka.gate_temperature": "none"},
      "matryoshka.gate_temperature_floor", "set gate_temperature: learned"),
     ({"matryoshka.gate_temperature_floor": 0.3, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},

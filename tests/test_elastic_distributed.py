@@ -31,6 +31,9 @@ VARIANTS = {
     "late": {"matryoshka.strategy": "token", "train.train_iters": 10, "optimizer.warmup_iters": 1,
              "matryoshka.late_fraction": 0.6, "matryoshka.late_probs": [0.0, 0.0, 0.5, 0.5],
              "matryoshka.gate_gain": "learned"},
+    # Gains per k and channel scale each token's combined output on the rank that holds the
+    # token, after the experts' outputs came back: their gradients need every token's own k.
+    "channels": {"matryoshka.strategy": "token", "matryoshka.gate_gain": "channels"},
 }
 
 
@@ -148,6 +151,9 @@ def test_expert_parallel_matches_single_process(single_process_mcore, dispatcher
             drawn = {k for result in ranks for layer in result[strategy]["used"] for k in torch.tensor(layer).view(-1).tolist()}
             assert drawn == {3, 4}
             assert any(name.endswith("router.log_gain") for name in ref_grads)
+        if strategy == "channels":
+            gains = [g for name, g in ref_grads.items() if name.endswith("router.log_gain")]
+            assert len(gains) == 4 and all(g.shape == (4, 64) and (g.abs().sum(dim=1) > 0).all() for g in gains)
         merged = {**ranks[0][strategy]["grads"], **ranks[1][strategy]["grads"]}
         assert set(merged) == set(ref_grads)
         experts = {n for n in merged if ".local_experts." in n}

@@ -429,6 +429,7 @@ def test_transformer_engine_names_round_trip(imported):
     ({"model.qk_layernorm": False}, "model.qk_layernorm"),
     ({"matryoshka.normalization": "nested"}, "matryoshka.normalization=nested"),
     ({"moe.shared_expert_ffn_hidden_size": 48}, "moe.shared_expert_ffn_hidden_size=48"),
+    ({"matryoshka.gate_gain": "channels"}, "matryoshka.gate_gain=channels"),
 ])
 def test_export_refuses_what_qwen3_moe_cannot_express(overrides, field):
     from mmoe_megatron.export import ExportError, hf_config_dict, to_hf_state_dict

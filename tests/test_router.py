@@ -352,6 +352,60 @@ def test_a_model_with_learned_gains_starts_as_the_model_without(single_process_m
             assert forward_loss(gained, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
 
 
+def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_each_ks_output(
+        single_process_mcore):
+    """gate_gain channels: [K, H] log-gains per MoE layer, not weight-decayed; at gain 1 the model
+    is the plain one bit for bit; set, the routed output of a token at k is the plain layer's times
+    the gain vector of its k (per-token ks each take their own, k = 3 interpolated in log k), and in
+    training each k's row learns from its tokens only."""
+    from mmoe_megatron.engine import optimizer_param_groups
+    from mmoe_megatron.model import build_model, moe_layers, set_topk
+
+    ks = {"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0}
+    plain = build_model(tiny_config(**ks), VOCAB)
+    gained = build_model(tiny_config(**ks, **{"matryoshka.gate_gain": "channels"}), VOCAB)
+    names = [n for n, p in gained.named_parameters() if n.endswith("router.log_gain")]
+    assert len(names) == 4 and dict(gained.named_parameters())[names[0]].shape == (3, 64)
+    decayed = [g for g in optimizer_param_groups(gained, 0.1) if g["weight_decay"] > 0]
+    gains = {id(p) for n, p in gained.named_parameters() if n.endswith("log_gain")}
+    assert not any(id(p) in gains for g in decayed for p in g["params"])
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), gained.eval()
+    with torch.no_grad():
+        for k in (1, 2, 4):
+            set_topk(plain, k), set_topk(gained, k)
+            assert forward_loss(gained, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+
+    layer, reference = moe_layers(gained)[1], moe_layers(plain)[1]
+    g_KH = torch.stack([torch.linspace(0.5, 1.5, 64), torch.full((64,), 2.0), torch.linspace(3.0, 1.0, 64)])
+    with torch.no_grad():
+        layer.router.log_gain.copy_(torch.log(g_KH))
+    x = hidden()
+    w = 0.58496  # k = 3 between the trained ks 2 and 4, linear in log k: log2(3) - 1
+    for k, g_H in ((1, g_KH[0]), (2, g_KH[1]), (4, g_KH[2]), (3, g_KH[1] ** (1 - w) * g_KH[2] ** w)):
+        layer.router.set_k(k), reference.router.set_k(k)
+        with torch.no_grad():
+            out, expected = layer(x)[0], reference(x)[0]
+        assert torch.allclose(out, expected * g_H, rtol=1e-5, atol=1e-6), k
+        assert not torch.allclose(out, expected, atol=1e-3)
+        assert layer.router.gain(k) == pytest.approx(float(torch.exp(torch.log(g_H).mean())), rel=1e-5)
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
+    layer.router.set_token_ks(ks_SB, width=4)
+    with torch.no_grad():
+        per_token = layer(x)[0]
+    for k in (1, 2, 3, 4):
+        layer.router.set_k(k)
+        with torch.no_grad():
+            alone = layer(x)[0]
+        assert torch.allclose(per_token[ks_SB == k], alone[ks_SB == k], atol=1e-6)
+    layer.train()
+    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
+        layer.router.log_gain.grad = None
+        layer.router.set_k(k)
+        layer(x)[0].square().sum().backward()
+        assert [bool(row.abs().sum() > 0) for row in layer.router.log_gain.grad] == moved, k
+
+
 # --- the nested combine ---------------------------------------------------------------------------
 
 

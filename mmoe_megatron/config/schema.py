@@ -190,7 +190,7 @@ class MatryoshkaConfig:
     the learning rate decays, after the narrow ones have shaped the experts. 0 = none."""
     late_probs: Optional[list[float]] = field(None, ge=0)
     """With late_fraction: one probability per entry of ks, summing to 1."""
-    gate_gain: Literal["none", "learned"] = "none"
+    gate_gain: Literal["none", "learned", "channels"] = "none"
     """learned: every MoE layer learns one gain per trained k (1 at the start) that multiplies the
     combine weights, so at k they sum to the gain instead of 1. Without it the only way to keep a
     layer's output as large at k = 8 as at k = 1 (the weighted mean of 8 experts is smaller than
@@ -198,7 +198,12 @@ class MatryoshkaConfig:
     temperatures do; the gain keeps the size and leaves the weights free. ks between trained ks
     interpolate the log-gain in log k. Needs topk_softmax and an elastic model. The export folds the
     gain of its k into the experts' down projections and records the others (`load_hf_model` and
-    the vLLM plugin rescale for any k)."""
+    the vLLM plugin rescale for any k).
+    channels: a gain per trained k and per hidden channel (a vector of hidden_size, 1 at the start)
+    on the routed experts' combined output instead, so each k's output can be rescaled channel by
+    channel to what the layers after it expect: a private, per-k part of the model at H x len(ks)
+    parameters per MoE layer, the weights every k shares left alone. Same requirements;
+    experimental, not exportable yet."""
     gate_temperature_floor: float = field(0.0, ge=0, lt=1)
     """With learned gate temperatures: the lowest temperature a layer may apply at any k (the
     learned log-temperature is clamped from below, in training, evaluation and export), so the
@@ -320,7 +325,7 @@ class MatryoshkaConfig:
                 "a temperature per k needs an elastic model (method matryoshka, more than one k, "
                 "strategy not fixed) with normalization topk_softmax; set it to none",
             )
-        if self.gate_gain == "learned" and (not self.elastic or self.normalization != "topk_softmax"):
+        if self.gate_gain != "none" and (not self.elastic or self.normalization != "topk_softmax"):
             raise ConfigError(
                 f"{path}.gate_gain",
                 "a gain per k needs an elastic model (method matryoshka, more than one k, strategy not "

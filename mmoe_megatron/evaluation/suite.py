@@ -564,11 +564,11 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "losses": results, "eval_settings": settings, "launches": _launches(out),
                     "evaluated": provenance(),
                 }
-                if cfg.matryoshka.gate_temperature == "learned" or cfg.matryoshka.gate_gain == "learned":
+                if cfg.matryoshka.gate_temperature == "learned" or cfg.matryoshka.gate_gain != "none":
                     weights = load_global_state_dict(meta["checkpoint"])
                     if cfg.matryoshka.gate_temperature == "learned":
                         record["learned_temperatures"] = gate_temperatures(cfg, weights)
-                    if cfg.matryoshka.gate_gain == "learned":
+                    if cfg.matryoshka.gate_gain != "none":
                         record["learned_gains"] = gate_gains(cfg, weights)
                 with open(os.path.join(out, "eval", "results.json"), "w") as f:
                     json.dump(record, f, indent=2)

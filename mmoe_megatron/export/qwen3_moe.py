@@ -150,6 +150,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "per block of ranks, so the model cannot be written without changing its outputs; export a "
             "model trained with topk_softmax or softmax_topk"
         )
+    if cfg.matryoshka.gate_gain == "channels":
+        raise ExportError(
+            "matryoshka.gate_gain=channels: the experimental gains per k and channel are not exported "
+            "(at one k they would fold into the experts' down projections, but the serving engines rescale "
+            "for other ks by one gain per k); export a model trained with gate_gain none or learned"
+        )
     if cfg.moe.shared_expert_ffn_hidden_size is not None:
         raise ExportError(
             f"moe.shared_expert_ffn_hidden_size={cfg.moe.shared_expert_ffn_hidden_size}: Qwen3-MoE has no "
@@ -421,10 +427,12 @@ def gate_temperatures(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tenso
 
 def gate_log_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> Optional[list[list[float]]]:
     """Each MoE layer's learned log-gains (one per trained k, `matryoshka.gate_gain`), in layer
-    order; None for a model trained without them."""
-    if cfg.matryoshka.gate_gain != "learned":
+    order; under gate_gain channels each k's mean over the channels (the log of their geometric
+    mean: what reports show; such a model is not exported). None for a model trained without them."""
+    if cfg.matryoshka.gate_gain == "none":
         return None
-    return [[float(x) for x in v] for v in _router_vectors(cfg, global_sd, "log_gain", "gate_gain")]
+    vectors = _router_vectors(cfg, global_sd, "log_gain", "gate_gain")
+    return [[float(x) for x in (v.mean(dim=1) if v.dim() == 2 else v)] for v in vectors]
 
 
 def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
