@@ -13,6 +13,7 @@ import platform
 import shlex
 import statistics
 import sys
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -53,7 +54,10 @@ def command_line() -> str:
     return " ".join([head] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
-def write_result(name: str, title: str, markdown: str, data: dict, results_dir: str = RESULTS) -> str:
+def write_result(name: str, title: str, markdown: str, data: dict, results_dir: str = RESULTS,
+                 recorded: Optional[dict] = None) -> str:
+    """Write a benchmark's record. `recorded`: the earlier record of the run whose numbers a rebuilt
+    report shows; its command, date and machine are kept (they produced the numbers)."""
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{name}.json")
     record = {
@@ -61,6 +65,8 @@ def write_result(name: str, title: str, markdown: str, data: dict, results_dir: 
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(), "markdown": markdown, "data": data,
     }
+    if recorded is not None:
+        record.update({key: recorded[key] for key in ("command", "date", "machine") if key in recorded})
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
     print(markdown)

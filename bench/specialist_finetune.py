@@ -19,12 +19,19 @@ The specialist's run directory must still hold its final checkpoint.
 `--train-only '*.mlp.router.*' --label routers` trains the routers and their temperatures alone
 over the specialist's frozen experts and attention (optimizer.train_only), into its own results
 file: whether the elastic objective needs to change the experts, or only how they are chosen.
+
+`--report-only` (with the same options) trains nothing: it sets the run recorded in the results
+file beside the kept results as they are now and keeps the command that ran it. `--start-record`
+names the evaluated result of the checkpoint it started from when that is not the suite's kept
+result (a specialist retrained since, on another machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,7 +102,9 @@ def finetune(suite: str, specialist: str, elastic: str, seed: int, steps: int, e
 
 
 def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: int, run: dict,
-           results_dir: str = RESULTS) -> tuple[str, dict]:
+           results_dir: str = RESULTS, start_record: Optional[dict] = None) -> tuple[str, dict]:
+    """The table; `start_record`: the evaluated result of the checkpoint the fine-tune started from
+    when it is not the suite's kept one (a specialist retrained since), else the kept one."""
     from mmoe_megatron.evaluation.suite import load_suite
 
     spec = load_suite(suite)
@@ -105,6 +114,8 @@ def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: 
     def final(record):
         return record["losses"][str(record["train_iters"])]
 
+    if start_record is not None:
+        kept[(specialist, seed)] = start_record
     missing = [m for m in [specialist] + compare if (m, seed) not in kept]
     if missing:
         raise SystemExit(f"no kept result of {missing} seed {seed} in bench/results/{spec.name.replace('-', '_')}")
@@ -150,16 +161,44 @@ def main(argv=None) -> int:
                         "e.g. '*.mlp.router.*' for the routers and their temperatures over frozen experts")
     p.add_argument("--label", default="", help="a name for this variant: its run folder and results file end in it")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "specialist_finetune"))
+    p.add_argument("--start-record", metavar="JSON",
+                   help="the evaluated result (a suite member's results file) of the checkpoint the fine-tune "
+                        "starts from, when it is not the suite's kept one, e.g. a specialist retrained since")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from the run its results file recorded; train nothing")
     args = p.parse_args(argv)
-    run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at, args.runs_dir,
-                   args.train_only, args.label)
-    markdown, data = report(args.suite, args.specialist, args.elastic, args.compare, args.seed, run)
     from mmoe_megatron.evaluation.suite import load_suite
 
     suite = load_suite(args.suite).name
     name = f"specialist_finetune_{suite.replace('-', '_')}{'_' + args.label if args.label else ''}"
+    record = None
+    if args.report_only:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--report-only: no {path}; run the fine-tune first (without --report-only)")
+        with open(path) as f:
+            record = json.load(f)
+        run = record["data"]["run"]
+    else:
+        run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at,
+                       args.runs_dir, args.train_only, args.label)
+    start_record = None
+    if args.start_record:
+        with open(args.start_record) as f:
+            start_record = json.load(f)
+        if (start_record.get("member"), start_record.get("seed")) != (args.specialist, args.seed):
+            raise SystemExit(f"--start-record {args.start_record} is {start_record.get('member')!r} seed "
+                             f"{start_record.get('seed')}, not {args.specialist!r} seed {args.seed}")
+    markdown, data = report(args.suite, args.specialist, args.elastic, args.compare, args.seed, run,
+                            results_dir=RESULTS, start_record=start_record)
+    if args.start_record:
+        data["start_record"] = os.path.relpath(os.path.abspath(args.start_record), ROOT)
+    if args.report_only:
+        data["report_command"] = " ".join(["python -m bench.specialist_finetune"]
+                                          + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     what = " (only the parameters matching " + ", ".join(args.train_only) + " trained)" if args.train_only else ""
-    write_result(name, f"A specialist fine-tuned with elastic routing{what} ({suite})", markdown, data)
+    write_result(name, f"A specialist fine-tuned with elastic routing{what} ({suite})", markdown, data,
+                 results_dir=RESULTS, recorded=record)
     return 0
 
 

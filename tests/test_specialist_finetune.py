@@ -3,6 +3,9 @@ of the members compared and of each specialist at its own k (kept results writte
 
 import json
 
+import pytest
+
+from bench import specialist_finetune
 from bench.specialist_finetune import report
 from tests.helpers import TINY
 
@@ -49,3 +52,53 @@ def test_a_fine_tune_of_some_parameters_says_which_trained(tmp_path):
     markdown, _ = report(str(suite), "k4", "el", [], 1, run, results_dir=str(tmp_path / "results"))
     assert "| + 10 steps of `el` routing, only `*.mlp.router.*` training | 4.7000 | - | - | 4.1000 | - | - | 5e+12 |" \
         in markdown.splitlines()
+
+
+def test_report_only_sets_the_recorded_run_beside_the_kept_results_of_now_and_keeps_its_command(
+        tmp_path, monkeypatch):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s-x\nbase: {TINY}\nseeds: [1]\nmembers:\n  - {{name: el, role: elastic}}\n"
+                     "  - {name: k4, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [4]}}\n")
+    results = tmp_path / "results"
+    (results / "s_x").mkdir(parents=True)
+    monkeypatch.setattr(specialist_finetune, "RESULTS", str(results))
+    argv = ["--suite", str(suite), "--specialist", "k4", "--elastic", "el", "--label", "x", "--report-only"]
+    with pytest.raises(SystemExit, match="no .*specialist_finetune_s_x_x.json; run the fine-tune first"):
+        specialist_finetune.main(argv)
+    run = {"losses": {"10": {"valid": {"1": 4.7, "4": 4.1}}}, "training_flops": 1e12, "lr": 3e-4, "start": "unused"}
+    path = results / "specialist_finetune_s_x_x.json"
+    path.write_text(json.dumps({"command": "python -m bench.specialist_finetune --the-run", "date": "then",
+                                "machine": {"cpu": "the run's"}, "data": {"run": run}}))
+    _keep(results / "s_x", "k4", 1, 100, 4, {"1": 5.5, "4": 3.9}, 4e12)  # the start, retrained since
+    assert specialist_finetune.main(argv) == 0
+    record = json.loads(path.read_text())
+    assert record["command"] == "python -m bench.specialist_finetune --the-run"
+    assert record["date"] == "then" and record["machine"] == {"cpu": "the run's"}
+    assert record["data"]["run"] == run
+    lines = record["markdown"].splitlines()
+    assert "| `k4` (the start), 100 steps | 5.5000 | - | - | 3.9000 | - | - | 4e+12 |" in lines
+    assert "| + 10 steps of `el` routing | 4.7000 | - | - | 4.1000 | - | - | 5e+12 |" in lines
+
+
+def test_a_start_record_replaces_the_kept_start_and_must_be_that_specialist(tmp_path, monkeypatch):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"name: s-x\nbase: {TINY}\nseeds: [1]\nmembers:\n  - {{name: el, role: elastic}}\n"
+                     "  - {name: k4, role: specialist, overrides: {matryoshka.strategy: fixed, matryoshka.ks: [4]}}\n")
+    results = tmp_path / "results"
+    (results / "s_x").mkdir(parents=True)
+    _keep(results / "s_x", "k4", 1, 100, 4, {"1": 5.5, "4": 3.9}, 4e12)  # the suite's kept k4
+    retrained = tmp_path / "retrained"
+    retrained.mkdir()
+    _keep(retrained, "k4", 1, 100, 4, {"1": 5.4, "4": 3.8}, 4e12)  # the retrain it started from
+    _keep(retrained, "k2", 1, 100, 2, {"1": 5.4, "4": 3.8}, 4e12)
+    monkeypatch.setattr(specialist_finetune, "RESULTS", str(results))
+    run = {"losses": {"10": {"valid": {"1": 4.7, "4": 4.1}}}, "training_flops": 1e12, "lr": 3e-4, "start": "unused"}
+    path = results / "specialist_finetune_s_x.json"
+    path.write_text(json.dumps({"command": "python -m bench.specialist_finetune --the-run", "data": {"run": run}}))
+    argv = ["--suite", str(suite), "--specialist", "k4", "--elastic", "el", "--report-only"]
+    with pytest.raises(SystemExit, match="is 'k2' seed 1, not 'k4' seed 1"):
+        specialist_finetune.main(argv + ["--start-record", str(retrained / "k2-s1.json")])
+    assert specialist_finetune.main(argv + ["--start-record", str(retrained / "k4-s1.json")]) == 0
+    record = json.loads(path.read_text())
+    assert "| `k4` (the start), 100 steps | 5.4000 | - | - | 3.8000 | - | - | 4e+12 |" in record["markdown"].splitlines()
+    assert record["data"]["start"]["valid"]["4"] == 3.8 and "--start-record" in record["data"]["report_command"]
