@@ -338,18 +338,25 @@ def test_a_learned_gain_scales_the_combine_weights_of_each_k(single_process_mcor
         assert [bool(g != 0) for g in gained.log_gain.grad] == moved, (k, gained.log_gain.grad)
 
 
+def assert_same_losses(plain, other, ks=(1, 2, 4)):
+    """`other` computes `plain`'s loss bit for bit at each k."""
+    from mmoe_megatron.model import set_topk
+
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), other.eval()
+    with torch.no_grad():
+        for k in ks:
+            set_topk(plain, k), set_topk(other, k)
+            assert forward_loss(other, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+
+
 def test_a_model_with_learned_gains_starts_as_the_model_without(single_process_mcore):
-    from mmoe_megatron.model import build_model, set_topk
+    from mmoe_megatron.model import build_model
 
     plain = build_model(tiny_config(), VOCAB)
     gained = build_model(tiny_config(**{"matryoshka.gate_gain": "learned"}), VOCAB)
     assert len([n for n, _ in gained.named_parameters() if n.endswith("router.log_gain")]) == 4
-    tokens, labels = tiny_batch(tiny_config(), 2)
-    plain.eval(), gained.eval()
-    with torch.no_grad():
-        for k in (1, 2, 4):
-            set_topk(plain, k), set_topk(gained, k)
-            assert forward_loss(gained, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+    assert_same_losses(plain, gained)
 
 
 def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_each_ks_output(
@@ -359,7 +366,7 @@ def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_e
     the gain vector of its k (per-token ks each take their own, k = 3 interpolated in log k), and in
     training each k's row learns from its tokens only."""
     from mmoe_megatron.engine import optimizer_param_groups
-    from mmoe_megatron.model import build_model, moe_layers, set_topk
+    from mmoe_megatron.model import build_model, moe_layers
 
     ks = {"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0}
     plain = build_model(tiny_config(**ks), VOCAB)
@@ -369,12 +376,7 @@ def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_e
     decayed = [g for g in optimizer_param_groups(gained, 0.1) if g["weight_decay"] > 0]
     gains = {id(p) for n, p in gained.named_parameters() if n.endswith("log_gain")}
     assert not any(id(p) in gains for g in decayed for p in g["params"])
-    tokens, labels = tiny_batch(tiny_config(), 2)
-    plain.eval(), gained.eval()
-    with torch.no_grad():
-        for k in (1, 2, 4):
-            set_topk(plain, k), set_topk(gained, k)
-            assert forward_loss(gained, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+    assert_same_losses(plain, gained)
 
     layer, reference = moe_layers(gained)[1], moe_layers(plain)[1]
     g_KH = torch.stack([torch.linspace(0.5, 1.5, 64), torch.full((64,), 2.0), torch.linspace(3.0, 1.0, 64)])
