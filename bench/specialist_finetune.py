@@ -171,6 +171,14 @@ def main(argv=None) -> int:
 
     suite = load_suite(args.suite).name
     name = f"specialist_finetune_{suite.replace('-', '_')}{'_' + args.label if args.label else ''}"
+    # Checked before a fine-tune runs, not after.
+    start_record = None
+    if args.start_record:
+        with open(args.start_record) as f:
+            start_record = json.load(f)
+        if (start_record.get("member"), start_record.get("seed")) != (args.specialist, args.seed):
+            raise SystemExit(f"--start-record {args.start_record} is {start_record.get('member')!r} seed "
+                             f"{start_record.get('seed')}, not {args.specialist!r} seed {args.seed}")
     record = None
     if args.report_only:
         path = os.path.join(RESULTS, f"{name}.json")
@@ -182,13 +190,6 @@ def main(argv=None) -> int:
     else:
         run = finetune(args.suite, args.specialist, args.elastic, args.seed, args.steps, args.eval_at,
                        args.runs_dir, args.train_only, args.label)
-    start_record = None
-    if args.start_record:
-        with open(args.start_record) as f:
-            start_record = json.load(f)
-        if (start_record.get("member"), start_record.get("seed")) != (args.specialist, args.seed):
-            raise SystemExit(f"--start-record {args.start_record} is {start_record.get('member')!r} seed "
-                             f"{start_record.get('seed')}, not {args.specialist!r} seed {args.seed}")
     markdown, data = report(args.suite, args.specialist, args.elastic, args.compare, args.seed, run,
                             results_dir=RESULTS, start_record=start_record)
     if args.start_record:
