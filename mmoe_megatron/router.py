@@ -316,23 +316,22 @@ class MatryoshkaRouter(TopKRouter):
         return probs_TE, routing_map_TE
 
     def _inverse_temperature(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
-        """1 / T(k) for a scalar k (a 0-d tensor) or per token ([T, 1])."""
+        """1 / T(k) for a scalar k ([1]) or per token ([T, 1])."""
         log_t_K = floored_log_temperatures(self.log_temperature.float().to(device), self.temperature_floor)
         return self._per_k(-log_t_K, budget, device)
 
     def _per_k(self, log_K: torch.Tensor, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
-        """exp of a per-trained-k log-quantity at k, interpolated in log k: a 0-d tensor for a scalar
-        k, [T, 1] per token."""
+        """exp of a per-trained-k log-quantity ([K], or [K, C] for C values per k) at k,
+        interpolated in log k: [C] for a scalar k, [T, C] per token (C = 1 for [K])."""
         # fp32 whatever the model's dtype (a bf16 model's buffers are cast with it).
         weights_EK = self.log_k_weights_EK.to(device=device, dtype=torch.float32)
-        value = torch.exp(weights_EK[budget] @ log_K.float().to(device))
-        return value if isinstance(budget, int) else value.unsqueeze(1)
+        log_KC = log_K.float().to(device).reshape(log_K.shape[0], -1)
+        return torch.exp(weights_EK[budget] @ log_KC)
 
     def output_gain(self, budget: Union[int, torch.Tensor], device) -> torch.Tensor:
         """Under `gain_channels`, the gain of every output channel at k: [H] for a scalar k, [T, H]
         per token (the log-gains interpolated in log k, as the temperatures)."""
-        weights_EK = self.log_k_weights_EK.to(device=device, dtype=torch.float32)
-        return torch.exp(weights_EK[budget] @ self.log_gain.float().to(device))
+        return self._per_k(self.log_gain, budget, device)
 
     def gain(self, k: int) -> float:
         """The gain this layer's combine weights sum to at k (1.0 without learned gains); under
@@ -506,11 +505,12 @@ class MatryoshkaMoELayer(MoELayer):
         return super().preprocess(hidden_states, probs, routing_map)
 
     def postprocess(self, output, shared_expert_output):
+        levels = getattr(self.experts, "carries_levels", False)
         gained = getattr(self.router, "gain_channels", False)
-        if not getattr(self.experts, "carries_levels", False) and not gained:
+        if not levels and not gained:
             return super().postprocess(output, shared_expert_output)
         output = super().postprocess(output, None)
-        if getattr(self.experts, "carries_levels", False):
+        if levels:
             output = output[..., :-1].contiguous()
         if gained:
             # The k of every token this layer routed (the router's last forward), in its order.
