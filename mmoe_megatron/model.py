@@ -61,7 +61,8 @@ def router_builder(cfg: ExperimentConfig):
                              nested=mat.normalization == "nested",
                              temperature_floor=mat.gate_temperature_floor,
                              gain_ks=mat.ks if mat.gate_gain != "none" else None,
-                             gain_channels=mat.gate_gain == "channels")
+                             gain_channels=mat.gate_gain == "channels",
+                             adapter_ks=mat.ks, adapter_rank=mat.k_adapter_rank)
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
@@ -216,8 +217,8 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases and for the routers' log-temperatures, log-gains and log block gates
-    (temperatures, gains and gates 1). Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's
+    weights, zeros for biases, for the routers' log-temperatures, log-gains and log block gates
+    (temperatures, gains and gates 1) and for the k-adapters' output maps (the adapters add 0). Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's
     linears share the local spec's names, so every layer spec of a config starts from the same
     weights too.
     """
@@ -227,7 +228,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
     out_std = std / (2.0 * cfg.model.num_layers) ** 0.5
     ep_rank = ps.get_expert_model_parallel_rank()
     for name, param in model.named_parameters():
-        if name.endswith("log_gain"):  # one per k, or one per k and channel ([K, H])
+        if name.endswith(("log_gain", "k_adapter_out")):  # gains 1; the adapters' maps start at 0
             param.fill_(0.0)
             continue
         if param.dim() == 1:

@@ -71,6 +71,13 @@ class MatryoshkaRouter(TopKRouter):
     `MatryoshkaMoELayer.postprocess`) instead of the combine weights: a part of the layer private
     to each k.
 
+    With `adapter_ks` (the trained ks) and `adapter_rank` r, the layer learns a low-rank linear map
+    per trained k, A = `k_adapter_in` [K, r, H] and B = `k_adapter_out` [K, H, r], and adds B_k A_k y
+    to the routed experts' combined output y of a token at k (`adapt_output`,
+    applied by `MatryoshkaMoELayer.postprocess`; ks between trained ks mix the maps of their
+    neighbours with the log-k interpolation weights). `k_adapter_out` starts at zero, so the
+    layer starts as the plain one: a private, per-k correction of what the layers after it see.
+
     With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
     experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
     (`slimmable.py`) use the magnitude and give those rows' outputs no gradient, so a token trains
@@ -91,7 +98,8 @@ class MatryoshkaRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, k1_router_grad: str = "straight_through",
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
                  nested: bool = False, temperature_floor: float = 0.0,
-                 gain_ks: Optional[Sequence[int]] = None, gain_channels: bool = False, **router_kwargs):
+                 gain_ks: Optional[Sequence[int]] = None, gain_channels: bool = False,
+                 adapter_ks: Optional[Sequence[int]] = None, adapter_rank: int = 0, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -119,9 +127,22 @@ class MatryoshkaRouter(TopKRouter):
         if per_k is not None:
             if config.moe_router_pre_softmax:
                 raise ValueError("a temperature or gain per k weights the selected logits' softmax: use topk_softmax")
-            weights_KE = temperature_weights(per_k, self.num_experts)
+        self.adapter_ks = tuple(adapter_ks) if adapter_rank else None
+        if self.adapter_ks is not None and per_k is not None and self.adapter_ks != per_k:
+            raise ValueError(f"the adapters are learned at the trained ks: {self.adapter_ks} against {per_k}")
+        if per_k is not None or self.adapter_ks is not None:
+            weights_KE = temperature_weights(per_k or self.adapter_ks, self.num_experts)
             # Row k (0..E) of the interpolation matrix, [E + 1, K]; row 0 is unused.
             self.register_buffer("log_k_weights_EK", weights_KE.t().contiguous(), persistent=False)
+        if self.adapter_ks is not None:
+            if not 0 < adapter_rank <= config.hidden_size:
+                raise ValueError(f"adapter rank {adapter_rank} must lie in 1 ... hidden_size ({config.hidden_size})")
+            K, H = len(self.adapter_ks), config.hidden_size
+            # Initialised by name (model.init_weights): in from the normal init, out zeros.
+            self.k_adapter_in = torch.nn.Parameter(torch.zeros(K, adapter_rank, H, dtype=config.params_dtype))
+            self.k_adapter_out = torch.nn.Parameter(torch.zeros(K, H, adapter_rank, dtype=config.params_dtype))
+            for param in (self.k_adapter_in, self.k_adapter_out):
+                setattr(param, "sequence_parallel", config.sequence_parallel)
         if self.gain_ks is not None:
             if nested:
                 raise ValueError("the nested combine learns its own gates per block of ranks: not with a gain per k")
@@ -333,6 +354,14 @@ class MatryoshkaRouter(TopKRouter):
         per token (the log-gains interpolated in log k, as the temperatures)."""
         return self._per_k(self.log_gain, budget, device)
 
+    def adapt_output(self, output_TH: torch.Tensor, budget: Union[int, torch.Tensor]) -> torch.Tensor:
+        """Under adapters: the routed output plus each token's k's low-rank correction, [T, H]
+        (`budget` the k of all tokens, or one per token)."""
+        weights_K = self.log_k_weights_EK.to(output_TH.device)[budget].to(output_TH.dtype)
+        weights = weights_K.unsqueeze(-1)  # [K, 1] for a scalar k, [T, K, 1] per token
+        low_TKR = torch.einsum("th,krh->tkr", output_TH, self.k_adapter_in) * weights
+        return output_TH + torch.einsum("tkr,khr->th", low_TKR, self.k_adapter_out)
+
     def gain(self, k: int) -> float:
         """The gain this layer's combine weights sum to at k (1.0 without learned gains); under
         `gain_channels` the geometric mean of the channels' gains."""
@@ -507,7 +536,8 @@ class MatryoshkaMoELayer(MoELayer):
     def postprocess(self, output, shared_expert_output):
         levels = getattr(self.experts, "carries_levels", False)
         gained = getattr(self.router, "gain_channels", False)
-        if not levels and not gained:
+        adapted = getattr(self.router, "adapter_ks", None) is not None
+        if not levels and not gained and not adapted:
             return super().postprocess(output, shared_expert_output)
         output = super().postprocess(output, None)
         if levels:
@@ -516,4 +546,6 @@ class MatryoshkaMoELayer(MoELayer):
             # The k of every token this layer routed (the router's last forward), in its order.
             gain = self.router.output_gain(self.router.last_k, output.device)
             output = (output.view(-1, output.shape[-1]) * gain).view_as(output).type_as(output)
+        if adapted:
+            output = self.router.adapt_output(output.view(-1, output.shape[-1]), self.router.last_k).view_as(output)
         return output if shared_expert_output is None else output + shared_expert_output

@@ -109,7 +109,7 @@ def test_param_counts_match_the_built_model(single_process_mcore):
     from mmoe_megatron.model import build_model
 
     for overrides in ({}, {"model.tie_embeddings": True, "moe.layer_freq": 2},
-                      {"moe.shared_expert_ffn_hidden_size": 48}):
+                      {"moe.shared_expert_ffn_hidden_size": 48}, {"matryoshka.k_adapter_rank": 8}):
         cfg = tiny_config(**overrides)
         model = build_model(cfg, vocab_size=VOCAB)
         built = sum(p.numel() for p in model.parameters())
@@ -118,9 +118,13 @@ def test_param_counts_match_the_built_model(single_process_mcore):
         # Active at k: the experts a token does not use are exactly the difference.
         expert = sum(p.numel() for n, p in model.named_parameters() if "layers.0.mlp.experts.local_experts.0." in n)
         num_moe = cfg.num_moe_layers
+        # Of the adapters per k a token passes through its own k's only.
+        adapters = sum(p.numel() for n, p in model.named_parameters() if "layers.0.mlp.router.k_adapter_" in n)
+        unused = adapters - adapters // len(cfg.matryoshka.ks)
+        assert bool(adapters) == ("matryoshka.k_adapter_rank" in overrides)
         for k in (1, 3, 8):
             active = param_counts(cfg, VOCAB, k).active
-            assert counts.total - active == num_moe * (8 - k) * expert
+            assert counts.total - active == num_moe * ((8 - k) * expert + unused)
 
 
 def test_active_params_per_layer_vector():
@@ -200,6 +204,9 @@ def test_every_shipped_config_loads():
      "matryoshka.gate_gain", "topk_softmax"),
     ({"matryoshka.gate_gain": "channels", "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
      "matryoshka.gate_gain", "needs an elastic model"),
+    ({"matryoshka.k_adapter_rank": 8, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},
+     "matryoshka.k_adapter_rank", "needs an elastic model"),
+    ({"matryoshka.k_adapter_rank": 65}, "matryoshka.k_adapter_rank", "exceeds model.hidden_size=64"),
     ({"matryoshka.gate_temperature_floor": 0.3, "matryoshka.gate_temperature": "none"},
      "matryoshka.gate_temperature_floor", "set gate_temperature: learned"),
     ({"matryoshka.gate_temperature_floor": 0.3, "matryoshka.strategy": "fixed", "matryoshka.ks": [4]},

@@ -34,6 +34,9 @@ VARIANTS = {
     # Gains per k and channel scale each token's combined output on the rank that holds the
     # token, after the experts' outputs came back: their gradients need every token's own k.
     "channels": {"matryoshka.strategy": "token", "matryoshka.gate_gain": "channels"},
+    # Adapters per k, the same way; their output maps start at zero, so the worker sets them
+    # (the same values on every rank and in the reference) for the input maps to get gradients.
+    "adapter": {"matryoshka.strategy": "token", "matryoshka.k_adapter_rank": 4},
 }
 
 
@@ -51,6 +54,15 @@ def _grads(model, cfg):
     return {name: p.grad.detach().clone() for name, p in named_global_parameters(model, cfg)}
 
 
+def _set_adapter_maps(model):
+    """Non-zero output maps of the adapters per k (variant "adapter"), the same in every copy."""
+    for name, param in model.named_parameters():
+        if name.endswith("k_adapter_out"):
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
 def _ep_worker(rank, world_size, dispatcher):
     import torch.distributed as dist
 
@@ -64,6 +76,7 @@ def _ep_worker(rank, world_size, dispatcher):
     for strategy in VARIANTS:
         cfg = config(dispatcher, strategy, expert=2)
         model = build_model(cfg, VOCAB)
+        _set_adapter_maps(model)
         tokens, labels = tiny_batch(cfg, 2 * MBS, seed=3)  # the global batch, same on all ranks
         ek = ElasticK.from_config(model, cfg, dp_rank=rank, dp_size=world_size)
         ek.set_microbatch(STEP, 0)
@@ -105,6 +118,7 @@ def reference(dispatcher, strategy):
 
     cfg = config(dispatcher, strategy, expert=1)
     model = build_model(cfg, VOCAB)
+    _set_adapter_maps(model)
     tokens, labels = tiny_batch(cfg, 2 * MBS, seed=3)
     ek = ElasticK.from_config(model, cfg, dp_rank=0, dp_size=1)
     losses, used = [], []
@@ -154,6 +168,9 @@ def test_expert_parallel_matches_single_process(single_process_mcore, dispatcher
         if strategy == "channels":
             gains = [g for name, g in ref_grads.items() if name.endswith("router.log_gain")]
             assert len(gains) == 4 and all(g.shape == (4, 64) and (g.abs().sum(dim=1) > 0).all() for g in gains)
+        if strategy == "adapter":
+            maps = [g for name, g in ref_grads.items() if ".k_adapter_" in name]
+            assert len(maps) == 8 and all(g.shape[0] == 4 and (g.flatten(1).abs().sum(dim=1) > 0).all() for g in maps)
         merged = {**ranks[0][strategy]["grads"], **ranks[1][strategy]["grads"]}
         assert set(merged) == set(ref_grads)
         experts = {n for n in merged if ".local_experts." in n}

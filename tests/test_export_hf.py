@@ -430,6 +430,7 @@ def test_transformer_engine_names_round_trip(imported):
     ({"matryoshka.normalization": "nested"}, "matryoshka.normalization=nested"),
     ({"moe.shared_expert_ffn_hidden_size": 48}, "moe.shared_expert_ffn_hidden_size=48"),
     ({"matryoshka.gate_gain": "channels"}, "matryoshka.gate_gain=channels"),
+    ({"matryoshka.k_adapter_rank": 4}, "matryoshka.k_adapter_rank=4"),
 ])
 def test_export_refuses_what_qwen3_moe_cannot_express(overrides, field):
     from mmoe_megatron.export import ExportError, hf_config_dict, to_hf_state_dict

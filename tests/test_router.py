@@ -408,6 +408,61 @@ def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_e
         assert [bool(row.abs().sum() > 0) for row in layer.router.log_gain.grad] == moved, k
 
 
+def test_a_model_with_adapters_per_k_starts_as_the_model_without_and_adds_each_ks_map(single_process_mcore):
+    """k_adapter_rank r: per MoE layer maps A [K, r, H] (normal init) and B [K, H, r] (zeros); at
+    the start the model is the plain one bit for bit; set, the routed output y of a token at k
+    becomes y + B_k A_k y (k = 3 mixes the maps of 2 and 4 with the log-k weights; per-token ks each
+    take their own), and in training each k's maps learn from its tokens only."""
+    from mmoe_megatron.model import build_model, moe_layers
+
+    ks = {"matryoshka.ks": [1, 2, 4], "moe.aux_loss_coeff": 0.0}
+    plain = build_model(tiny_config(**ks), VOCAB)
+    adapted = build_model(tiny_config(**ks, **{"matryoshka.k_adapter_rank": 8}), VOCAB)
+    params = dict(adapted.named_parameters())
+    ins = [p for n, p in params.items() if n.endswith("router.k_adapter_in")]
+    outs = [p for n, p in params.items() if n.endswith("router.k_adapter_out")]
+    assert len(ins) == len(outs) == 4
+    assert all(a.shape == (3, 8, 64) and a.std() > 0.01 for a in ins)
+    assert all(b.shape == (3, 64, 8) and not b.any() for b in outs)
+    assert_same_losses(plain, adapted)
+
+    layer, reference = moe_layers(adapted)[1], moe_layers(plain)[1]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer.router.k_adapter_in.copy_(torch.randn(3, 8, 64, generator=gen) * 0.1)
+        layer.router.k_adapter_out.copy_(torch.randn(3, 64, 8, generator=gen) * 0.1)
+    A, B = layer.router.k_adapter_in.detach(), layer.router.k_adapter_out.detach()
+
+    def mapped(y, i):
+        return y @ A[i].t() @ B[i].t()
+
+    x = hidden()
+    w = 0.58496  # k = 3 between the trained ks 2 and 4, linear in log k: log2(3) - 1
+    for k, maps in ((1, {0: 1.0}), (2, {1: 1.0}), (4, {2: 1.0}), (3, {1: 1 - w, 2: w})):
+        layer.router.set_k(k), reference.router.set_k(k)
+        with torch.no_grad():
+            out, y = layer(x)[0], reference(x)[0]
+        expected = y + sum(share * mapped(y, i) for i, share in maps.items())
+        assert torch.allclose(out, expected, rtol=1e-4, atol=1e-8), k
+        assert (out - y).abs().max() > 0.05 * y.abs().max()  # the maps move the output
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
+    layer.router.set_token_ks(ks_SB, width=4)
+    with torch.no_grad():
+        per_token = layer(x)[0]
+    for k in (1, 2, 3, 4):
+        layer.router.set_k(k)
+        with torch.no_grad():
+            alone = layer(x)[0]
+        assert torch.allclose(per_token[ks_SB == k], alone[ks_SB == k], atol=1e-6)
+    layer.train()
+    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
+        layer.router.k_adapter_in.grad = layer.router.k_adapter_out.grad = None
+        layer.router.set_k(k)
+        layer(x)[0].square().sum().backward()
+        for grad in (layer.router.k_adapter_in.grad, layer.router.k_adapter_out.grad):
+            assert [bool(g.abs().sum() > 0) for g in grad] == moved, k
+
+
 # --- the nested combine ---------------------------------------------------------------------------
 
 

@@ -140,7 +140,7 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     at `width` (default full): an expert at width w has 3 x hidden x (w x expert FFN) weights.
 
     Counts what megatron-core allocates: padded vocabulary, QK-norm weights, the router (with its
-    learned temperatures).
+    learned temperatures), the adapters per k.
     """
     m, moe = cfg.model, cfg.moe
     h = m.hidden_size
@@ -158,6 +158,9 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     router = moe.num_experts * h
     if cfg.matryoshka.gate_temperature == "learned":
         router += len(cfg.matryoshka.ks)  # one log-temperature per trained k
+    # The adapters per k (matryoshka.k_adapter_rank): a token passes through its k's map only
+    # (a k between trained ks through its two neighbours'; counted as one).
+    adapter = 2 * cfg.matryoshka.k_adapter_rank * h
     embedding = vocab * h * (1 if m.tie_embeddings else 2)
 
     ks = iter(_per_layer_ks(cfg, cfg.matryoshka.k_max if k is None else k))
@@ -165,8 +168,8 @@ def param_counts(cfg: ExperimentConfig, vocab_size: int, k: KSpec | None = None,
     for is_moe in cfg.moe_layer_pattern():
         layer = attention + 2 * norm
         if is_moe:
-            total += layer + router + moe.num_experts * expert + shared
-            active += layer + router + next(ks) * 3 * h * next(columns) + shared
+            total += layer + router + len(cfg.matryoshka.ks) * adapter + moe.num_experts * expert + shared
+            active += layer + router + adapter + next(ks) * 3 * h * next(columns) + shared
         else:
             total += layer + dense_mlp
             active += layer + dense_mlp

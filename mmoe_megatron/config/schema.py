@@ -204,6 +204,14 @@ class MatryoshkaConfig:
     channel to what the layers after it expect: a private, per-k part of the model at H x len(ks)
     parameters per MoE layer, the weights every k shares left alone. Same requirements;
     experimental, not exportable yet."""
+    k_adapter_rank: int = field(0, ge=0)
+    """Every MoE layer learns, per trained k, a low-rank linear map of this rank (2 x rank x
+    hidden_size parameters per k) whose output is added to the routed experts' combined output of
+    the tokens at that k (ks between trained ks mix their neighbours' maps in log k). It starts at
+    zero, so the model starts as the one without. A private, per-k part of the model: the layers
+    after an MoE layer see each k's output corrected by that k's own map, and need not bend the
+    weights every k shares towards the small ks. Needs an elastic model; experimental, not
+    exportable yet. 0 = off."""
     gate_temperature_floor: float = field(0.0, ge=0, lt=1)
     """With learned gate temperatures: the lowest temperature a layer may apply at any k (the
     learned log-temperature is clamped from below, in training, evaluation and export), so the
@@ -330,6 +338,12 @@ class MatryoshkaConfig:
                 f"{path}.gate_gain",
                 "a gain per k needs an elastic model (method matryoshka, more than one k, strategy not "
                 "fixed) with normalization topk_softmax; set it to none",
+            )
+        if self.k_adapter_rank and not self.elastic:
+            raise ConfigError(
+                f"{path}.k_adapter_rank",
+                "an adapter per k needs an elastic model (method matryoshka, more than one k, strategy "
+                "not fixed); set it to 0",
             )
         if self.gate_temperature_floor > 0 and self.gate_temperature == "none":
             raise ConfigError(f"{path}.gate_temperature_floor",
@@ -631,6 +645,12 @@ class ExperimentConfig:
         if (self.matryoshka.emoe_pool_k or 0) > experts:
             raise ConfigError(
                 "matryoshka.emoe_pool_k", f"{self.matryoshka.emoe_pool_k} exceeds moe.num_experts={experts}"
+            )
+        if self.matryoshka.k_adapter_rank > self.model.hidden_size:
+            raise ConfigError(
+                "matryoshka.k_adapter_rank",
+                f"{self.matryoshka.k_adapter_rank} exceeds model.hidden_size={self.model.hidden_size} (a map "
+                "of rank hidden_size is already a full one); choose a rank up to it",
             )
         bad_eval = [k for k in self.matryoshka.eval_ks if k > experts]
         if bad_eval:

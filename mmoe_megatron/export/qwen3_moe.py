@@ -156,6 +156,12 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "(at one k they would fold into the experts' down projections, but the serving engines rescale "
             "for other ks by one gain per k); export a model trained with gate_gain none or learned"
         )
+    if cfg.matryoshka.k_adapter_rank:
+        raise ExportError(
+            f"matryoshka.k_adapter_rank={cfg.matryoshka.k_adapter_rank}: the experimental adapters per k are "
+            "not exported (at one k they would fold into the experts' down projections, but the serving "
+            "engines have no map per k for the other ks); export a model trained with k_adapter_rank 0"
+        )
     if cfg.moe.shared_expert_ffn_hidden_size is not None:
         raise ExportError(
             f"moe.shared_expert_ffn_hidden_size={cfg.moe.shared_expert_ffn_hidden_size}: Qwen3-MoE has no "
