@@ -16,7 +16,9 @@ ranked r (`h = k // 2`, the experts k adds to the routing at k // 2 are those ra
 - expert similarity: mean cosine between the k chosen experts' unweighted outputs, over pairs;
 - output norm: |sum_r w_r f_r|, the size of what the layer's experts add to the residual stream (at
   every k, k = 1 too: the weighted mean of many experts is smaller than one expert's output unless
-  the weights sharpen or sum to more than 1).
+  the weights sharpen or sum to more than 1);
+- adapter norm (models with adapters per k, `matryoshka.k_adapter_rank`): |B_k A_k y| / |y| with
+  y = sum_r w_r f_r, how large the correction of k's own map is against the output it corrects.
 
 Means over tokens and MoE layers. k = 1 has no added experts and one expert (rows left empty but
 the output norm).
@@ -37,7 +39,8 @@ import torch
 from bench.common import final_model, kept_runs_parser, run_kept_benchmark
 
 METRICS = {"effective": "effective experts", "added_weight": "added weight", "added_norm": "added norm",
-           "alignment": "alignment", "similarity": "expert similarity", "output_norm": "output norm"}
+           "alignment": "alignment", "similarity": "expert similarity", "output_norm": "output norm",
+           "adapter_norm": "adapter norm"}
 
 
 def token_stats(w_TK: torch.Tensor, f_TKH: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -146,7 +149,12 @@ class ContributionProbe:
         if self.label is None:
             return
         sums = self.sums[self.label][i]
-        for name, values_T in token_stats(w_TK, f_TKH).items():
+        stats = token_stats(w_TK, f_TKH)
+        if getattr(layer.router, "adapter_ks", None) is not None:
+            y_TH = (w_TK.unsqueeze(-1).to(f_TKH.dtype) * f_TKH).sum(dim=1)
+            correction_TH = layer.router.adapt_output(y_TH, k) - y_TH
+            stats["adapter_norm"] = correction_TH.double().norm(dim=1) / y_TH.double().norm(dim=1).clamp(min=1e-300)
+        for name, values_T in stats.items():
             sums[name] = sums.get(name, 0.0) + float(values_T.sum())
         self.tokens[self.label][i] += int(x_TH.shape[0])
 

@@ -80,6 +80,44 @@ def test_probe_recomputes_what_the_moe_layers_return(single_process_mcore, k):
     assert 1.0 <= means["effective"] <= k + 1e-9
 
 
+def test_probe_measures_each_ks_adapter_against_the_layers_output(single_process_mcore):
+    """With adapters per k: the layer returns y + B_k A_k y; the probe's y is the experts' part and
+    its adapter norm the mean over tokens of |output - y| / |y| (0 with the maps at their start, up to
+    the recomputed experts' rounding)."""
+    from mmoe_megatron.evaluation.core import set_point
+    from mmoe_megatron.model import build_model, moe_layers
+
+    cfg = tiny_config(**{"matryoshka.ks": [1, 2, 4], "data.seq_length": 16, "matryoshka.k_adapter_rank": 4})
+    model = build_model(cfg, VOCAB)
+    model.eval()
+    layers = moe_layers(model)
+    outputs = {}
+    handles = [layer.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out[0].clone()))
+               for i, layer in enumerate(layers)]
+    tokens, labels = tiny_batch(cfg, 2)
+    try:
+        for scale in (0.0, 0.1):
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for layer in layers:
+                    layer.router.k_adapter_out.copy_(torch.randn(layer.router.k_adapter_out.shape, generator=gen) * scale)
+            for k in (1, 2, 4):
+                set_point(model, k)
+                with torch.no_grad(), ec.ContributionProbe(model, keep_last=True) as probe:
+                    probe.begin("k")
+                    forward_loss(model, tokens, labels)
+                means = probe.means("k")
+                for i, layer_means in enumerate(means["layers"]):
+                    out_TH = outputs[i].reshape(-1, outputs[i].shape[-1]).double()
+                    y_TH = probe.last_output[i].double()
+                    expected = float(((out_TH - y_TH).norm(dim=1) / y_TH.norm(dim=1)).mean())
+                    assert layer_means["adapter_norm"] == pytest.approx(expected, rel=1e-3, abs=1e-5), (scale, k, i)
+                    assert (expected > 0.01) == (scale > 0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_probe_refuses_tokens_at_different_ks(single_process_mcore):
     from mmoe_megatron.model import build_model, elastic_routers
 
