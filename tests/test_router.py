@@ -359,6 +359,29 @@ def test_a_model_with_learned_gains_starts_as_the_model_without(single_process_m
     assert_same_losses(plain, gained)
 
 
+def assert_per_k_rows_serve_and_learn_from_their_tokens(layer, x, params):
+    """An MoE layer (trained ks 1, 2, 4) with a part per trained k (`params`, one row per k): per-token
+    ks give each token its own k's output (k = 3 too), and in training each row learns from the
+    tokens at its k only."""
+    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
+    layer.router.set_token_ks(ks_SB, width=4)
+    with torch.no_grad():
+        per_token = layer(x)[0]
+    for k in (1, 2, 3, 4):
+        layer.router.set_k(k)
+        with torch.no_grad():
+            alone = layer(x)[0]
+        assert torch.allclose(per_token[ks_SB == k], alone[ks_SB == k], atol=1e-6)
+    layer.train()
+    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
+        for param in params:
+            param.grad = None
+        layer.router.set_k(k)
+        layer(x)[0].square().sum().backward()
+        for param in params:
+            assert [bool(row.abs().sum() > 0) for row in param.grad] == moved, k
+
+
 def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_each_ks_output(
         single_process_mcore):
     """gate_gain channels: [K, H] log-gains per MoE layer, not weight-decayed; at gain 1 the model
@@ -391,21 +414,7 @@ def test_a_model_with_gains_per_channel_starts_as_the_model_without_and_scales_e
         assert torch.allclose(out, expected * g_H, rtol=1e-5, atol=1e-6), k
         assert not torch.allclose(out, expected, atol=1e-3)
         assert layer.router.gain(k) == pytest.approx(float(torch.exp(torch.log(g_H).mean())), rel=1e-5)
-    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
-    layer.router.set_token_ks(ks_SB, width=4)
-    with torch.no_grad():
-        per_token = layer(x)[0]
-    for k in (1, 2, 3, 4):
-        layer.router.set_k(k)
-        with torch.no_grad():
-            alone = layer(x)[0]
-        assert torch.allclose(per_token[ks_SB == k], alone[ks_SB == k], atol=1e-6)
-    layer.train()
-    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
-        layer.router.log_gain.grad = None
-        layer.router.set_k(k)
-        layer(x)[0].square().sum().backward()
-        assert [bool(row.abs().sum() > 0) for row in layer.router.log_gain.grad] == moved, k
+    assert_per_k_rows_serve_and_learn_from_their_tokens(layer, x, [layer.router.log_gain])
 
 
 def test_a_model_with_adapters_per_k_starts_as_the_model_without_and_adds_each_ks_map(single_process_mcore):
@@ -445,22 +454,8 @@ def test_a_model_with_adapters_per_k_starts_as_the_model_without_and_adds_each_k
         expected = y + sum(share * mapped(y, i) for i, share in maps.items())
         assert torch.allclose(out, expected, rtol=1e-4, atol=1e-8), k
         assert (out - y).abs().max() > 0.05 * y.abs().max()  # the maps move the output
-    ks_SB = torch.randint(1, 5, (16, 3), generator=torch.Generator().manual_seed(2))
-    layer.router.set_token_ks(ks_SB, width=4)
-    with torch.no_grad():
-        per_token = layer(x)[0]
-    for k in (1, 2, 3, 4):
-        layer.router.set_k(k)
-        with torch.no_grad():
-            alone = layer(x)[0]
-        assert torch.allclose(per_token[ks_SB == k], alone[ks_SB == k], atol=1e-6)
-    layer.train()
-    for k, moved in ((1, [True, False, False]), (4, [False, False, True])):
-        layer.router.k_adapter_in.grad = layer.router.k_adapter_out.grad = None
-        layer.router.set_k(k)
-        layer(x)[0].square().sum().backward()
-        for grad in (layer.router.k_adapter_in.grad, layer.router.k_adapter_out.grad):
-            assert [bool(g.abs().sum() > 0) for g in grad] == moved, k
+    assert_per_k_rows_serve_and_learn_from_their_tokens(layer, x, [layer.router.k_adapter_in,
+                                                                    layer.router.k_adapter_out])
 
 
 # --- the nested combine ---------------------------------------------------------------------------
