@@ -218,9 +218,9 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
     weights, zeros for biases, for the routers' log-temperatures, log-gains and log block gates
-    (temperatures, gains and gates 1) and for the k-adapters' output maps (the adapters add 0). Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's
-    linears share the local spec's names, so every layer spec of a config starts from the same
-    weights too.
+    (temperatures, gains and gates 1) and for the adapters' output maps (the adapters add 0).
+    Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's linears share
+    the local spec's names, so every layer spec of a config starts from the same weights too.
     """
     from megatron.core import parallel_state as ps
 

@@ -72,11 +72,11 @@ class MatryoshkaRouter(TopKRouter):
     to each k.
 
     With `adapter_ks` (the trained ks) and `adapter_rank` r, the layer learns a low-rank linear map
-    per trained k, A = `k_adapter_in` [K, r, H] and B = `k_adapter_out` [K, H, r], and adds B_k A_k y
-    to the routed experts' combined output y of a token at k (`adapt_output`,
-    applied by `MatryoshkaMoELayer.postprocess`; ks between trained ks mix the maps of their
-    neighbours with the log-k interpolation weights). `k_adapter_out` starts at zero, so the
-    layer starts as the plain one: a private, per-k correction of what the layers after it see.
+    per trained k, A = `k_adapter_in` [K, r, H] and B = `k_adapter_out` [K, H, r], and adds
+    B_k A_k y to the routed experts' combined output y of a token at k (`adapt_output`, applied by
+    `MatryoshkaMoELayer.postprocess`; ks between trained ks mix their neighbours' maps with the
+    log-k interpolation weights). B starts at zero, so the layer starts as the plain one: a
+    private, per-k correction of what the layers after it see.
 
     With `added_grad_ks`, a training forward marks, for a token routed at one of those ks, its
     experts ranked within the first k // 2 by negating their weights (`mark_prefix_rows`); the experts
