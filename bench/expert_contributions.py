@@ -144,14 +144,14 @@ class ContributionProbe:
             f_TKH[rows_T, slots_T] = sliced_swiglu(
                 x_TH[rows_T], expert.linear_fc1.weight, expert.linear_fc2.weight, ones_N,
                 expert.linear_fc2.weight.shape[1], experts.config.activation_func)
+        y_TH = (w_TK.unsqueeze(-1).to(f_TKH.dtype) * f_TKH).sum(dim=1)  # what the experts return
         if self.keep_last:
-            self.last_output[i] = (w_TK.unsqueeze(-1).to(f_TKH.dtype) * f_TKH).sum(dim=1)
+            self.last_output[i] = y_TH
         if self.label is None:
             return
         sums = self.sums[self.label][i]
         stats = token_stats(w_TK, f_TKH)
         if getattr(layer.router, "adapter_ks", None) is not None:
-            y_TH = (w_TK.unsqueeze(-1).to(f_TKH.dtype) * f_TKH).sum(dim=1)
             correction_TH = layer.router.adapt_output(y_TH, k) - y_TH
             stats["adapter_norm"] = correction_TH.double().norm(dim=1) / y_TH.double().norm(dim=1).clamp(min=1e-300)
         for name, values_T in stats.items():
