@@ -103,18 +103,18 @@ def test_routers_alone_train_and_resume_on_another_layout_like_an_uninterrupted_
     assert resumes[1]["layout_change"][1].startswith("1 rank")
     # fp32 sums run in another order on 2 ranks than on 1, and in another again with each CPU's
     # kernels; Adam turns those last bits of a small gradient into a share of a whole step. The
-    # resumed weights therefore match to a thousandth of one step (1e-3 x the peak learning rate;
-    # measured: 1.0e-6 with AVX512 kernels, 9.4e-6 with AVX2), which a lost or misplaced
-    # optimizer state would exceed by far: it moves a weight by the order of a whole step.
-    step = BASE["optimizer.lr"]
+    # resumed weights therefore match to 3e-3 of one step (of the peak learning rate; measured at
+    # most 1.0e-6 with AVX512 kernels, 9.4e-6 with AVX2, 1.7e-5 with scalar ones), which a lost or
+    # misplaced optimizer state would exceed by far: it moves a weight by the order of a step.
+    tolerance = 3e-3 * BASE["optimizer.lr"]
     for name, value in resumed["after"].items():
-        assert torch.allclose(value, ref["after"][name], rtol=1e-4, atol=1e-3 * step), name
+        assert torch.allclose(value, ref["after"][name], rtol=1e-4, atol=tolerance), name
         if name not in routers:
             assert torch.equal(value, ref["before"][name]), f"{name} is frozen but changed across the resume"
     # The routers' steps moved the loss, and the routers, by more than the tolerances above.
     assert ref_metrics[STEPS]["loss"] < ref_metrics[1]["loss"] - 0.01
     moved = max(float((ref["after"][n] - ref["before"][n]).abs().max()) for n in routers)
-    assert moved > 100 * 1e-3 * step
+    assert moved > 100 * tolerance
 
 
 def _refused(rank, world_size):
