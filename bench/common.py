@@ -82,6 +82,14 @@ def spread(values) -> dict:
             "mean": statistics.fmean(values), "n": len(values)}
 
 
+def mean_std_cell(values, signed: bool = True) -> str:
+    """A table cell: the mean of `values` to 4 decimals (signed unless asked not to), ± the sample
+    std when there are two or more."""
+    mean = statistics.fmean(values)
+    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return text + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+
 def single_process(cfg) -> None:
     """torch.distributed (world of one, on a free local port) and megatron's parallel state for
     `cfg`. The port is not exported: a subprocess a benchmark starts (an engine, a launcher) must

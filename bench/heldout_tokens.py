@@ -19,11 +19,10 @@ from every kept file.
 from __future__ import annotations
 
 import os
-import statistics
 
 import numpy as np
 
-from bench.common import final_model, kept_runs_parser, run_kept_benchmark
+from bench.common import final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark
 
 BUCKETS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
 """Inclusive ranges of a token's count in the training split."""
@@ -65,8 +64,7 @@ def bucket_losses(model, dataset, k, indices, micro_batch_size: int, mask, bucke
     """Summed loss and token count per bucket of the predicted token, at routing `k`."""
     import torch
 
-    from mmoe_megatron.evaluation.core import set_point, split_spec
-    from mmoe_megatron.training.batches import collate
+    from mmoe_megatron.evaluation.core import set_point, split_spec, token_losses
 
     was_training = model.training
     model.eval()
@@ -76,9 +74,7 @@ def bucket_losses(model, dataset, k, indices, micro_batch_size: int, mask, bucke
     try:
         set_point(model, *split_spec(k))
         with torch.no_grad():
-            for start in range(0, len(indices), micro_batch_size):
-                batch = collate(dataset, indices[start:start + micro_batch_size])
-                per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"]).double()
+            for per_token, batch in token_losses(model, dataset, indices, micro_batch_size, mask, "cpu"):
                 weight = batch["loss_mask"].double()
                 which = by_token[batch["labels"]]
                 for b in range(len(BUCKETS)):
@@ -132,12 +128,6 @@ def contributions(record: dict, domain: str, k: str) -> list[float]:
     return [s / total for s in parts["loss_sum"]]
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.4f}"
-    return f"{statistics.fmean(values):+.4f} ± {statistics.stdev(values):.4f}"
-
-
 def report(spec, records: list[dict]) -> tuple[str, dict]:
     from mmoe_megatron.evaluation.suite import specialists_of
 
@@ -177,8 +167,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                 per_seed = [[e - s for e, s in zip(contributions(by_run[(name, seed)], d, str(k)),
                                                    contributions(by_run[(specialist, seed)], d, str(k)))]
                             for seed in seeds]
-                cells = [_mean_std([t[b] for t in per_seed]) for b in range(len(labels))]
-                total = _mean_std([sum(t) for t in per_seed])
+                cells = [mean_std_cell([t[b] for t in per_seed]) for b in range(len(labels))]
+                total = mean_std_cell([sum(t) for t in per_seed])
                 taxes.setdefault(name, {}).setdefault(specialist, {})[d] = {
                     "k": k, "seeds": seeds, "by_bucket": per_seed}
                 tax_lines.append(f"| {name} | {specialist} | {k} | {d} | {len(seeds)} | {total} | " +

@@ -20,9 +20,7 @@ from every kept file.
 
 from __future__ import annotations
 
-import statistics
-
-from bench.common import final_model, kept_runs_parser, run_kept_benchmark
+from bench.common import final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark
 
 GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.15, 1.3)
 MIN_GAIN = 1e-4
@@ -117,16 +115,6 @@ def router_sharpness(model, dataset, k, cfg, mask, count) -> dict:
     return {"top1": top1, "top2": top2, "num_experts": cfg.moe.num_experts}
 
 
-def _mean_std(values):
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _cell(values, signed=True):
-    mean, std = _mean_std(values)
-    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
-    return text + ("" if std is None else f" ± {std:.4f}")
-
-
 def report(spec, records: list[dict]) -> tuple[str, dict]:
     from mmoe_megatron.evaluation.suite import domains, specialists_of
 
@@ -150,13 +138,13 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
         if all("sharpness" in r for r in rs):
             top1 = [r["sharpness"]["top1"] for r in rs]
             top2 = [r["sharpness"]["top2"] for r in rs]
-            sharp.append(f"| {m} | {len(rs)} | {_cell(top1, signed=False)} | {_cell(top2, signed=False)} |")
+            sharp.append(f"| {m} | {len(rs)} | {mean_std_cell(top1, signed=False)} | {mean_std_cell(top2, signed=False)} |")
         for d in domain_names:
             cells = []
             for k in ks:
                 deltas = [r["by_k"][k][d]["calibrated"] - r["by_k"][k][d]["t1"] for r in rs]
                 summary.setdefault(m, {}).setdefault(d, {})[k] = deltas
-                cells.append(_cell(deltas))
+                cells.append(mean_std_cell(deltas))
             lines.append(f"| {m} | {len(rs)} | {d} | " + " | ".join(cells) + " |")
     if sharp:
         lines += ["", f"How much one expert dominates: the router's largest and second-largest probability "
@@ -186,7 +174,7 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                 before = [e["by_k"][k][d]["t1"] - s["by_k"][k][d]["t1"] for e, s in pairs]
                 after = [e["by_k"][k][d]["calibrated"] - s["by_k"][k][d]["calibrated"] for e, s in pairs]
                 taxes.setdefault(m, {}).setdefault(d, {})[k] = {"t1": before, "calibrated": after}
-                cells.append(f"{_cell(before)} → {_cell(after)}")
+                cells.append(f"{mean_std_cell(before)} → {mean_std_cell(after)}")
             lines.append(f"| {m} | {d} | " + " | ".join(cells) + " |")
     return "\n".join(lines), {"deltas": summary, "taxes": taxes}
 

@@ -113,6 +113,15 @@ def eval_indices(num_samples: int, dp_rank: int, dp_size: int) -> list[int]:
     return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
 
 
+def token_losses(model: torch.nn.Module, dataset, indices: Sequence[int], micro_batch_size: int,
+                 mask: Optional[torch.Tensor], device):
+    """(float64 loss of every token, the batch) for each micro-batch of `indices`, at the routing the
+    model is set to; the caller sets eval mode and no_grad and weights the tokens by the loss mask."""
+    for start in range(0, len(indices), micro_batch_size):
+        batch = {n: t.to(device) for n, t in collate(dataset, indices[start:start + micro_batch_size]).items()}
+        yield model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"]).double(), batch
+
+
 @torch.no_grad()
 def losses_at(
     model: torch.nn.Module,
@@ -137,10 +146,8 @@ def losses_at(
             if probe is not None:
                 probe.begin(spec_label(k))
             total = torch.zeros(2, dtype=torch.float64, device=device)
-            for start in range(0, len(indices), micro_batch_size):
-                batch = {n: t.to(device) for n, t in collate(dataset, indices[start:start + micro_batch_size]).items()}
-                per_token = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-                total[0] += (per_token.double() * batch["loss_mask"]).sum()
+            for per_token, batch in token_losses(model, dataset, indices, micro_batch_size, mask, device):
+                total[0] += (per_token * batch["loss_mask"]).sum()
                 total[1] += batch["loss_mask"].sum()
             if dist.is_initialized():
                 dist.all_reduce(total, group=group)
