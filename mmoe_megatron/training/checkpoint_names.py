@@ -17,6 +17,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> Optional[int]:
+    """The step a checkpoint tag names (`step_00000100` -> 100), or None for another name."""
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
 def complete_checkpoints(ckpt_dir: str) -> list[str]:
     """Tags with a manifest, oldest first."""
     if not os.path.isdir(ckpt_dir):
@@ -29,5 +35,5 @@ def complete_checkpoints(ckpt_dir: str) -> list[str]:
 
 def newest_complete_step(ckpt_dir: str) -> Optional[int]:
     """The step of the newest checkpoint with a manifest in `ckpt_dir`, or None if there is none."""
-    steps = [int(m.group(1)) for m in map(_TAG.match, complete_checkpoints(ckpt_dir)) if m]
+    steps = [s for s in map(step_of, complete_checkpoints(ckpt_dir)) if s is not None]
     return max(steps) if steps else None

@@ -1,0 +1,149 @@
+"""Checkpoint averaging (mmoe_megatron.training.averaging, tools.average_checkpoints) and the report
+of bench.tail_average, against values worked out by hand."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmoe_megatron.training.averaging import average_weights, tail_checkpoints, write_average
+from mmoe_megatron.training.checkpoint import CheckpointError, load_global_state_dict
+from mmoe_megatron.training.checkpoint_names import MANIFEST, tag_for
+
+
+def _checkpoint(root, step, weights, complete=True, shards=1):
+    """A checkpoint directory as training writes its global weights: model/rank_*.safetensors
+    (split over `shards` files), and the manifest if `complete`."""
+    path = os.path.join(root, tag_for(step))
+    os.makedirs(os.path.join(path, "model"), exist_ok=True)
+    names = sorted(weights)
+    for i in range(shards):
+        part = {n: weights[n] for n in names[i::shards]}
+        save_file(part, os.path.join(path, "model", f"rank_{i:05d}.safetensors"))
+    if complete:
+        with open(os.path.join(path, MANIFEST), "w") as f:
+            json.dump({"files": {}}, f)
+    return path
+
+
+def test_average_is_the_elementwise_mean_in_each_weights_dtype(tmp_path):
+    a = _checkpoint(tmp_path, 100, {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5], dtype=torch.bfloat16),
+                                    "idx": torch.tensor([3, 4])}, shards=2)
+    b = _checkpoint(tmp_path, 200, {"w": torch.tensor([3.0, 6.0]), "h": torch.tensor([1.5], dtype=torch.bfloat16),
+                                    "idx": torch.tensor([3, 4])})
+    c = _checkpoint(tmp_path, 300, {"w": torch.tensor([5.0, 1.0]), "h": torch.tensor([1.0], dtype=torch.bfloat16),
+                                    "idx": torch.tensor([3, 4])})
+    out = average_weights([a, b, c])
+    assert out["w"].tolist() == [3.0, 3.0]
+    assert out["h"].dtype == torch.bfloat16 and out["h"].tolist() == [1.0]
+    assert out["idx"].tolist() == [3, 4]
+    assert average_weights([a])["w"].tolist() == [1.0, 2.0]
+
+
+def test_float32_weights_are_summed_without_float32_rounding(tmp_path):
+    # 2**24 + 1 is not a float32; summed in float32, 2**24 + 1 + 1 would round away the ones.
+    big = float(2 ** 24)
+    paths = [_checkpoint(tmp_path, s, {"w": torch.tensor([v], dtype=torch.float32)})
+             for s, v in ((1, big), (2, 1.0), (3, 2.0))]
+    # float32 steps are 0.5 here: the exact mean 5592406.33 rounds to 5592406.5, float32 sums give 5592406.0.
+    assert average_weights(paths)["w"].item() == torch.tensor((big + 3.0) / 3, dtype=torch.float32).item() == 5592406.5
+
+
+@pytest.mark.parametrize("other, words", [
+    ({"w": torch.zeros(2), "extra": torch.zeros(1)}, "other weights"),
+    ({"w": torch.zeros(3)}, "(3,)"),
+    ({"w": torch.zeros(2, dtype=torch.float64)}, "float64"),
+])
+def test_checkpoints_of_other_models_are_refused(tmp_path, other, words):
+    a = _checkpoint(tmp_path, 1, {"w": torch.zeros(2)})
+    b = _checkpoint(tmp_path, 2, other)
+    with pytest.raises(CheckpointError, match="one run only") as e:
+        average_weights([a, b])
+    assert words in str(e.value)
+
+
+def test_integer_weights_that_differ_are_refused(tmp_path):
+    a = _checkpoint(tmp_path, 1, {"idx": torch.tensor([1])})
+    b = _checkpoint(tmp_path, 2, {"idx": torch.tensor([2])})
+    with pytest.raises(CheckpointError, match="integer weights cannot be averaged"):
+        average_weights([a, b])
+    with pytest.raises(CheckpointError, match="at least one"):
+        average_weights([])
+
+
+def test_tail_checkpoints_picks_complete_ones_by_count_and_step(tmp_path):
+    for step in (50, 100, 150, 200):
+        _checkpoint(tmp_path, step, {"w": torch.zeros(1)})
+    _checkpoint(tmp_path, 250, {"w": torch.zeros(1)}, complete=False)  # a save that died part-way
+    names = lambda paths: [os.path.basename(p) for p in paths]  # noqa: E731
+    assert names(tail_checkpoints(str(tmp_path), last=2)) == [tag_for(150), tag_for(200)]
+    assert names(tail_checkpoints(str(tmp_path), since_step=100)) == [tag_for(100), tag_for(150), tag_for(200)]
+    assert names(tail_checkpoints(str(tmp_path), last=1, since_step=100)) == [tag_for(200)]
+    assert tail_checkpoints(str(tmp_path), since_step=300) == []
+    assert tail_checkpoints(str(tmp_path / "none"), last=3) == []
+
+
+def test_written_average_reads_as_a_checkpoint(tmp_path):
+    a = _checkpoint(tmp_path, 1, {"w": torch.tensor([1.0]), "v": torch.tensor([[2.0, 4.0]])})
+    b = _checkpoint(tmp_path, 2, {"w": torch.tensor([2.0]), "v": torch.tensor([[0.0, 0.0]])})
+    out = write_average([a, b], str(tmp_path / "avg"))
+    weights = load_global_state_dict(out)
+    assert weights["w"].tolist() == [1.5] and weights["v"].tolist() == [[1.0, 2.0]]
+    with open(os.path.join(out, "averaged.json")) as f:
+        assert json.load(f)["checkpoints"] == [os.path.abspath(a), os.path.abspath(b)]
+
+
+def test_tool_averages_given_checkpoints_and_explains_bad_input(tmp_path, capsys):
+    from tools import average_checkpoints as tool
+
+    a = _checkpoint(tmp_path, 1, {"w": torch.tensor([1.0])})
+    b = _checkpoint(tmp_path, 2, {"w": torch.tensor([3.0])})
+    assert tool.main(["--checkpoint", a, "--checkpoint", b, "--out", str(tmp_path / "avg")]) == 0
+    assert load_global_state_dict(str(tmp_path / "avg"))["w"].tolist() == [2.0]
+    c = _checkpoint(tmp_path, 3, {"w": torch.tensor([1.0, 2.0])})
+    assert tool.main(["--checkpoint", a, "--checkpoint", c, "--out", str(tmp_path / "bad")]) == 1
+    assert "one run only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
+    with pytest.raises(SystemExit):
+        tool.main(["--out", str(tmp_path / "x")])  # neither a run nor checkpoints
+    with pytest.raises(SystemExit):
+        tool.main(["--run", str(tmp_path), "--out", str(tmp_path / "x")])  # a run but no window
+
+
+def _record(member, seed, finals, tail, averages):
+    """A kept record of bench.tail_average: one domain, k = 8; the final checkpoint at step 8,
+    `tail` the losses of steps 6 and 7 (with 8 the last quarter), `averages` one per window."""
+    from bench.tail_average import WINDOWS
+
+    checkpoints = {"4": {"wiki": {"8": 9.0}}, "6": {"wiki": {"8": tail[0]}}, "7": {"wiki": {"8": tail[1]}},
+                   "8": {"wiki": {"8": finals}}}
+    steps = {"last quarter": [6, 7, 8], "last eighth": [7, 8], "second half": [4, 6, 7, 8]}
+    return {"member": member, "role": "elastic", "seed": seed, "train_iters": 8, "checkpoints": checkpoints,
+            "averages": {n: {"steps": steps[n], "losses": {"wiki": {"8": v}}} for (n, _), v in zip(WINDOWS, averages)}}
+
+
+def test_report_gives_each_runs_spread_and_the_gap_of_same_seed_runs():
+    from bench import tail_average as ta
+
+    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[8]),
+                           members=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
+    a = _record("a", 3, 6.90, (6.80, 6.85), (6.86, 6.87, 6.88))
+    b = _record("b", 3, 6.86, (6.82, 6.83), (6.855, 6.86, 6.85))
+    other_seed = _record("b", 4, 6.0, (6.0, 6.0), (6.0, 6.0, 6.0))
+    markdown, data = ta.report(spec, [b, other_seed, a])
+    # a's last quarter: 6.80, 6.85, 6.90 -> mean 6.85, sample std 0.05.
+    assert "| a | 3 | wiki | 8 | 6.9000 | 6.8500 ± 0.0500 | 6.8600 | 6.8700 | 6.8800 |" in markdown
+    assert data["pairs"] == [pytest.approx({"a": "a", "b": "b", "seed": 3, "domain": "wiki", "k": "8",
+                                            "final": 0.04, "last quarter": 0.005, "last eighth": 0.01,
+                                            "second half": 0.03})]
+    assert "| a - b | 3 | wiki | 8 | +0.0400 | +0.0050 | +0.0100 | +0.0300 |" in markdown
+
+
+def test_window_steps_start_at_the_fraction_of_training():
+    from bench.tail_average import _window_steps
+
+    assert _window_steps([1100, 1650, 1700, 2150, 2196], 2196, 0.75) == [1650, 1700, 2150, 2196]
+    assert _window_steps([1100, 1650, 1700, 2150, 2196], 2196, 0.875) == [2150, 2196]
