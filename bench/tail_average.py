@@ -137,7 +137,7 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                              " | ".join(f"{r['averages'][n]['losses'][d][k]:.4f}" for n in names) + " |")
     lines += ["", "Windows: " + "; ".join(f"{r['member']} s{r['seed']}: " + ", ".join(
         f"{n} {len(r['averages'][n]['steps'])} checkpoints from step {r['averages'][n]['steps'][0]}" for n in names)
-        for r in records[:1]) + "."]
+        for r in records) + "."]
     pairs = []
     data = {"pairs": []}
     for a, b in itertools.combinations(records, 2):
@@ -156,7 +156,39 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                   "averaged:", "", "| runs | seed | domain | k | final | " +
                   " | ".join(f"avg {n}" for n in names) + " |", "|---|---:|---|---:|---:|" + "---:|" * len(names)]
         lines += pairs
+    taxes = tax_rows(spec, records, domains, names)
+    data["taxes"] = taxes
+    if taxes:
+        lines += ["", "Tax of each elastic member against its specialists at the specialist's k (elastic minus "
+                  "specialist, paired by seed), at the final checkpoints and with both runs averaged over each "
+                  "window:", "", "| model | specialist | seed | domain | k | final | " +
+                  " | ".join(f"avg {n}" for n in names) + " |", "|---|---|---:|---|---:|---:|" + "---:|" * len(names)]
+        lines += [f"| {t['elastic']} | {t['specialist']} | {t['seed']} | {t['domain']} | {t['k']} | {t['final']:+.4f} | "
+                  + " | ".join(f"{t[n]:+.4f}" for n in names) + " |" for t in taxes]
     return "\n".join(lines), data
+
+
+def tax_rows(spec, records: list[dict], domains: list[str], names: list[str]) -> list[dict]:
+    """Elastic minus specialist at the specialist's k, per seed and domain: final and per window."""
+    from mmoe_megatron.evaluation.suite import specialists_of
+
+    by_run = {(r["member"], r["seed"]): r for r in records}
+    members = {m.name: m for m in spec.members}
+    rows = []
+    for r in records:
+        if r["role"] != "elastic" or r["member"] not in members:
+            continue
+        for specialist, k in specialists_of(spec.members, members[r["member"]]).items():
+            s = by_run.get((specialist, r["seed"]))
+            if s is None or str(k) not in final(r)[domains[0]]:
+                continue
+            for d in domains:
+                row = {"elastic": r["member"], "specialist": specialist, "seed": r["seed"], "domain": d, "k": str(k),
+                       "final": final(r)[d][str(k)] - final(s)[d][str(k)]}
+                row.update({n: r["averages"][n]["losses"][d][str(k)] - s["averages"][n]["losses"][d][str(k)]
+                            for n in names})
+                rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:

@@ -113,7 +113,7 @@ def test_tool_averages_given_checkpoints_and_explains_bad_input(tmp_path, capsys
         tool.main(["--run", str(tmp_path), "--out", str(tmp_path / "x")])  # a run but no window
 
 
-def _record(member, seed, finals, tail, averages):
+def _record(member, seed, finals, tail, averages, role="elastic"):
     """A kept record of bench.tail_average: one domain, k = 8; the final checkpoint at step 8,
     `tail` the losses of steps 6 and 7 (with 8 the last quarter), `averages` one per window."""
     from bench.tail_average import WINDOWS
@@ -121,7 +121,7 @@ def _record(member, seed, finals, tail, averages):
     checkpoints = {"4": {"wiki": {"8": 9.0}}, "6": {"wiki": {"8": tail[0]}}, "7": {"wiki": {"8": tail[1]}},
                    "8": {"wiki": {"8": finals}}}
     steps = {"last quarter": [6, 7, 8], "last eighth": [7, 8], "second half": [4, 6, 7, 8]}
-    return {"member": member, "role": "elastic", "seed": seed, "train_iters": 8, "checkpoints": checkpoints,
+    return {"member": member, "role": role, "seed": seed, "train_iters": 8, "checkpoints": checkpoints,
             "averages": {n: {"steps": steps[n], "losses": {"wiki": {"8": v}}} for (n, _), v in zip(WINDOWS, averages)}}
 
 
@@ -129,7 +129,8 @@ def test_report_gives_each_runs_spread_and_the_gap_of_same_seed_runs():
     from bench import tail_average as ta
 
     spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[8]),
-                           members=[SimpleNamespace(name="a"), SimpleNamespace(name="b")])
+                           members=[SimpleNamespace(name=n, role="elastic", specialists=None, overrides={})
+                                    for n in ("a", "b")])
     a = _record("a", 3, 6.90, (6.80, 6.85), (6.86, 6.87, 6.88))
     b = _record("b", 3, 6.86, (6.82, 6.83), (6.855, 6.86, 6.85))
     other_seed = _record("b", 4, 6.0, (6.0, 6.0), (6.0, 6.0, 6.0))
@@ -140,6 +141,23 @@ def test_report_gives_each_runs_spread_and_the_gap_of_same_seed_runs():
                                             "final": 0.04, "last quarter": 0.005, "last eighth": 0.01,
                                             "second half": 0.03})]
     assert "| a - b | 3 | wiki | 8 | +0.0400 | +0.0050 | +0.0100 | +0.0300 |" in markdown
+
+
+def test_report_gives_the_tax_with_and_without_averaging():
+    from bench import tail_average as ta
+
+    members = [SimpleNamespace(name="e", role="elastic", specialists=["k8"], overrides={}),
+               SimpleNamespace(name="k8", role="specialist", specialists=None,
+                               overrides={"matryoshka.strategy": "fixed", "matryoshka.ks": [8]})]
+    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[8]), members=members)
+    e = _record("e", 3, 6.95, (6.90, 6.92), (6.93, 6.94, 6.91))
+    k8 = _record("k8", 3, 6.90, (6.90, 6.91), (6.92, 6.92, 6.92), role="specialist")
+    unpaired = _record("k8", 4, 6.0, (6.0, 6.0), (6.0, 6.0, 6.0), role="specialist")
+    markdown, data = ta.report(spec, [e, k8, unpaired])
+    assert data["taxes"] == [pytest.approx({"elastic": "e", "specialist": "k8", "seed": 3, "domain": "wiki",
+                                            "k": "8", "final": 0.05, "last quarter": 0.01, "last eighth": 0.02,
+                                            "second half": -0.01})]
+    assert "| e | k8 | 3 | wiki | 8 | +0.0500 | +0.0100 | +0.0200 | -0.0100 |" in markdown
 
 
 def test_window_steps_start_at_the_fraction_of_training():
