@@ -141,8 +141,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
     pairs = []
     data = {"pairs": []}
     for a, b in itertools.combinations(records, 2):
-        if a["seed"] != b["seed"]:
-            continue
+        if a["seed"] != b["seed"] or a["role"] != b["role"]:
+            continue  # elastic against specialist is the tax, below
         for d in domains:
             for k in ks:
                 gaps = [final(a)[d][k] - final(b)[d][k]] + [
@@ -152,7 +152,7 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                 data["pairs"].append({"a": a["member"], "b": b["member"], "seed": a["seed"], "domain": d, "k": k,
                                       "final": gaps[0], **{n: g for n, g in zip(names, gaps[1:])}})
     if pairs:
-        lines += ["", "Two runs of one seed, first minus second: at their final checkpoints and with each window "
+        lines += ["", "Two runs of one seed and role, first minus second: at their final checkpoints and with each window "
                   "averaged:", "", "| runs | seed | domain | k | final | " +
                   " | ".join(f"avg {n}" for n in names) + " |", "|---|---:|---|---:|---:|" + "---:|" * len(names)]
         lines += pairs

@@ -158,6 +158,7 @@ def test_report_gives_the_tax_with_and_without_averaging():
                                             "k": "8", "final": 0.05, "last quarter": 0.01, "last eighth": 0.02,
                                             "second half": -0.01})]
     assert "| e | k8 | 3 | wiki | 8 | +0.0500 | +0.0100 | +0.0200 | -0.0100 |" in markdown
+    assert data["pairs"] == []  # an elastic run and a specialist are paired only as a tax
 
 
 def test_window_steps_start_at_the_fraction_of_training():
