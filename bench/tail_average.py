@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import statistics
-import tempfile
 
 from bench.common import kept_runs_parser, run_kept_benchmark
 
@@ -48,7 +46,7 @@ def measure_run(spec, run) -> dict:
     from mmoe_megatron.evaluation.core import eval_indices, losses_at
     from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
     from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
-    from mmoe_megatron.training.averaging import tail_checkpoints, write_average
+    from mmoe_megatron.training.averaging import average_weights, tail_checkpoints
     from mmoe_megatron.training.checkpoint import load_global_state_dict, load_weights_into
     from mmoe_megatron.training.checkpoint_names import step_of
     from bench.heldout_noise import suite_losses
@@ -92,17 +90,12 @@ def measure_run(spec, run) -> dict:
                 raise RuntimeError(f"{run.label} {d} k={k}: the final checkpoint gives {loss:.4f}, the suite's kept "
                                    f"result is {recorded[d][k]:.4f}; the samples or weights differ")
     averages = {}
-    scratch = tempfile.mkdtemp(prefix="tail_average_")
-    try:
-        for name, window in windows.items():
-            folder = write_average([by_step[s] for s in window], os.path.join(scratch, name.replace(" ", "_")))
-            load_weights_into(model, cfg, load_global_state_dict(folder))
-            averages[name] = {"steps": window, "losses": losses()}
-            print(f"{run.label} average of {name} ({len(window)} checkpoints): " + ", ".join(
-                f"{d} k={k} {v:.4f}" for d, by_k in averages[name]["losses"].items() for k, v in by_k.items()),
-                flush=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    for name, window in windows.items():
+        load_weights_into(model, cfg, average_weights([by_step[s] for s in window]))
+        averages[name] = {"steps": window, "losses": losses()}
+        print(f"{run.label} average of {name} ({len(window)} checkpoints): " + ", ".join(
+            f"{d} k={k} {v:.4f}" for d, by_k in averages[name]["losses"].items() for k, v in by_k.items()),
+            flush=True)
     return {"member": run.member.name, "role": run.member.role, "seed": run.seed, "trained_k": specialist_k(run.member),
             "train_iters": iters, "checkpoints": per_checkpoint, "averages": averages}
 
@@ -115,6 +108,12 @@ def spread(record: dict, domain: str, k: str) -> tuple[float, float]:
 
 def final(record: dict) -> dict:
     return record["checkpoints"][str(record["train_iters"])]
+
+
+def gaps(a: dict, b: dict, domain: str, k: str, names: list[str]) -> dict:
+    """Run `a` minus run `b` at their final checkpoints ("final") and with each window averaged."""
+    return {"final": final(a)[domain][k] - final(b)[domain][k],
+            **{n: a["averages"][n]["losses"][domain][k] - b["averages"][n]["losses"][domain][k] for n in names}}
 
 
 def report(spec, records: list[dict]) -> tuple[str, dict]:
@@ -145,12 +144,11 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
             continue  # elastic against specialist is the tax, below
         for d in domains:
             for k in ks:
-                gaps = [final(a)[d][k] - final(b)[d][k]] + [
-                    a["averages"][n]["losses"][d][k] - b["averages"][n]["losses"][d][k] for n in names]
+                gap = gaps(a, b, d, k, names)
                 pairs.append(f"| {a['member']} - {b['member']} | {a['seed']} | {d} | {k} | " +
-                             " | ".join(f"{g:+.4f}" for g in gaps) + " |")
+                             " | ".join(f"{g:+.4f}" for g in gap.values()) + " |")
                 data["pairs"].append({"a": a["member"], "b": b["member"], "seed": a["seed"], "domain": d, "k": k,
-                                      "final": gaps[0], **{n: g for n, g in zip(names, gaps[1:])}})
+                                      **gap})
     if pairs:
         lines += ["", "Two runs of one seed and role, first minus second: at their final checkpoints and with each window "
                   "averaged:", "", "| runs | seed | domain | k | final | " +
@@ -182,12 +180,8 @@ def tax_rows(spec, records: list[dict], domains: list[str], names: list[str]) ->
             s = by_run.get((specialist, r["seed"]))
             if s is None or str(k) not in final(r)[domains[0]]:
                 continue
-            for d in domains:
-                row = {"elastic": r["member"], "specialist": specialist, "seed": r["seed"], "domain": d, "k": str(k),
-                       "final": final(r)[d][str(k)] - final(s)[d][str(k)]}
-                row.update({n: r["averages"][n]["losses"][d][str(k)] - s["averages"][n]["losses"][d][str(k)]
-                            for n in names})
-                rows.append(row)
+            rows += [{"elastic": r["member"], "specialist": specialist, "seed": r["seed"], "domain": d, "k": str(k),
+                      **gaps(r, s, d, str(k), names)} for d in domains]
     return rows
 
 

@@ -45,7 +45,7 @@ def average_weights(checkpoints: Sequence[str]) -> dict[str, torch.Tensor]:
     for i, path in enumerate(checkpoints):
         weights = load_global_state_dict(path)
         if i == 0:
-            first = {name: w for name, w in weights.items()}
+            first = weights
             sums = {name: w.double() for name, w in weights.items() if w.is_floating_point()}
             continue
         if set(weights) != set(first):
