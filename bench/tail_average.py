@@ -19,10 +19,11 @@ in bench/results/tail_average_<suite>/ and the report is assembled from every ke
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import statistics
 
-from bench.common import kept_runs_parser, run_kept_benchmark
+from bench.common import RESULTS, kept_runs_parser, run_kept_benchmark
 
 SINCE = 0.5
 """Checkpoints evaluated: those at this fraction of training or later."""
@@ -45,7 +46,7 @@ def measure_run(spec, run) -> dict:
     from mmoe_megatron.data import build_datasets, resolve_vocab_size
     from mmoe_megatron.evaluation.core import eval_indices, losses_at
     from mmoe_megatron.evaluation.run import causal_mask, load_model, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, run_dir, specialist_k
+    from mmoe_megatron.evaluation.suite import domains, launches, run_dir, specialist_k
     from mmoe_megatron.training.averaging import average_weights, tail_checkpoints
     from mmoe_megatron.training.checkpoint import load_global_state_dict, load_weights_into
     from mmoe_megatron.training.checkpoint_names import step_of
@@ -97,7 +98,8 @@ def measure_run(spec, run) -> dict:
             f"{d} k={k} {v:.4f}" for d, by_k in averages[name]["losses"].items() for k, v in by_k.items()),
             flush=True)
     return {"member": run.member.name, "role": run.member.role, "seed": run.seed, "trained_k": specialist_k(run.member),
-            "train_iters": iters, "checkpoints": per_checkpoint, "averages": averages}
+            "trained_on": machine_of(launches(out)), "train_iters": iters, "checkpoints": per_checkpoint,
+            "averages": averages}
 
 
 def spread(record: dict, domain: str, k: str) -> tuple[float, float]:
@@ -156,6 +158,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
         lines += pairs
     taxes = tax_rows(spec, records, domains, names)
     data["taxes"] = taxes
+    spans = repeat_spans(spec, records, domains, names)
+    data["repeat_spans"] = spans
     if taxes:
         lines += ["", "Tax of each elastic member against its specialists at the specialist's k (elastic minus "
                   "specialist, paired by seed), at the final checkpoints and with both runs averaged over each "
@@ -163,6 +167,15 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                   " | ".join(f"avg {n}" for n in names) + " |", "|---|---|---:|---|---:|---:|" + "---:|" * len(names)]
         lines += [f"| {t['elastic']} | {t['specialist']} | {t['seed']} | {t['domain']} | {t['k']} | {t['final']:+.4f} | "
                   + " | ".join(f"{t[n]:+.4f}" for n in names) + " |" for t in taxes]
+    if spans:
+        lines += ["", "The tax over every pairing of repeat runs (one seed, one machine, the same training but for the "
+                  "checkpoints kept; e.g. 1 and 2 ranks): the number of pairings, and how far their taxes spread "
+                  "(max - min) at the final checkpoints and with both runs averaged over each window:", "",
+                  "| model | seed | machine | domain | k | pairings | final | " +
+                  " | ".join(f"avg {n}" for n in names) + " |", "|---|---:|---|---|---:|---:|---:|" + "---:|" * len(names)]
+        lines += [f"| {' / '.join(t['elastic'])} | {t['seed']} | {t['machine']} | {t['domain']} | {t['k']} | "
+                  f"{t['pairings']} | " + " | ".join(f"{t[n]['span']:.4f}" for n in ["final", *names]) + " |"
+                  for t in spans]
     return "\n".join(lines), data
 
 
@@ -182,6 +195,67 @@ def tax_rows(spec, records: list[dict], domains: list[str], names: list[str]) ->
                 continue
             rows += [{"elastic": r["member"], "specialist": specialist, "seed": r["seed"], "domain": d, "k": str(k),
                       **gaps(r, s, d, str(k), names)} for d in domains]
+    return rows
+
+
+def trained_on(spec, record: dict) -> str:
+    """The machine a run trained on: the record's own, else its launches in the suite's kept result."""
+    if record.get("trained_on"):
+        return record["trained_on"]
+    path = os.path.join(RESULTS, spec.name.replace("-", "_"), f"{record['member']}-s{record['seed']}.json")
+    try:
+        with open(path) as f:
+            launches = json.load(f).get("launches") or []
+    except OSError:
+        return "unknown"
+    return machine_of(launches)
+
+
+def machine_of(launches: list[dict]) -> str:
+    """One name for the machines of a run's launches ("unknown" if none is recorded)."""
+    kinds = sorted({f"{l.get('cpu', '?')} {l.get('cpu_capability', '?')}" for l in launches})
+    return " + ".join(kinds) or "unknown"
+
+
+def _training_key(member) -> tuple:
+    """What a member trains, the checkpoints it keeps aside: repeats of one training share it."""
+    overrides = {k: v for k, v in member.overrides.items() if not k.startswith("checkpoint.")}
+    return repr(sorted(overrides.items())), getattr(member, "equal_compute_to", None)
+
+
+def repeat_spans(spec, records: list[dict], domains: list[str], names: list[str]) -> list[dict]:
+    """For every group of repeat elastic runs (one seed, one machine, one training), the tax of each of
+    them against each run of their specialists at k (the same seed and machine): min, max and span of
+    those taxes, final and per window. Groups with a single pairing are left out."""
+    from mmoe_megatron.evaluation.suite import specialists_of
+
+    members = {m.name: m for m in spec.members}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["role"] == "elastic" and r["member"] in members:
+            key = (r["seed"], trained_on(spec, r), _training_key(members[r["member"]]))
+            groups.setdefault(key, []).append(r)
+    rows = []
+    for (seed, machine, _), elastic in groups.items():
+        by_k: dict[int, list[str]] = {}
+        for e in elastic:
+            for specialist, k in specialists_of(spec.members, members[e["member"]]).items():
+                by_k.setdefault(k, [])
+                if specialist not in by_k[k]:
+                    by_k[k].append(specialist)
+        for k, specialists in sorted(by_k.items()):
+            runs = [r for r in records if r["member"] in specialists and r["seed"] == seed
+                    and trained_on(spec, r) == machine]
+            pairings = [(e, s) for e in elastic for s in runs if str(k) in final(e)[domains[0]]]
+            if len(pairings) < 2:
+                continue
+            for d in domains:
+                taxes = [gaps(e, s, d, str(k), names) for e, s in pairings]
+                rows.append({"elastic": [e["member"] for e in elastic], "specialists": [s["member"] for s in runs],
+                             "seed": seed, "machine": machine, "domain": d, "k": str(k), "pairings": len(pairings),
+                             **{n: {"min": min(t[n] for t in taxes), "max": max(t[n] for t in taxes),
+                                    "span": max(t[n] for t in taxes) - min(t[n] for t in taxes)}
+                                for n in ["final", *names]}})
     return rows
 
 

@@ -128,7 +128,7 @@ def _record(member, seed, finals, tail, averages, role="elastic"):
 def test_report_gives_each_runs_spread_and_the_gap_of_same_seed_runs():
     from bench import tail_average as ta
 
-    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[8]),
+    spec = SimpleNamespace(name="x", eval=SimpleNamespace(curve_ks=[8]),
                            members=[SimpleNamespace(name=n, role="elastic", specialists=None, overrides={})
                                     for n in ("a", "b")])
     a = _record("a", 3, 6.90, (6.80, 6.85), (6.86, 6.87, 6.88))
@@ -149,7 +149,7 @@ def test_report_gives_the_tax_with_and_without_averaging():
     members = [SimpleNamespace(name="e", role="elastic", specialists=["k8"], overrides={}),
                SimpleNamespace(name="k8", role="specialist", specialists=None,
                                overrides={"matryoshka.strategy": "fixed", "matryoshka.ks": [8]})]
-    spec = SimpleNamespace(eval=SimpleNamespace(curve_ks=[8]), members=members)
+    spec = SimpleNamespace(name="x", eval=SimpleNamespace(curve_ks=[8]), members=members)
     e = _record("e", 3, 6.95, (6.90, 6.92), (6.93, 6.94, 6.91))
     k8 = _record("k8", 3, 6.90, (6.90, 6.91), (6.92, 6.92, 6.92), role="specialist")
     unpaired = _record("k8", 4, 6.0, (6.0, 6.0), (6.0, 6.0, 6.0), role="specialist")
@@ -159,6 +159,52 @@ def test_report_gives_the_tax_with_and_without_averaging():
                                             "second half": -0.01})]
     assert "| e | k8 | 3 | wiki | 8 | +0.0500 | +0.0100 | +0.0200 | -0.0100 |" in markdown
     assert data["pairs"] == []  # an elastic run and a specialist are paired only as a tax
+
+
+def test_report_spreads_the_tax_over_every_pairing_of_repeat_runs():
+    from bench import tail_average as ta
+
+    tail = {"matryoshka.shrink_fraction": 0.5, "checkpoint.save_interval": 50}
+    fixed8 = {"matryoshka.strategy": "fixed", "matryoshka.ks": [8]}
+    members = [SimpleNamespace(name="e2", role="elastic", specialists=["s2"], overrides=tail, equal_compute_to="k8"),
+               SimpleNamespace(name="e1", role="elastic", specialists=["s1"], equal_compute_to="k8",
+                               overrides={**tail, "checkpoint.save_interval": 100}),
+               SimpleNamespace(name="e3", role="elastic", specialists=["s3"], overrides=tail, equal_compute_to="k8"),
+               SimpleNamespace(name="other", role="elastic", specialists=["s1"], overrides={}, equal_compute_to="k8"),
+               SimpleNamespace(name="s2", role="specialist", specialists=None, overrides=fixed8),
+               SimpleNamespace(name="s1", role="specialist", specialists=None, overrides=fixed8),
+               SimpleNamespace(name="s3", role="specialist", specialists=None, overrides=fixed8)]
+    spec = SimpleNamespace(name="x", eval=SimpleNamespace(curve_ks=[8]), members=members)
+    runs = [_record("e2", 3, 6.96, (6.9, 6.9), (6.93, 6.94, 6.95)), _record("e1", 3, 6.90, (6.9, 6.9), (6.92, 6.94, 6.90)),
+            _record("s2", 3, 6.95, (6.9, 6.9), (6.92, 6.93, 6.90), role="specialist"),
+            _record("s1", 3, 6.89, (6.9, 6.9), (6.91, 6.93, 6.92), role="specialist"),
+            # another training on the same machine, and a repeat with its specialist on another machine:
+            # each has one pairing there, and joins no group
+            _record("other", 3, 5.0, (5.0, 5.0), (5.0, 5.0, 5.0)),
+            _record("e3", 3, 1.0, (1.0, 1.0), (1.0, 1.0, 1.0)),
+            _record("s3", 3, 2.0, (2.0, 2.0), (2.0, 2.0, 2.0), role="specialist")]
+    for r in runs:
+        r["trained_on"] = "cpu B" if r["member"] in ("e3", "s3") else "cpu A"
+    markdown, data = ta.report(spec, runs)
+    (row,) = [r for r in data["repeat_spans"] if r["elastic"] == ["e2", "e1"]]
+    # taxes e2-s2 +0.01, e2-s1 +0.07, e1-s2 -0.05, e1-s1 +0.01 -> span 0.12; last quarter: +0.01, +0.02,
+    # +0.00, +0.01 -> 0.02; last eighth: +0.01, +0.01, +0.01, +0.01 -> 0; second half: +0.05, +0.03, +0.00, -0.02.
+    assert row["pairings"] == 4 and row["specialists"] == ["s2", "s1"] and row["machine"] == "cpu A"
+    assert row["final"] == pytest.approx({"min": -0.05, "max": 0.07, "span": 0.12})
+    assert row["last quarter"]["span"] == pytest.approx(0.02)
+    assert row["last eighth"]["span"] == pytest.approx(0.0, abs=1e-12)
+    assert row["second half"]["span"] == pytest.approx(0.07)
+    assert "| e2 / e1 | 3 | cpu A | wiki | 8 | 4 | 0.1200 | 0.0200 | 0.0000 | 0.0700 |" in markdown
+    assert len(data["repeat_spans"]) == 1
+
+
+def test_machine_of_a_run_names_each_kind_it_trained_on():
+    from bench.tail_average import machine_of
+
+    assert machine_of([{"cpu": "Intel Xeon", "cpu_capability": "AVX512"}]) == "Intel Xeon AVX512"
+    assert machine_of([{"cpu": "B", "cpu_capability": "AVX2"}, {"cpu": "A", "cpu_capability": "AVX512"},
+                       {"cpu": "B", "cpu_capability": "AVX2"}]) == "A AVX512 + B AVX2"
+    assert machine_of([]) == "unknown"
 
 
 def test_window_steps_start_at_the_fraction_of_training():

@@ -561,7 +561,7 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "trained_widths": list(cfg.matryoshka.widths),
                     "flops_per_token": {p.label: p.flops_per_token for p in final_points},
                     "active_params": {p.label: p.active_params for p in final_points},
-                    "losses": results, "eval_settings": settings, "launches": _launches(out),
+                    "losses": results, "eval_settings": settings, "launches": launches(out),
                     "evaluated": provenance(),
                 }
                 if cfg.matryoshka.gate_temperature == "learned" or cfg.matryoshka.gate_gain != "none":
@@ -577,7 +577,8 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
         distributed.shutdown()
 
 
-def _launches(out: str) -> list[dict]:
+def launches(out: str) -> list[dict]:
+    """The provenance of each launch of the run in `out` (`provenance`), oldest first."""
     path = os.path.join(out, "launches.jsonl")
     if not os.path.isfile(path):
         return []
