@@ -213,8 +213,9 @@ def trained_on(spec, record: dict) -> str:
 
 def machine_of(launches: list[dict]) -> str:
     """One name for the machines of a run's launches ("unknown" if none is recorded)."""
-    kinds = sorted({f"{l.get('cpu', '?')} {l.get('cpu_capability', '?')}" for l in launches})
-    return " + ".join(kinds) or "unknown"
+    from mmoe_megatron.evaluation.compare import machine_label
+
+    return " + ".join(sorted({machine_label(launch) for launch in launches})) or "unknown"
 
 
 def _training_key(member) -> tuple:

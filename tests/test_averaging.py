@@ -201,9 +201,9 @@ def test_report_spreads_the_tax_over_every_pairing_of_repeat_runs():
 def test_machine_of_a_run_names_each_kind_it_trained_on():
     from bench.tail_average import machine_of
 
-    assert machine_of([{"cpu": "Intel Xeon", "cpu_capability": "AVX512"}]) == "Intel Xeon AVX512"
+    assert machine_of([{"cpu": "Intel Xeon", "cpu_capability": "AVX512"}]) == "Intel Xeon (AVX512)"
     assert machine_of([{"cpu": "B", "cpu_capability": "AVX2"}, {"cpu": "A", "cpu_capability": "AVX512"},
-                       {"cpu": "B", "cpu_capability": "AVX2"}]) == "A AVX512 + B AVX2"
+                       {"cpu": "B", "cpu_capability": "AVX2"}]) == "A (AVX512) + B (AVX2)"
     assert machine_of([]) == "unknown"
 
 

@@ -497,5 +497,14 @@ def test_provenance_names_the_instruction_set_torch_runs_on():
     assert launch["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert machine_label({"cpu": "AMD EPYC", "cpu_capability": "AVX512"}) == "AMD EPYC (AVX512)"
     assert machine_label({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records from before it was kept
+    assert machine_label({"cpu": "Intel Xeon", "cpu_capability": "AVX512",
+                          "cpu_id": "family 6 model 143 stepping 8"}) == "Intel Xeon (AVX512, family 6 model 143 stepping 8)"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":")[1].strip() for line in f if line.startswith("model\t"))
+        assert launch["cpu_id"].startswith("family ") and f" model {model} " in launch["cpu_id"]
+        assert set(launch["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile"}
+        if launch["cpu_capability"] == "AVX512":
+            assert "avx512f" in launch["cpu_flags"]
     # A run on a GPU is told apart by its GPU (its host CPU hardly touches the arithmetic).
     assert machine_label({"cpu": "Intel Xeon", "cpu_capability": "AVX512", "gpu": "NVIDIA H200"}) == "NVIDIA H200 (GPU)"

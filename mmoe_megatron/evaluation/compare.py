@@ -149,12 +149,12 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
 
 
 def machine_label(launch: dict) -> Optional[str]:
-    """A launch's GPU where it ran on one, else its CPU, with the instruction set torch ran on
-    where it was recorded."""
+    """A launch's GPU where it ran on one, else its CPU, with the instruction set torch ran on and
+    the CPU's family, model and stepping where they were recorded."""
     if launch.get("gpu"):
         return f"{launch['gpu']} (GPU)"
-    cpu, capability = launch.get("cpu"), launch.get("cpu_capability")
-    return f"{cpu} ({capability})" if capability else cpu
+    details = [d for d in (launch.get("cpu_capability"), launch.get("cpu_id")) if d]
+    return f"{launch.get('cpu')} ({', '.join(details)})" if details else launch.get("cpu")
 
 
 def _per_k_values(members, by_member, key: str) -> dict:

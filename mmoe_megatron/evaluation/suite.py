@@ -439,23 +439,43 @@ def code_version(root: str) -> str:
     return commit[:12] + ("+dirty" if changed else "")
 
 
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile")
+"""CPU flags a launch records: the units the math libraries may pick kernels (and blockings) by."""
+
+
+def _cpuinfo() -> dict:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
 def provenance() -> dict:
     """The code version and machine of a launch (results of different ones are told apart): the
     GPU where there is one, and the CPU. The CPU's model name can be the same on machines whose
     vector units differ, and torch's kernels (hence a run's rounding, and after many steps its
     losses) differ with them: `cpu_capability` is the instruction set torch dispatches to (e.g.
-    AVX2, AVX512)."""
+    AVX2, AVX512). Two machines named "Intel(R) Xeon(R) Processor" with AVX512 have trained the same
+    run to different weights, so the CPU's family, model and stepping (`cpu_id`) and its matmul
+    units (`cpu_flags`) are kept too."""
     import torch
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"code_version": code_version(root), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "cpu_count": os.cpu_count(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    info = _cpuinfo()
+    out = {"code_version": code_version(root), "cpu": info.get("model name") or platform.processor(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if "model" in info:
+        out["cpu_id"] = f"family {info.get('cpu family', '?')} model {info['model']} stepping {info.get('stepping', '?')}"
+        out["cpu_flags"] = [f for f in MATMUL_FLAGS if f in info.get("flags", "").split()]
     if torch.cuda.is_available():  # runs train there: the GPU is what tells their rounding apart
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
