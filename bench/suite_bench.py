@@ -36,8 +36,21 @@ def bench_env() -> dict:
                                                    os.path.join(ROOT, ".cache", "torch_extensions"))}
 
 
+def threads_per_process(nproc: int, threads=None) -> int:
+    """Threads each training process runs: `threads` when given, else OMP_NUM_THREADS when the caller
+    set it, else the cores shared out over the processes. Always set explicitly for the launch: a
+    run's numbers change with its thread count (bench/run_numerics.py), and torchrun pins one
+    thread per process only when it starts several."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    if threads is None:
+        threads = (os.cpu_count() or 1) // nproc
+    return max(1, threads)
+
+
 def train_and_keep(spec, suite: str, run, nproc: int, kept: str, env: dict) -> int:
-    """Train one run (resuming if interrupted), evaluate it, and keep its results in `kept`."""
+    """Train one run (resuming if interrupted), evaluate it, and keep its results in `kept`.
+    `env["OMP_NUM_THREADS"]` is the training processes' thread count (recorded per launch)."""
     from mmoe_megatron.evaluation.suite import result_file_name, run_dir
 
     launcher = f"{sys.executable} -m torch.distributed.run --nproc-per-node {nproc}"
@@ -52,7 +65,8 @@ def train_and_keep(spec, suite: str, run, nproc: int, kept: str, env: dict) -> i
         return code
     with open(os.path.join(ROOT, run_dir(spec, run), "eval", "results.json")) as f:
         record = json.load(f)
-    record.setdefault("bench", {}).setdefault("train_wall_s", []).append({"seconds": wall, "nproc": nproc})
+    record.setdefault("bench", {}).setdefault("train_wall_s", []).append(
+        {"seconds": wall, "nproc": nproc, "threads": int(env["OMP_NUM_THREADS"])})
     with open(os.path.join(kept, result_file_name(run)), "w") as f:
         json.dump(record, f, indent=2)
     return 0
@@ -62,6 +76,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--suite", required=True)
     p.add_argument("--nproc", type=int, default=2, help="training processes per run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per training process (default: OMP_NUM_THREADS if set, else cores / nproc)")
     p.add_argument("--member", default=None, help="only this member's runs")
     p.add_argument("--seed", type=int, default=None, help="only the runs of this seed")
     p.add_argument("--report-only", action="store_true", help="only assemble the table from the kept results")
@@ -74,7 +90,7 @@ def main(argv=None) -> int:
     slug = spec.name.replace("-", "_")
     kept = os.path.join(RESULTS, slug)
     os.makedirs(kept, exist_ok=True)
-    env = bench_env()
+    env = {**bench_env(), "OMP_NUM_THREADS": str(threads_per_process(args.nproc, args.threads))}
     if not args.report_only:
         for run in own_runs(spec, select(spec, args.member, args.seed)):
             code = train_and_keep(spec, args.suite, run, args.nproc, kept, env)

@@ -508,3 +508,20 @@ def test_provenance_names_the_instruction_set_torch_runs_on():
             assert "avx512f" in launch["cpu_flags"]
     # A run on a GPU is told apart by its GPU (its host CPU hardly touches the arithmetic).
     assert machine_label({"cpu": "Intel Xeon", "cpu_capability": "AVX512", "gpu": "NVIDIA H200"}) == "NVIDIA H200 (GPU)"
+
+
+def test_a_launch_records_the_thread_count_its_processes_inherit(monkeypatch):
+    from bench.suite_bench import threads_per_process
+    from mmoe_megatron.evaluation.suite import provenance
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert provenance()["omp_num_threads"] == "3"
+    assert threads_per_process(2) == 3  # the caller's setting wins over sharing out the cores
+    assert threads_per_process(2, threads=5) == 5
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert "omp_num_threads" not in provenance()
+    # Unset, the cores are shared out, at least one thread each (torchrun alone would give a single
+    # process every core and each of several processes one thread).
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert (threads_per_process(1), threads_per_process(2), threads_per_process(16)) == (8, 4, 1)
+

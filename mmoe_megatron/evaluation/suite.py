@@ -463,9 +463,11 @@ def provenance() -> dict:
     GPU where there is one, and the CPU. The CPU's model name can be the same on machines whose
     vector units differ, and torch's kernels (hence a run's rounding, and after many steps its
     losses) differ with them: `cpu_capability` is the instruction set torch dispatches to (e.g.
-    AVX2, AVX512). Two machines named "Intel(R) Xeon(R) Processor" with AVX512 have trained the same
-    run to different weights, so the CPU's family, model and stepping (`cpu_id`) and its matmul
-    units (`cpu_flags`) are kept too."""
+    AVX2, AVX512). Two launches on machines named "Intel(R) Xeon(R) Processor" with AVX512 have
+    trained the same run to different weights, so the CPU's family, model and stepping (`cpu_id`)
+    and its matmul units (`cpu_flags`) are kept too, and the thread count the training processes
+    inherit (`omp_num_threads`; absent: torchrun's default, one per process when it starts several,
+    else all cores), which changes a run's numbers as well (bench/run_numerics.py)."""
     import torch
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -476,6 +478,8 @@ def provenance() -> dict:
     if "model" in info:
         out["cpu_id"] = f"family {info.get('cpu family', '?')} model {info['model']} stepping {info.get('stepping', '?')}"
         out["cpu_flags"] = [f for f in MATMUL_FLAGS if f in info.get("flags", "").split()]
+    if os.environ.get("OMP_NUM_THREADS"):
+        out["omp_num_threads"] = os.environ["OMP_NUM_THREADS"]
     if torch.cuda.is_available():  # runs train there: the GPU is what tells their rounding apart
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
