@@ -23,7 +23,8 @@ ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder
          "expert_contributions_elasticity_ladder_cpu",
          "expert_contributions_elasticity_ladder_2x_cpu",
          "router_temperature_elasticity_ladder_cpu", "heldout_noise_elasticity_ladder_cpu",
-         "heldout_tokens_elasticity_ladder_2x_cpu", "tail_average_elasticity_ladder_2x_cpu", "slimmable_cpu",
+         "heldout_tokens_elasticity_ladder_2x_cpu", "tail_average_elasticity_ladder_2x_cpu",
+         "run_numerics_elasticity_ladder_2x_cpu", "slimmable_cpu",
          "router_overhead", "cost_vs_k", "serving_speed", "serving_speed_ffn4096", "elasticity_cpu",
          "ablations_cpu", "ablations_seed2_cpu", "elasticity_gpu", "router_overhead_gpu", "gpu_check",
          "device_training"]
