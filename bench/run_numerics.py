@@ -1,7 +1,8 @@
 """What moves a run's numbers when nothing a user chose has changed: processes, threads, clipping.
 
-A run repeats to the last digit on one machine, yet the same seed trained on 1 or 2 data-parallel
-processes, or with another number of threads, can end 0.02 nats apart on held-out text. This says
+A run repeats to the last digit on one machine, yet the same seed trained with another number of
+threads, or on 1 or 2 data-parallel processes with DeepSpeed's own gradient norm
+(`optimizer.grad_norm: deepspeed`), can end 0.02 nats apart on held-out text. This says
 where the first bit differs. Each member's configuration (its suite's overrides and seed) trains for
 `--steps` steps, logging every step, under each setting below, and is compared with a reference
 setting: the first step whose gradient norm differs in any bit, the first whose loss does, the first
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,11 +37,14 @@ class Setting:
     clip: bool = True
     reference: Optional[str] = None
     """The setting it is compared with (None: it is a reference)."""
+    overrides: tuple[str, ...] = ()
 
 
 SETTINGS = (
     Setting("1 process, 1 thread", 1, 1),
     Setting("2 processes, 1 thread each", 2, 1, reference="1 process, 1 thread"),
+    Setting("2 processes, 1 thread each, DeepSpeed's norm", 2, 1, reference="1 process, 1 thread",
+            overrides=("--optimizer.grad_norm=deepspeed",)),
     Setting("1 process, 2 threads", 1, 2, reference="1 process, 1 thread"),
     Setting("1 process, 1 thread, no clipping", 1, 1, clip=False),
     Setting("2 processes, 1 thread each, no clipping", 2, 1, clip=False,
@@ -76,6 +81,7 @@ def train(spec, member, seed: int, setting: Setting, steps: int, out: str) -> li
         "--checkpoint.keep_steps=[]", f"--logging.dir={out}", f"--name={os.path.basename(out)}"]
     if not setting.clip:
         args.append("--optimizer.clip_grad=0")
+    args += setting.overrides
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))  # a rerun starts over, it does not resume
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(setting.processes),
@@ -146,7 +152,7 @@ def main(argv=None) -> int:
         cfg = load_config(spec.base, member_overrides(spec, members[name], args.seed))
         records = {}
         for setting in SETTINGS:
-            slug = setting.label.replace(", ", "-").replace(" ", "_")
+            slug = re.sub(r"[^a-z0-9]+", "_", setting.label.lower()).strip("_")
             out = os.path.join(args.root, "runs", "numerics", spec.name, name, f"seed{args.seed}", slug)
             records[setting.label] = train(spec, members[name], args.seed, setting, args.steps, out)
             print(f"{name}: {setting.label} done", flush=True)

@@ -11,7 +11,10 @@ data-parallel group and, at start-up, every rank's experts would be overwritten 
 2. registers megatron's expert-parallel and expert-data-parallel groups under that name in
    DeepSpeed's group tables before the engine copies them (engine.py:2170-2171),
 3. splits the optimizer's parameter groups into dense and expert groups, and
-4. builds `ExpertAwareEngine`, a DeepSpeedEngine told that the model has MoE layers.
+4. builds `ExpertAwareEngine`, a DeepSpeedEngine told that the model has MoE layers, and
+5. sums ZeRO's gradient norm in float64 across ranks (`exact_grad_norm`, unless
+   `optimizer.grad_norm: deepspeed`), so that a run clips by the same factor on any number of
+   data-parallel ranks.
 
 The DeepSpeed JSON is generated from the config tree by `deepspeed_config()`.
 """
@@ -200,6 +203,43 @@ def _engine_class():
     return ExpertAwareEngine
 
 
+def exact_grad_norm(optimizer) -> None:
+    """Make a ZeRO-1/2 optimizer's L2 gradient norm the same to the last bit on any number of
+    data-parallel ranks. DeepSpeed (runtime/zero/stage_1_and_2.py, `get_grad_norm_direct`) sums
+    each rank's squared norms in float64 but rounds that partial sum to float32 before the
+    all-reduce, so the norm of one batch's gradients depends on how the flat buffer was cut into
+    partitions; where the norm exceeds `optimizer.clip_grad`, so does the clipping factor, and 1- and
+    2-rank runs of one seed part ways at the first such step (bench/run_numerics.py). Here the sum
+    stays in float64 until every rank's part is in; its float32 rounding no longer depends on the
+    partitioning (unless it falls within about 1e-16 of a rounding boundary). Other norms and the
+    CPU-offload path keep DeepSpeed's own."""
+    from deepspeed import comm as ds_comm
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload:
+        return
+    own = optimizer.get_grad_norm_direct
+
+    def grad_norm(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return own(gradients, params, norm_type)
+        squares = torch.zeros((), dtype=torch.float64, device=optimizer.device)
+        unpadded = (g for g in gradients if not getattr(g, "_zero_padding", False))
+        for grad, param in zip(unpadded, params):
+            if getattr(param, "ds_pipe_replicated", False):
+                continue  # held by several pipeline stages: counted once
+            if is_model_parallel_parameter(param) or optimizer.model_parallel_rank == 0:
+                squares += grad.detach().to(torch.float64).square().sum()
+        ds_comm.all_reduce(squares, op=ds_comm.ReduceOp.SUM, group=optimizer.dp_process_group)
+        optimizer._model_parallel_all_reduce(tensor=squares, op=ds_comm.ReduceOp.SUM)
+        norm = squares.sqrt().float()
+        # DeepSpeed's marker of an overflowed norm, which its clipping and our step check read.
+        return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0))
+
+    optimizer.get_grad_norm_direct = grad_norm
+
+
 def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, dp_size: int):
     """Wrap `model` in a DeepSpeed engine with ZeRO-1/2 and a torch AdamW."""
     import deepspeed
@@ -223,6 +263,8 @@ def build_engine(model: torch.nn.Module, cfg: ExperimentConfig, dp_size: int):
         lr_scheduler=None, mpu=mpu, dist_init_required=False, collate_fn=None, config=config,
         config_class=config_class,
     )
+    if o.grad_norm == "exact":
+        exact_grad_norm(engine.optimizer)
     return engine, config
 
 

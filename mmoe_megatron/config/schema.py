@@ -561,6 +561,11 @@ class OptimizerConfig:
     eps: float = field(1e-8, gt=0)
     clip_grad: float = field(1.0, ge=0)
     """Global gradient-norm clipping (0 disables). Always set explicitly: DeepSpeed defaults to 1."""
+    grad_norm: Literal["exact", "deepspeed"] = "exact"
+    """How the clipped gradient norm is summed over data-parallel ranks. exact: in float64 until
+    every rank's part is in, so a run clips by the same factor, and trains the same weights, on any
+    number of ranks. deepspeed: DeepSpeed's own sum, which rounds each rank's part to float32 first
+    (runs on 1 and 2 ranks then part at the first step where that rounding changes the factor)."""
     warmup_iters: int = field(0, ge=0)
     decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     wsd_decay_fraction: float = field(0.2, gt=0, le=1)
