@@ -70,13 +70,19 @@ def first_clipped(records: list[dict], clip_grad: float) -> Optional[int]:
     return next((r["step"] for r in records if r["grad_norm"] > clip_grad), None)
 
 
-def train(spec, member, seed: int, setting: Setting, steps: int, out: str) -> list[dict]:
-    """Train `member` for `steps` steps under `setting`; its train records, one per step."""
-    from mmoe_megatron.evaluation.suite import member_overrides, override_args
+def warmup(steps: int) -> int:
+    """The short runs' warmup: a quarter of their steps, so that clipping fires within them."""
+    return max(1, steps // 4)
+
+
+def train(spec, label: str, overrides: list, setting: Setting, steps: int, out: str) -> list[dict]:
+    """Train a member (`overrides`: its suite overrides and seed) for `steps` steps under `setting`;
+    its train records, one per step."""
+    from mmoe_megatron.evaluation.suite import override_args
     from mmoe_megatron.training.metrics import read_records
 
-    args = override_args(member_overrides(spec, member, seed)) + [
-        f"--train.train_iters={steps}", f"--optimizer.warmup_iters={max(1, steps // 4)}",
+    args = override_args(overrides) + [
+        f"--train.train_iters={steps}", f"--optimizer.warmup_iters={warmup(steps)}",
         "--train.log_interval=1", "--train.eval_interval=0", "--checkpoint.save_interval=0",
         "--checkpoint.keep_steps=[]", f"--logging.dir={out}", f"--name={os.path.basename(out)}"]
     if not setting.clip:
@@ -91,7 +97,7 @@ def train(spec, member, seed: int, setting: Setting, steps: int, out: str) -> li
         code = subprocess.call(cmd, env={**bench_env(), "OMP_NUM_THREADS": str(setting.threads)},
                                stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
-        raise SystemExit(f"{member.name} ({setting.label}) failed with exit code {code}: see {out}/train.log")
+        raise SystemExit(f"{label} ({setting.label}) failed with exit code {code}: see {out}/train.log")
     return [r for r in read_records(out) if r.get("kind") == "train"]
 
 
@@ -114,7 +120,7 @@ def compare(records: dict[str, list[dict]], clip_grad: float) -> list[dict]:
 
 def markdown(rows_by_member: dict[str, list[dict]], steps: int, seed: int) -> str:
     step = lambda s: "never" if s is None else str(s)
-    lines = [f"Each member's configuration trained for {steps} steps (warmup {max(1, steps // 4)}, seed {seed}) "
+    lines = [f"Each member's configuration trained for {steps} steps (warmup {warmup(steps)}, seed {seed}) "
              "under each setting, against the reference setting: the first step whose gradient norm or loss "
              "differs in any bit, the first step where the reference's gradient norm exceeded the "
              "clipping threshold, and the loss difference at the last step.", "",
@@ -149,14 +155,15 @@ def main(argv=None) -> int:
     os.chdir(ROOT)
     rows_by_member = {}
     for name in args.member:
-        cfg = load_config(spec.base, member_overrides(spec, members[name], args.seed))
+        overrides = member_overrides(spec, members[name], args.seed)
+        clip_grad = load_config(spec.base, overrides).optimizer.clip_grad
         records = {}
         for setting in SETTINGS:
             slug = re.sub(r"[^a-z0-9]+", "_", setting.label.lower()).strip("_")
             out = os.path.join(args.root, "runs", "numerics", spec.name, name, f"seed{args.seed}", slug)
-            records[setting.label] = train(spec, members[name], args.seed, setting, args.steps, out)
+            records[setting.label] = train(spec, name, overrides, setting, args.steps, out)
             print(f"{name}: {setting.label} done", flush=True)
-        rows_by_member[name] = compare(records, cfg.optimizer.clip_grad)
+        rows_by_member[name] = compare(records, clip_grad)
     suite = spec.name.replace("-", "_")
     write_result(f"run_numerics_{suite}", f"What moves a run's numbers: processes, threads, clipping ({spec.name})",
                  markdown(rows_by_member, args.steps, args.seed),

@@ -524,4 +524,3 @@ def test_a_launch_records_the_thread_count_its_processes_inherit(monkeypatch):
     # process every core and each of several processes one thread).
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert (threads_per_process(1), threads_per_process(2), threads_per_process(16)) == (8, 4, 1)
-
