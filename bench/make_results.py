@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 from bench.common import RESULTS, ROOT
 
-ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder_repeat_cpu",
+ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder_2x_broad_cpu",
+         "elasticity_ladder_repeat_cpu",
          "elasticity_ladder_2x_wide_cpu", "specialist_finetune_elasticity_ladder_2x_wide_cpu",
          "specialist_finetune_elasticity_ladder_2x_wide_cpu_repeat",
          "specialist_finetune_elasticity_ladder_2x_wide_cpu_routers",
