@@ -141,6 +141,29 @@ def final_model(spec, run):
     return out, cfg, checkpoint, load_model(cfg, checkpoint, resolve_vocab_size(cfg))
 
 
+def suite_samples(spec, out: str):
+    """(domain name, dataset, indices) of every evaluation domain of suite `spec` (the validation
+    split first) on the samples its evaluation scored, for the run in `out`."""
+    from mmoe_megatron.data import build_datasets
+    from mmoe_megatron.evaluation.core import eval_indices
+    from mmoe_megatron.evaluation.run import run_config as saved_config
+    from mmoe_megatron.evaluation.suite import domains
+
+    for name, overrides in domains(spec):
+        dataset = build_datasets(saved_config(out, overrides), train_samples=1, valid_samples=spec.eval.num_samples,
+                                 test_samples=0)[1]
+        yield name, dataset, eval_indices(min(spec.eval.num_samples, len(dataset)), 0, 1)
+
+
+def check_kept(run, recorded: dict, domain: str, k, loss: float, what: str, agree: float) -> None:
+    """Refuse a loss re-measured on a suite's own samples (`what` says how) that is more than
+    `agree` nats from the run's kept result `recorded[domain][k]`."""
+    kept = recorded[domain][str(k)]
+    if abs(loss - kept) > agree:
+        raise RuntimeError(f"{run.label} {domain} k={k}: {what} {loss:.4f}, the suite's kept result is "
+                           f"{kept:.4f}; the samples or weights differ")
+
+
 def kept_records(spec, kept: str) -> list[dict]:
     """The records kept in `kept` (one JSON file per run) whose member suite `spec` still has,
     with the runs members share (`same_runs_as`: the other member's record under this name)."""

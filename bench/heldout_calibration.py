@@ -34,7 +34,7 @@ import statistics
 
 import torch
 
-from bench.common import final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark
+from bench.common import check_kept, final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark, suite_samples
 
 AGREE = 1e-3
 """The loss at beta = 1 must match the suite's kept result to this many nats (same samples, same weights)."""
@@ -116,34 +116,28 @@ def domain_logits(model, dataset, k, indices, micro_batch_size: int, mask):
 
 
 def measure_run(spec, run, ks=None) -> dict:
-    from mmoe_megatron.data import build_datasets
-    from mmoe_megatron.evaluation.core import eval_indices
-    from mmoe_megatron.evaluation.run import causal_mask, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, specialist_k
+    from mmoe_megatron.evaluation.run import causal_mask
+    from mmoe_megatron.evaluation.suite import specialist_k
     from bench.heldout_noise import suite_losses
 
     out, cfg, checkpoint, model = final_model(spec, run)
     mask = causal_mask(cfg.data.seq_length, "cpu")
     recorded = suite_losses(os.path.join(out, "eval", "results.json"))
     by_domain = {}
-    for name, overrides in domains(spec):
-        dataset = build_datasets(saved_config(out, overrides), train_samples=1, valid_samples=spec.eval.num_samples,
-                                 test_samples=0)[1]
-        indices = eval_indices(min(spec.eval.num_samples, len(dataset)), 0, 1)
+    valid_betas = {}  # the validation split comes first
+    for name, dataset, indices in suite_samples(spec, out):
         by_k = {}
         for k in ks or spec.eval.curve_ks:
             chunks = domain_logits(model, dataset, k, indices, cfg.train.micro_batch_size, mask)
             loss = loss_at(*chunks, 1.0)
-            if abs(loss - recorded[name][str(k)]) > AGREE:
-                raise RuntimeError(f"{run.label} {name} k={k}: the loss from the logits is {loss:.4f}, the suite's "
-                                   f"kept result is {recorded[name][str(k)]:.4f}; the samples or weights differ")
+            check_kept(run, recorded, name, k, loss, "the loss from the logits is", AGREE)
             beta, best = best_inverse_temperature(*chunks)
             entry = {"loss": loss, "beta": beta, "best_loss": best}
-            if name != domains(spec)[0][0]:
-                valid_beta = by_domain[domains(spec)[0][0]][str(k)]["beta"]
-                entry["valid_beta_loss"] = loss_at(*chunks, valid_beta)
-            else:
+            if not by_domain:
+                valid_betas[k] = beta
                 entry["valid_beta_loss"] = best
+            else:
+                entry["valid_beta_loss"] = loss_at(*chunks, valid_betas[k])
             by_k[str(k)] = entry
             print(f"{run.label} {name} k={k}: {loss:.4f}, beta {beta:.3f} -> {best:.4f}, with the validation "
                   f"split's beta {entry['valid_beta_loss']:.4f}", flush=True)
@@ -180,7 +174,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
                 lines.append(f"| {member} | {len(runs)} | {d} | {k} | " + " | ".join(cells) +
                              f" | {mean_std_cell(betas, signed=False)} |")
                 data["members"].setdefault(member, {}).setdefault(d, {})[k] = {
-                    key: [r["domains"][d][k][key] for r in runs] for key in ("loss", "best_loss", "valid_beta_loss", "beta")}
+                    key: [r["domains"][d][k][key] for r in runs]
+                    for key in ("loss", "best_loss", "valid_beta_loss", "beta")}
     by_run = {(r["member"], r["seed"]): r for r in records}
     members = {m.name: m for m in spec.members}
     tax_lines = []
@@ -214,7 +209,8 @@ def report(spec, records: list[dict]) -> tuple[str, dict]:
 def main(argv=None) -> int:
     parser = kept_runs_parser(__doc__)
     parser.add_argument("--k", type=int, action="append",
-                        help="only these ks of the suite's curve_ks (repeatable; each costs minutes per run and domain)")
+                        help="only these ks of the suite's curve_ks (repeatable; each costs minutes per run "
+                             "and domain)")
     args = parser.parse_args(argv)
     return run_kept_benchmark(args, "heldout_calibration", "Held-out spread and the models' confidence",
                               lambda spec, run: measure_run(spec, run, args.k), report)

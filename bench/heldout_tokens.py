@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from bench.common import final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark
+from bench.common import check_kept, final_model, kept_runs_parser, mean_std_cell, run_kept_benchmark, suite_samples
 
 BUCKETS = ((0, 0), (1, 9), (10, 99), (100, 999), (1000, None))
 """Inclusive ranges of a token's count in the training split."""
@@ -87,10 +87,9 @@ def bucket_losses(model, dataset, k, indices, micro_batch_size: int, mask, bucke
 
 
 def measure_run(spec, run) -> dict:
-    from mmoe_megatron.data import build_datasets, resolve_vocab_size
-    from mmoe_megatron.evaluation.core import eval_indices
-    from mmoe_megatron.evaluation.run import causal_mask, run_config as saved_config
-    from mmoe_megatron.evaluation.suite import domains, specialist_k
+    from mmoe_megatron.data import resolve_vocab_size
+    from mmoe_megatron.evaluation.run import causal_mask
+    from mmoe_megatron.evaluation.suite import specialist_k
     from bench.heldout_noise import suite_losses
 
     out, cfg, checkpoint, model = final_model(spec, run)
@@ -100,17 +99,12 @@ def measure_run(spec, run) -> dict:
     buckets = bucket_of(counts)
     recorded = suite_losses(os.path.join(out, "eval", "results.json"))
     by_domain = {}
-    for name, overrides in domains(spec):
-        dataset = build_datasets(saved_config(out, overrides), train_samples=1, valid_samples=spec.eval.num_samples,
-                                 test_samples=0)[1]
-        indices = eval_indices(min(spec.eval.num_samples, len(dataset)), 0, 1)
+    for name, dataset, indices in suite_samples(spec, out):
         by_k = {}
         for k in spec.eval.curve_ks:
             parts = bucket_losses(model, dataset, k, indices, cfg.train.micro_batch_size, mask, buckets)
             mean = sum(parts["loss_sum"]) / sum(parts["tokens"])
-            if abs(mean - recorded[name][str(k)]) > AGREE:
-                raise RuntimeError(f"{run.label} {name} k={k}: the buckets sum to {mean:.4f}, the suite's kept "
-                                   f"result is {recorded[name][str(k)]:.4f}; the samples or weights differ")
+            check_kept(run, recorded, name, k, mean, "the buckets sum to", AGREE)
             by_k[str(k)] = parts
             print(f"{run.label} {name} k={k}: {mean:.4f} (" + ", ".join(
                 f"{bucket_label(*BUCKETS[b])}: {s / max(t, 1):.3f} x {t}"
