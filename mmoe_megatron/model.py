@@ -194,7 +194,7 @@ def build_model(
     )
     if not stock_routing:
         check_elastic_layers(model, cfg)
-    init_weights(model, cfg, cfg.train.seed if seed is None else seed)
+    init_weights(model, cfg, cfg.init_seed if seed is None else seed)
     return model
 
 

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import pytest
+import torch
 
 from mmoe_megatron import compat, model
 from mmoe_megatron.config.derive import transformer_config
@@ -142,3 +143,17 @@ def test_grouped_gemm_experts_draw_their_weights_from_the_sequential_names():
     for unchanged in ("decoder.layers.3.mlp.experts.local_experts.2.linear_fc2.weight",
                       "decoder.layers.3.self_attention.linear_qkv.weight", "output_layer.weight"):
         assert sequential_name(unchanged) == unchanged
+
+
+def test_init_seed_fixes_the_initial_weights_whatever_train_seed(single_process_mcore):
+    def weights(**overrides):
+        return {n: p.detach().clone() for n, p in model.build_model(tiny_config(**overrides), VOCAB).named_parameters()}
+
+    fixed_1 = weights(**{"train.seed": 1, "model.init_seed": 7})
+    fixed_2 = weights(**{"train.seed": 2, "model.init_seed": 7})
+    default_7 = weights(**{"train.seed": 7})
+    default_1 = weights(**{"train.seed": 1})
+    matrices = [n for n, p in fixed_1.items() if p.dim() > 1]
+    assert matrices
+    assert all(torch.equal(fixed_1[n], fixed_2[n]) and torch.equal(fixed_1[n], default_7[n]) for n in fixed_1)
+    assert all(not torch.equal(fixed_1[n], default_1[n]) for n in matrices)

@@ -419,6 +419,10 @@ def test_a_member_shares_exactly_the_runs_that_train_the_same(tmp_path, capsys):
                                                           "train.train_iters": 70}))
     assert shared_run(other, Run(other.members[2], 1)) is None
     assert len(with_shared_runs(other, records)) == 2
+    # A fixed init seed equal to the run's train.seed trains the same weights: shared too.
+    init = load_suite(_shared_suite(tmp_path, overrides={"data.seed": 1, "model.init_seed": 1}))
+    assert shared_run(init, Run(init.members[2], 1)) == Run(init.members[0], 1)
+    assert shared_run(init, Run(init.members[2], 2)) is None
 
 
 def test_same_runs_as_names_a_member_listed_before(tmp_path):

@@ -37,6 +37,9 @@ class ModelConfig:
     """Per-head RMSNorm on queries and keys (as in Qwen3-MoE)."""
     rotary_base: int = field(10000, ge=1)
     init_method_std: float = field(0.02, gt=0)
+    init_seed: Optional[int] = field(None, ge=0)
+    """Seed of the initial weights; null means train.seed. Fix it (with data.seed and
+    matryoshka.seed) to vary one source of a run's randomness at a time across train.seed values."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     attention_dropout: float = field(0.0, ge=0, lt=1)
@@ -732,6 +735,10 @@ class ExperimentConfig:
     @property
     def k_seed(self) -> int:
         return self.train.seed if self.matryoshka.seed is None else self.matryoshka.seed
+
+    @property
+    def init_seed(self) -> int:
+        return self.train.seed if self.model.init_seed is None else self.model.init_seed
 
     def moe_layer_pattern(self) -> list[int]:
         return self.moe.moe_layer_pattern(self.model.num_layers)

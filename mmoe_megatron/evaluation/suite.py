@@ -138,8 +138,8 @@ class SuiteSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     runs_dir: str = "runs"
     seeds: list[int] = field(default_factory=list)
-    """train.seed of each run of every member (initial weights, k draws, data order unless
-    data.seed is fixed); empty: one run per member with the base config's seed."""
+    """train.seed of each run of every member (initial weights, k draws and data order, unless
+    model.init_seed, matryoshka.seed or data.seed fix them); empty: one run per member with the base config's seed."""
 
 
 @dataclass(frozen=True)
@@ -334,6 +334,7 @@ def _what_trains(cfg: ExperimentConfig) -> dict:
     out["logging"].pop("dir", None)
     out["data"]["seed"] = cfg.train.seed if cfg.data.seed is None else cfg.data.seed
     out["matryoshka"]["seed"] = cfg.k_seed
+    out["model"]["init_seed"] = cfg.init_seed
     return out
 
 
