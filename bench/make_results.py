@@ -13,6 +13,7 @@ import os
 from typing import Callable, Optional
 
 from bench.common import RESULTS, ROOT
+from bench.seed_sources import SOURCES
 
 ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder_2x_broad_cpu",
          "elasticity_ladder_repeat_cpu",
@@ -25,6 +26,7 @@ ORDER = ["elasticity_ladder_cpu", "elasticity_ladder_2x_cpu", "elasticity_ladder
          "expert_contributions_elasticity_ladder_2x_cpu",
          "router_temperature_elasticity_ladder_cpu", "heldout_noise_elasticity_ladder_cpu",
          "heldout_tokens_elasticity_ladder_2x_cpu", "heldout_calibration_elasticity_ladder_2x_broad_cpu",
+         "seed_sources_elasticity_ladder_2x_broad_cpu",
          "tail_average_elasticity_ladder_2x_cpu",
          "run_numerics_elasticity_ladder_2x_cpu", "slimmable_cpu",
          "router_overhead", "cost_vs_k", "serving_speed", "serving_speed_ffn4096", "elasticity_cpu",
@@ -129,8 +131,8 @@ def default_settings(spec) -> tuple[dict, Callable[[str], bool]]:
     return pins, is_default
 
 
-SEED_SOURCES = ("data.seed", "matryoshka.seed")
-"""Settings that fix what a run's seed would otherwise set (its data order, its k draws)."""
+SEED_SOURCES = tuple(SOURCES.values())
+"""Settings that fix what a run's seed would otherwise set (its initial weights, k draws, data order)."""
 
 
 def holds_a_seed_source(overrides: dict) -> bool:
