@@ -740,6 +740,10 @@ class ExperimentConfig:
     def init_seed(self) -> int:
         return self.train.seed if self.model.init_seed is None else self.model.init_seed
 
+    @property
+    def data_seed(self) -> int:
+        return self.train.seed if self.data.seed is None else self.data.seed
+
     def moe_layer_pattern(self) -> list[int]:
         return self.moe.moe_layer_pattern(self.model.num_layers)
 

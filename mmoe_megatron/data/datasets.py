@@ -201,7 +201,7 @@ def build_datasets(cfg: ExperimentConfig, train_samples: int, valid_samples: int
     sizes = [train_samples, valid_samples, test_samples]
     ratios = _split_ratios(d.split)
     common = dict(
-        random_seed=cfg.train.seed if d.seed is None else d.seed,
+        random_seed=cfg.data_seed,
         sequence_length=d.seq_length,
         reset_position_ids=False,
         reset_attention_mask=False,

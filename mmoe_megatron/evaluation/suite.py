@@ -139,7 +139,8 @@ class SuiteSpec:
     runs_dir: str = "runs"
     seeds: list[int] = field(default_factory=list)
     """train.seed of each run of every member (initial weights, k draws and data order, unless
-    model.init_seed, matryoshka.seed or data.seed fix them); empty: one run per member with the base config's seed."""
+    model.init_seed, matryoshka.seed or data.seed fix them); empty: one run per member with the
+    base config's seed."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ def _what_trains(cfg: ExperimentConfig) -> dict:
     out = to_dict(cfg)
     out.pop("name", None)
     out["logging"].pop("dir", None)
-    out["data"]["seed"] = cfg.train.seed if cfg.data.seed is None else cfg.data.seed
+    out["data"]["seed"] = cfg.data_seed
     out["matryoshka"]["seed"] = cfg.k_seed
     out["model"]["init_seed"] = cfg.init_seed
     return out
