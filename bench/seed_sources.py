@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 
-from bench.common import RESULTS, ROOT, kept_records, write_result
+from bench.common import RESULTS, ROOT, kept_records, suite_slug, write_result
 
 SOURCES = {"init": "model.init_seed", "draws": "matryoshka.seed", "data": "data.seed"}
 """Each source of a run's randomness and the setting that fixes it (null: train.seed)."""
@@ -44,12 +44,10 @@ def one_source_variants(spec, member: str) -> dict[str, str]:
                          "whose every source varies with the seed")
     out: dict[str, str] = {}
     for m in spec.members:
-        extra = {k: v for k, v in m.overrides.items() if k not in base or base[k] != v}
-        if m.name == member or not extra or set(extra) - set(SOURCES.values()):
+        rest = {k: v for k, v in m.overrides.items() if k not in SOURCES.values()}
+        if m.name == member or rest != base:
             continue
-        if any(base.get(k) != m.overrides.get(k) for k in base):
-            continue
-        varied = [source for source, key in SOURCES.items() if key not in extra]
+        varied = [source for source, key in SOURCES.items() if key not in m.overrides]
         if len(varied) == 1:
             if varied[0] in out:
                 raise ValueError(f"{out[varied[0]]} and {m.name} both vary only the {varied[0]}")
@@ -90,6 +88,7 @@ def report(spec, records: list[dict], member: str) -> tuple[str, dict]:
              "| domain | k | all | " + " | ".join(order) + " | sum | seeds |",
              "|---|---:|---:|" + "---:|" * len(order) + "---:|---|"]
     data: dict = {"member": member, "variants": variants, "std": {}}
+    seeds = "; ".join(f"{names[n]} {','.join(map(str, sorted(runs)))}" for n, runs in by_member.items())
     for d in domains:
         for k in ks:
             std = {names[name]: statistics.stdev(losses[d][k] for losses in runs.values())
@@ -97,7 +96,6 @@ def report(spec, records: list[dict], member: str) -> tuple[str, dict]:
             total = math.sqrt(sum(std[s] ** 2 for s in order))
             data["std"].setdefault(d, {})[k] = {**std, "sum": total}
             cells = [_with_share(std[s], std["all"]) for s in order]
-            seeds = "; ".join(f"{names[n]} {','.join(map(str, sorted(runs)))}" for n, runs in by_member.items())
             lines.append(f"| {d} | {k} | {std['all']:.4f} | " + " | ".join(cells) +
                          f" | {_with_share(total, std['all'])} | {seeds} |")
     return "\n".join(lines) + "\n", data
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--member", required=True, help="the member whose every source varies with the seed")
     args = p.parse_args(argv)
     spec = load_suite(args.suite)
-    slug = spec.name.replace("-", "_")
+    slug = suite_slug(spec)
     records = kept_records(spec, os.path.join(RESULTS, slug))
     try:
         markdown, data = report(spec, records, args.member)
