@@ -164,6 +164,11 @@ def check_kept(run, recorded: dict, domain: str, k, loss: float, what: str, agre
                            f"{kept:.4f}; the samples or weights differ")
 
 
+def suite_slug(spec) -> str:
+    """The suite's name as its files in bench/results/ spell it (kept runs, reports)."""
+    return spec.name.replace("-", "_")
+
+
 def kept_records(spec, kept: str) -> list[dict]:
     """The records kept in `kept` (one JSON file per run) whose member suite `spec` still has,
     with the runs members share (`same_runs_as`: the other member's record under this name)."""
@@ -208,7 +213,7 @@ def run_kept_benchmark(args, name: str, title: str, measure, report, check=None)
     if problem:
         print(problem, file=sys.stderr)
         return 1
-    slug = f"{name}_{spec.name.replace('-', '_')}"
+    slug = f"{name}_{suite_slug(spec)}"
     kept = os.path.join(RESULTS, slug)
     if not args.report_only and not measure_kept_runs(spec, kept, lambda run: measure(spec, run),
                                                       args.member, args.seed):

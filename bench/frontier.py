@@ -25,7 +25,7 @@ import shutil
 import statistics
 import sys
 
-from bench.common import RESULTS, ROOT, kept_records, write_result
+from bench.common import RESULTS, ROOT, kept_records, suite_slug, write_result
 
 VALID = "valid"
 
@@ -183,7 +183,7 @@ def report(spec, records: list[dict], specialists: list[dict], reference: str, s
             lines.append(f"| {name} | {seed} | {s['budget_flops_per_token'] / 1e6:.3f} | {s['layer_ks']} | "
                          f"{s['layer_widths']} | {s['loss']:.4f} | {tuple(s['uniform']) if s['uniform'] else '-'} | "
                          f"{s['uniform_loss']:.4f} |")
-    slug = spec.name.replace("-", "_")
+    slug = suite_slug(spec)
     report_dir = os.path.join(ROOT, spec.runs_dir, spec.name, "report")
     png = os.path.join(report_dir, "frontier.png")
     plot_frontier(series, png, title=f"{spec.name}: validation loss vs forward FLOPs per token (mean over seeds)",
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     from mmoe_megatron.evaluation.suite import load_suite, select
 
     spec = load_suite(args.suite)
-    kept = os.path.join(RESULTS, spec.name.replace("-", "_"))
+    kept = os.path.join(RESULTS, suite_slug(spec))
     os.makedirs(kept, exist_ok=True)
     if not args.report_only:
         env = bench_env()

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from bench.common import ROOT, write_result
+from bench.common import ROOT, suite_slug, write_result
 from bench.suite_bench import bench_env
 
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             records[setting.label] = train(spec, name, overrides, setting, args.steps, out)
             print(f"{name}: {setting.label} done", flush=True)
         rows_by_member[name] = compare(records, clip_grad)
-    suite = spec.name.replace("-", "_")
+    suite = suite_slug(spec)
     write_result(f"run_numerics_{suite}", f"What moves a run's numbers: processes, threads, clipping ({spec.name})",
                  markdown(rows_by_member, args.steps, args.seed),
                  {"suite": spec.name, "seed": args.seed, "steps": args.steps, "rows": rows_by_member})

@@ -37,7 +37,7 @@ import subprocess
 import sys
 from typing import Optional
 
-from bench.common import RESULTS, ROOT, kept_records, write_result
+from bench.common import RESULTS, ROOT, kept_records, suite_slug, write_result
 
 KS_SHOWN = ("1", "2", "3", "4", "6", "8")
 
@@ -109,7 +109,7 @@ def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: 
 
     spec = load_suite(suite)
     kept = {(r["member"], r["seed"]): r for r in
-            kept_records(spec, os.path.join(results_dir, spec.name.replace("-", "_")))}
+            kept_records(spec, os.path.join(results_dir, suite_slug(spec)))}
 
     def final(record):
         return record["losses"][str(record["train_iters"])]
@@ -118,7 +118,7 @@ def report(suite: str, specialist: str, elastic: str, compare: list[str], seed: 
         kept[(specialist, seed)] = start_record
     missing = [m for m in [specialist] + compare if (m, seed) not in kept]
     if missing:
-        raise SystemExit(f"no kept result of {missing} seed {seed} in bench/results/{spec.name.replace('-', '_')}")
+        raise SystemExit(f"no kept result of {missing} seed {seed} in bench/results/{suite_slug(spec)}")
     start = kept[(specialist, seed)]
     rows = [(f"`{specialist}` (the start), {start['train_iters']} steps", final(start), start["training_flops"])]
     steps = sorted(run["losses"], key=int)
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from mmoe_megatron.evaluation.suite import load_suite
 
-    suite = load_suite(args.suite).name
-    name = f"specialist_finetune_{suite.replace('-', '_')}{'_' + args.label if args.label else ''}"
+    spec = load_suite(args.suite)
+    name = f"specialist_finetune_{suite_slug(spec)}{'_' + args.label if args.label else ''}"
     # Checked before a fine-tune runs, not after.
     start_record = None
     if args.start_record:
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         data["report_command"] = " ".join(["python -m bench.specialist_finetune"]
                                           + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     what = " (only the parameters matching " + ", ".join(args.train_only) + " trained)" if args.train_only else ""
-    write_result(name, f"A specialist fine-tuned with elastic routing{what} ({suite})", markdown, data,
+    write_result(name, f"A specialist fine-tuned with elastic routing{what} ({spec.name})", markdown, data,
                  results_dir=RESULTS, recorded=record)
     return 0
 

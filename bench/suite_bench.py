@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import RESULTS, ROOT, kept_records, write_result
+from bench.common import RESULTS, ROOT, kept_records, suite_slug, write_result
 
 
 def _suite_cmd(command: str, suite: str, extra: list[str], env: dict) -> int:
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from mmoe_megatron.evaluation.suite import load_suite, own_runs, select
 
     spec = load_suite(args.suite)
-    slug = spec.name.replace("-", "_")
+    slug = suite_slug(spec)
     kept = os.path.join(RESULTS, slug)
     os.makedirs(kept, exist_ok=True)
     env = {**bench_env(), "OMP_NUM_THREADS": str(threads_per_process(args.nproc, args.threads))}

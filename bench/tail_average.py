@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 
-from bench.common import RESULTS, kept_runs_parser, run_kept_benchmark
+from bench.common import RESULTS, kept_runs_parser, run_kept_benchmark, suite_slug
 
 SINCE = 0.5
 """Checkpoints evaluated: those at this fraction of training or later."""
@@ -202,7 +202,7 @@ def trained_on(spec, record: dict) -> str:
     """The machine a run trained on: the record's own, else its launches in the suite's kept result."""
     if record.get("trained_on"):
         return record["trained_on"]
-    path = os.path.join(RESULTS, spec.name.replace("-", "_"), f"{record['member']}-s{record['seed']}.json")
+    path = os.path.join(RESULTS, suite_slug(spec), f"{record['member']}-s{record['seed']}.json")
     try:
         with open(path) as f:
             launches = json.load(f).get("launches") or []

@@ -21,7 +21,7 @@ import statistics
 import sys
 from typing import Optional
 
-from bench.common import RESULTS, ROOT, kept_records, write_result
+from bench.common import RESULTS, ROOT, kept_records, suite_slug, write_result
 
 NAME = "tax_vs_tokens"
 
@@ -42,7 +42,7 @@ def rung(suite_path: str, elastic: str, ks: list[int], results_dir: str = RESULT
     if missing:
         raise ValueError(f"{spec.name} has no specialist at k = {missing} (its specialists: "
                          f"{sorted(specialists)}); choose --k among the ks every rung has")
-    records = kept_records(spec, os.path.join(results_dir, spec.name.replace("-", "_")))
+    records = kept_records(spec, os.path.join(results_dir, suite_slug(spec)))
     by_run = {(r["member"], r["seed"]): r for r in records}
 
     rates = {}  # member -> epochs per token: its training documents do not depend on the seed
