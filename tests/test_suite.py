@@ -207,6 +207,54 @@ def test_comparison_aggregates_seeds_and_pairs_the_tax():
     assert "Learning curve of the tax" in text
 
 
+def test_the_report_says_what_keeps_an_elastic_model_from_matching_its_specialists():
+    """Per domain: met when the tax is at most 0.01 at every trained k, every seed std (the elastic
+    model's at each k, each specialist's at its k) below 0.01 over 3 seeds, and the loss never rises
+    with k; otherwise the ks without a specialist, the taxes above, the spreads and the rise."""
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, HeldoutSpec, MemberSpec, SuiteSpec
+
+    fixed = lambda k: {"matryoshka.strategy": "fixed", "matryoshka.ks": [k]}  # noqa: E731
+    members = [MemberSpec("elastic", "elastic"), MemberSpec("k1", "specialist", fixed(1)),
+               MemberSpec("k2", "specialist", fixed(2)), MemberSpec("k4", "specialist", fixed(4))]
+
+    def rec(member, seed, role, k, valid, docs):
+        return _record(member, seed, role, k, {1.0: {"valid": dict(zip("124", valid)),
+                                                     "docs": dict(zip("124", docs))}})
+
+    d = 0.005  # valid: the elastic model 0, d, 2d above the specialists on seeds 1-3 (std d)
+    records = [rec("elastic", s, "elastic", None, (5.0 + i * d, 4.9 + i * d, 4.8 + i * d),
+                   (6.0, 5.90 + 0.02 * i, 5.93)) for i, s in enumerate((1, 2, 3))]
+    for s in (1, 2, 3):  # docs: the k = 4 specialist is 0.03 better; the elastic loss rises 2 -> 4
+        records += [rec("k1", s, "specialist", 1, (5.0, 5.5, 5.6), (6.0, 6.5, 6.6)),
+                    rec("k2", s, "specialist", 2, (5.2, 4.9, 5.0), (6.2, 5.92, 6.0)),
+                    rec("k4", s, "specialist", 4, (5.4, 5.0, 4.8), (6.4, 6.0, 5.90))]
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2, 3], members=members,
+                     eval=EvalSpec(fractions=[1.0], heldout=[HeldoutSpec("docs", "p")]))
+    data = comparison(spec, records)
+    valid, docs = data["resolution"]["elastic"]["valid"], data["resolution"]["elastic"]["docs"]
+    assert valid == {"met": True, "unmeasured_ks": [], "tax_over": {}, "spread": [], "rise": None}
+    assert docs["met"] is False and docs["unmeasured_ks"] == []
+    assert docs["tax_over"] == {"4": pytest.approx(0.03)}
+    assert docs["spread"] == [{"model": "elastic", "k": 2, "std": pytest.approx(0.02), "seeds": 3}]
+    assert docs["rise"] == {"rise": pytest.approx(0.01), "from_k": 2, "to_k": 4}
+    assert data["tax"]["elastic"]["docs"]["1"]["largest_rise"] == docs["rise"]
+    text = markdown(data)
+    assert "| elastic | valid | yes |  |  |  |  |" in text
+    assert "| elastic | docs | no |  | k=4: +0.0300 | itself at k=2 (0.0200) | +0.0100, k=2 to 4 |" in text
+    assert "| no (+0.0100, k=2 to 4) |" in text
+
+    # Without the k = 4 specialist that k is unmeasured; on two seeds no spread is resolved.
+    two = [r for r in records if r["member"] != "k4" and r["seed"] != 3]
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], members=members[:3], eval=EvalSpec(fractions=[1.0]))
+    valid = comparison(spec, two)["resolution"]["elastic"]["valid"]
+    assert valid["met"] is False and valid["unmeasured_ks"] == [4] and valid["tax_over"] == {}
+    assert [(e["model"], e["k"], e["seeds"]) for e in valid["spread"]] == [
+        ("elastic", 1, 2), ("elastic", 2, 2), ("elastic", 4, 2), ("k1", 1, 2), ("k2", 2, 2)]
+    assert "itself at k=1, 2, 4 (up to 0.0035), 2 seed(s); k1 at k=1 (0.0000), 2 seed(s)" in markdown(
+        comparison(spec, two))
+
+
 def test_an_elastic_member_that_names_its_specialists_is_taxed_against_those_only():
     """Two architectures in one suite: each elastic model against the specialists of its own (the
     named ones, or the unnamed ones), at every k, never against the other's at the same k."""

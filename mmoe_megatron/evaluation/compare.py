@@ -5,9 +5,10 @@ standard deviation across seeds (sample std) beside it, so a difference can be r
 noise. For every elastic model, the tax against the specialists: elastic loss minus the
 specialist's at the specialist's k, paired by seed (same tokens, same order, same initial-weight
 seed), its mean and std over seeds, the same as a fraction of the specialists' gain from k_min to
-k, and whether the elastic curve is non-increasing over its trained ks; at the end of training
-and at every evaluated fraction of it (the learning curve of the tax), on the validation split and
-on each held-out domain. Training compute is 3 x forward FLOPs at the expected k x tokens (plus
+k, and whether the elastic curve is non-increasing over its trained ks (else its largest rise); at
+the end of training and at every evaluated fraction of it (the learning curve of the tax), on the
+validation split and on each held-out domain. Then, per elastic model and domain, whether it
+matches its specialists within RESOLUTION nats, and if not, what stands in the way. Training compute is 3 x forward FLOPs at the expected k x tokens (plus
 the teacher forwards of self-distillation). Models evaluated on the (k, width) grid of slimmable
 experts: the tables show the full-width ks, and every model's quality-vs-FLOPs frontier over all
 its points (`frontier.py`) is listed and plotted.
@@ -83,7 +84,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                          "mean_loss_uniform_k": statistics.fmean(uniform) if uniform else None})
         tables[domain] = rows
 
-    tax = {}
+    tax, resolution = {}, {}
     for m in (m for m in members if m.role == "elastic"):
         # Its specialists (those it names, else the unnamed ones) among the members with results.
         specialists = specialists_of(spec.members, m)
@@ -116,12 +117,18 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
                             entry["specialist_gain"] = gain
                             entry["fraction_of_gain"] = entry["mean"] / gain if gain > 0 else None
                     per_k[label] = entry
-                curve = [statistics.fmean(losses(r, f, domain)[str(k)] for r in elastic.values())
-                         for k in trained_ks if str(k) in losses(next(iter(elastic.values())), f, domain)]
+                curve_ks = [k for k in trained_ks if str(k) in losses(next(iter(elastic.values())), f, domain)]
+                curve = [statistics.fmean(losses(r, f, domain)[str(k)] for r in elastic.values()) for k in curve_ks]
+                steps = [(b - a, ka, kb) for a, b, ka, kb in zip(curve, curve[1:], curve_ks, curve_ks[1:])]
+                rise = max(steps, default=None)
                 tax[m.name][domain][f] = {
                     "by_k": per_k, "elastic_loss_over_trained_ks": curve,
-                    "monotone": all(b <= a for a, b in zip(curve, curve[1:])) if len(curve) > 1 else None,
+                    "monotone": all(d <= 0 for d, _, _ in steps) if steps else None,
+                    "largest_rise": ({"rise": rise[0], "from_k": rise[1], "to_k": rise[2]}
+                                     if rise is not None and rise[0] > 0 else None),
                 }
+        resolution[m.name] = {d: _resolution(m.name, specialists, trained_ks, tables[d], tax[m.name][d][final])
+                              for d in domain_names}
 
     variants = _variants(members, by_member, domain_names, final, losses)
     stds = {d: [(s, row["name"], c) for row in tables[d] for c, s in row["std"].items() if s is not None]
@@ -138,7 +145,8 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
         [(flops[row["name"]][c], row["loss"][c], c) for c in columns
          if row["loss"][c] is not None and c in flops[row["name"]]])] for row in tables[d]} for d in domain_names}
     return {"suite": spec.name, "columns": columns, "domains": domain_names, "fractions": fractions,
-            "rows": tables[VALID], "tables": tables, "tax": tax, "elastic_gap_to_specialist": gaps,
+            "rows": tables[VALID], "tables": tables, "tax": tax, "resolution": resolution,
+            "elastic_gap_to_specialist": gaps,
             "frontiers": frontiers,
             "largest_seed_std": {d: (None if s is None else {"std": s[0], "member": s[1], "k": s[2]})
                                  for d, s in spread.items()},
@@ -173,6 +181,35 @@ def _per_k_values(members, by_member, key: str) -> dict:
 
 # A variant replaces the default only when it wins on at least this many seeds, every one of them.
 SEEDS_TO_DECIDE = 3
+
+RESOLUTION = 0.01
+"""Nats. An elastic model matches its specialists on a domain when, at every k it trains, its mean
+tax is at most this, its seed std and that of the specialist at that k are below it (over at
+least SEEDS_TO_DECIDE seeds), and its loss does not rise with k."""
+
+
+def _resolution(name: str, specialists: dict[str, int], trained_ks: list[int], rows: list[dict],
+                final_tax: dict) -> dict:
+    """What keeps an elastic model from matching its specialists within RESOLUTION on one domain
+    at the end of training (see RESOLUTION): the trained ks without a specialist, those whose mean
+    tax is above it, the (model, k) whose seed std is not below it or rests on too few seeds, and
+    the largest rise of its loss with k. `met` when none of these is."""
+    row = {r["name"]: r for r in rows}
+    by_k = final_tax["by_k"]
+    at_k = {k: n for n, k in specialists.items()}
+    unmeasured = [k for k in trained_ks if str(k) not in by_k]
+    over = {str(k): by_k[str(k)]["mean"] for k in trained_ks
+            if str(k) in by_k and by_k[str(k)]["mean"] > RESOLUTION}
+    spread = []
+    for model, k in [(name, k) for k in trained_ks] + [(at_k[k], k) for k in trained_ks if k in at_k]:
+        r = row.get(model)
+        std = None if r is None else r["std"].get(str(k))
+        seeds = 0 if r is None else len(r["seeds"])
+        if seeds < SEEDS_TO_DECIDE or std is None or std >= RESOLUTION:
+            spread.append({"model": model, "k": k, "std": std, "seeds": seeds})
+    rise = final_tax["largest_rise"]
+    return {"met": not (unmeasured or over or spread or rise), "unmeasured_ks": unmeasured,
+            "tax_over": over, "spread": spread, "rise": rise}
 
 
 def _variants(members, by_member, domain_names, final, losses) -> dict:
@@ -258,9 +295,10 @@ def markdown(data: dict, level: int = 2) -> str:
             for domain, per_f in per_domain.items():
                 row = per_f[final]
                 cells = [_tax_cell(row["by_k"].get(k)) for k in ks]
-                mono = {True: "yes", False: "no", None: "-"}[row["monotone"]]
-                lines.append(f"| {name} | {domain} | " + " | ".join(cells) + f" | {mono} |")
+                lines.append(f"| {name} | {domain} | " + " | ".join(cells) + f" | {_monotone_cell(row)} |")
         lines.append("")
+        if data.get("resolution"):
+            lines += _resolution_lines(data["resolution"], h2)
         if len(data["fractions"]) > 1:
             lines += [f"{h2} Learning curve of the tax", "",
                       "The same tax at checkpoints of the same runs (fraction of each run's training; a "
@@ -271,8 +309,8 @@ def markdown(data: dict, level: int = 2) -> str:
                 for domain, per_f in per_domain.items():
                     for f, row in per_f.items():
                         cells = [_tax_cell(row["by_k"].get(k), share=False) for k in ks]
-                        mono = {True: "yes", False: "no", None: "-"}[row["monotone"]]
-                        lines.append(f"| {name} | {domain} | {f} | " + " | ".join(cells) + f" | {mono} |")
+                        lines.append(f"| {name} | {domain} | {f} | " + " | ".join(cells)
+                                     + f" | {_monotone_cell(row)} |")
             lines.append("")
     if data.get("variants"):
         v = data["variants"]
@@ -322,6 +360,50 @@ def markdown(data: dict, level: int = 2) -> str:
                   + "; ".join(f"{p['runs']} run(s) at {p['code_version']} on {p['cpu']}" for p in data["provenance"])
                   + ".", ""]
     return "\n".join(lines) + "\n"
+
+
+def _monotone_cell(row: dict) -> str:
+    """yes / no with the largest rise of the elastic loss between two consecutive trained ks / -."""
+    rise = row.get("largest_rise")
+    if row["monotone"] is False and rise is not None:
+        return f"no (+{rise['rise']:.4f}, k={rise['from_k']} to {rise['to_k']})"
+    return {True: "yes", False: "no", None: "-"}[row["monotone"]]
+
+
+def _resolution_lines(resolution: dict, h2: str) -> list[str]:
+    lines = [f"{h2} Does each elastic model match its specialists within {RESOLUTION} nats?", "",
+             f"At the end of training, on each domain: yes when at every trained k its mean tax is at most "
+             f"{RESOLUTION}, its seed std and that of the specialist at that k are below {RESOLUTION} (over at "
+             f"least {SEEDS_TO_DECIDE} seeds), and its loss does not rise with k. Otherwise, what stands in "
+             "the way.", "",
+             "| model | domain | matches | no specialist at | mean tax above | seed std not below | loss rises |",
+             "|---|---|---|---|---|---|---|"]
+    for name, per_domain in resolution.items():
+        for domain, r in per_domain.items():
+            unmeasured = ", ".join(f"k={k}" for k in r["unmeasured_ks"])
+            over = ", ".join(f"k={k}: {v:+.4f}" for k, v in r["tax_over"].items())
+            spread = "; ".join(_spread_text(name, r["spread"]))
+            rise = r["rise"]
+            rises = "" if rise is None else f"+{rise['rise']:.4f}, k={rise['from_k']} to {rise['to_k']}"
+            lines.append(f"| {name} | {domain} | {'yes' if r['met'] else 'no'} | {unmeasured} | {over} | "
+                         f"{spread} | {rises} |")
+    return lines + [""]
+
+
+def _spread_text(name: str, spread: list[dict]) -> list[str]:
+    """The models whose seed std stands in the way, each once: "itself" for the elastic model, with
+    its ks, the largest std among them and, where too few, how many seeds."""
+    out = []
+    for model in dict.fromkeys(s["model"] for s in spread):
+        entries = [s for s in spread if s["model"] == model]
+        stds = [s["std"] for s in entries if s["std"] is not None]
+        text = ("itself" if model == name else model) + " at k=" + ", ".join(str(s["k"]) for s in entries)
+        if stds:
+            text += f" (up to {max(stds):.4f})" if len(entries) > 1 else f" ({stds[0]:.4f})"
+        if entries[0]["seeds"] < SEEDS_TO_DECIDE:
+            text += f", {entries[0]['seeds']} seed(s)"
+        out.append(text)
+    return out
 
 
 def _tax_cell(entry: Optional[dict], share: bool = True) -> str:
