@@ -8,8 +8,9 @@ seed), its mean and std over seeds, the same as a fraction of the specialists' g
 k, and whether the elastic curve is non-increasing over its trained ks (else its largest rise); at
 the end of training and at every evaluated fraction of it (the learning curve of the tax), on the
 validation split and on each held-out domain. Then, per elastic model and domain, whether it
-matches its specialists within RESOLUTION nats, and if not, what stands in the way. Training compute is 3 x forward FLOPs at the expected k x tokens (plus
-the teacher forwards of self-distillation). Models evaluated on the (k, width) grid of slimmable
+matches its specialists within RESOLUTION nats, and if not, what stands in the way. Training
+compute is 3 x forward FLOPs at the expected k x tokens (plus the teacher forwards of
+self-distillation). Models evaluated on the (k, width) grid of slimmable
 experts: the tables show the full-width ks, and every model's quality-vs-FLOPs frontier over all
 its points (`frontier.py`) is listed and plotted.
 """
@@ -362,11 +363,15 @@ def markdown(data: dict, level: int = 2) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rise_text(rise: dict) -> str:
+    return f"+{rise['rise']:.4f}, k={rise['from_k']} to {rise['to_k']}"
+
+
 def _monotone_cell(row: dict) -> str:
     """yes / no with the largest rise of the elastic loss between two consecutive trained ks / -."""
     rise = row.get("largest_rise")
     if row["monotone"] is False and rise is not None:
-        return f"no (+{rise['rise']:.4f}, k={rise['from_k']} to {rise['to_k']})"
+        return f"no ({_rise_text(rise)})"
     return {True: "yes", False: "no", None: "-"}[row["monotone"]]
 
 
@@ -383,8 +388,7 @@ def _resolution_lines(resolution: dict, h2: str) -> list[str]:
             unmeasured = ", ".join(f"k={k}" for k in r["unmeasured_ks"])
             over = ", ".join(f"k={k}: {v:+.4f}" for k, v in r["tax_over"].items())
             spread = "; ".join(_spread_text(name, r["spread"]))
-            rise = r["rise"]
-            rises = "" if rise is None else f"+{rise['rise']:.4f}, k={rise['from_k']} to {rise['to_k']}"
+            rises = "" if r["rise"] is None else _rise_text(r["rise"])
             lines.append(f"| {name} | {domain} | {'yes' if r['met'] else 'no'} | {unmeasured} | {over} | "
                          f"{spread} | {rises} |")
     return lines + [""]
