@@ -443,6 +443,30 @@ def _shared_suite(tmp_path, **elastic_init):
     return str(path)
 
 
+def test_a_member_sharing_with_a_sharing_member_gets_the_run_that_trained(tmp_path):
+    """c shares b's runs and b seed 1 shares a's: c's seed 1 is a's run, its seed 2 b's own."""
+    from mmoe_megatron.evaluation.suite import load_suite, with_shared_runs
+
+    path = tmp_path / "chain.yaml"
+    init = {"data.seed": 1, "matryoshka.seed": 1}
+    path.write_text(yaml.safe_dump({
+        "name": "chain", "base": os.path.join(ROOT, "configs", "tiny.yaml"), "seeds": [1, 2],
+        "overrides": {"model.vocab_size": 512, "data.mock": True},
+        "members": [{"name": "elastic", "role": "elastic"},
+                    {"name": "elastic_init", "role": "elastic", "same_runs_as": "elastic", "overrides": init},
+                    {"name": "elastic_init_again", "role": "elastic", "same_runs_as": "elastic_init",
+                     "overrides": init}]}))
+    spec = load_suite(str(path))
+    records = [_record("elastic", s, "elastic", None, {1.0: {"valid": {"1": 5.0 + s}}}) for s in (1, 2)]
+    records.append(_record("elastic_init", 2, "elastic", None, {1.0: {"valid": {"1": 9.0}}}))
+    out = {(r["member"], r["seed"]): r for r in with_shared_runs(spec, records)}
+    assert sorted(out) == sorted((m, s) for m in ("elastic", "elastic_init", "elastic_init_again") for s in (1, 2))
+    assert out[("elastic_init_again", 1)]["losses"] == records[0]["losses"]
+    assert out[("elastic_init_again", 1)]["same_run_as"] == "elastic/seed1"
+    assert out[("elastic_init_again", 2)]["losses"] == records[2]["losses"]
+    assert out[("elastic_init_again", 2)]["same_run_as"] == "elastic_init/seed2"
+
+
 def test_a_member_shares_exactly_the_runs_that_train_the_same(tmp_path, capsys):
     from mmoe_megatron.evaluation.suite import Run, load_suite, own_runs, runs, shared_run, with_shared_runs
 

@@ -351,7 +351,9 @@ def shared_run(spec: SuiteSpec, run: Run) -> Optional[Run]:
 
 def with_shared_runs(spec: SuiteSpec, records: list[dict]) -> list[dict]:
     """`records` plus, for each run missing from them whose training another member's run shares
-    (`shared_run`), that run's record under this member's name, marked `same_run_as`."""
+    (`shared_run`), that run's record under this member's name, marked `same_run_as` (the run that
+    trained it). A member shares with one listed before it, so a chain of them (c's run is b's,
+    which is a's) resolves in the members' order."""
     by_run = {(r["member"], r.get("seed")): r for r in records}
     out = list(records)
     for run in runs(spec):
@@ -359,8 +361,11 @@ def with_shared_runs(spec: SuiteSpec, records: list[dict]) -> list[dict]:
             continue
         other = shared_run(spec, run)
         if other is not None and (other.member.name, other.seed) in by_run:
-            out.append({**by_run[(other.member.name, other.seed)], "member": run.member.name,
-                        "role": run.member.role, "same_run_as": other.label})
+            source = by_run[(other.member.name, other.seed)]
+            record = {**source, "member": run.member.name, "role": run.member.role,
+                      "same_run_as": source.get("same_run_as", other.label)}
+            by_run[(run.member.name, run.seed)] = record
+            out.append(record)
     return out
 
 
