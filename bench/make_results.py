@@ -50,6 +50,26 @@ def machine_line(m: dict) -> str:
             f"Python {m.get('python')}, torch {m.get('torch')}, megatron-core {m.get('megatron_core', '?')}")
 
 
+def machine_lines(record: dict) -> list[str]:
+    """Where a result's numbers were produced. A suite report is assembled from runs kept from
+    other times and machines, so it names the CPUs its runs trained on, with how many runs and code
+    versions each (the comparison's provenance, which the report lists in full), and, apart, the
+    machine that assembled it."""
+    provenance = record.get("data", {}).get("comparison", {}).get("provenance")
+    if not provenance:
+        return [f"- machine: {machine_line(record['machine'])}"]
+    by_cpu: dict[str, list[dict]] = {}
+    for p in provenance:
+        by_cpu.setdefault(p["cpu"], []).append(p)
+    parts = []
+    for cpu, entries in by_cpu.items():
+        versions = sorted({p["code_version"] for p in entries})
+        at = f"at {versions[0]}" if len(versions) == 1 else f"at {len(versions)} code versions"
+        parts.append(f"{sum(p['runs'] for p in entries)} run(s) on {cpu}, {at}")
+    return ["- runs trained on: " + "; ".join(parts),
+            f"- report assembled on: {machine_line(record['machine'])}"]
+
+
 def defaults_section(records: dict) -> str:
     """Per axis: each value's mean loss over the uniform ks (per seed, and averaged over the seeds
     its member ran with), the best value, and the schema's default for that field."""
@@ -232,7 +252,7 @@ def main() -> int:
         if name not in records:
             continue
         r = records[name]
-        out += [f"## {r['title']}", "", f"- command: `{r['command']}`", f"- machine: {machine_line(r['machine'])}",
+        out += [f"## {r['title']}", "", f"- command: `{r['command']}`", *machine_lines(r),
                 f"- date: {r['date']}", "", r["markdown"].strip(), ""]
     if "elasticity_ladder_cpu" in records:
         out.append(ladder_defaults_section(records["elasticity_ladder_cpu"]))

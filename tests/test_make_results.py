@@ -93,3 +93,21 @@ def test_a_candidate_is_compared_with_the_default_at_the_reference_compute(tmp_p
     candidate = {"per_seed": {"1": -0.020, "2": -0.030, "3": -0.010}}
     default = {"per_seed": {"1": -0.015, "2": -0.035}}
     assert against(candidate, default) == pytest.approx({"1": -0.005, "2": 0.005})
+
+
+def test_a_suite_section_names_where_its_runs_trained_apart_from_where_it_was_assembled():
+    from bench.make_results import machine_lines
+
+    here = {"device": "cpu", "cpu": "Intel Xeon", "cpu_count": 2, "platform": "Linux", "python": "3.11.7",
+            "torch": "2.13.0+cpu", "megatron_core": "0.16.1"}
+    suite = {"machine": here, "data": {"comparison": {"provenance": [
+        {"code_version": "f0882f7", "cpu": "AMD EPYC (AVX512)", "runs": 9},
+        {"code_version": "f0882f7", "cpu": "Intel Xeon (AVX512)", "runs": 1},
+        {"code_version": "39afaa8", "cpu": "AMD EPYC (AVX512)", "runs": 6}]}}}
+    lines = machine_lines(suite)
+    assert lines[0] == ("- runs trained on: 15 run(s) on AMD EPYC (AVX512), at 2 code versions; "
+                        "1 run(s) on Intel Xeon (AVX512), at f0882f7")
+    assert lines[1].startswith("- report assembled on: cpu / Intel Xeon (2 cores)")
+    # A benchmark that measured on the machine it ran on keeps the one line.
+    assert machine_lines({"machine": here, "data": {"rows": []}}) == [
+        "- machine: cpu / Intel Xeon (2 cores), Linux, Python 3.11.7, torch 2.13.0+cpu, megatron-core 0.16.1"]

@@ -140,7 +140,7 @@ def comparison(spec, records: Optional[list[dict]] = None) -> dict:
     if primary is not None:
         gaps = {k: v["mean"] for k, v in tax[primary][VALID][final]["by_k"].items()}
     provenance = Counter((launch.get("code_version"), machine_label(launch)) for r in records
-                         for launch in r.get("launches", [])[:1])
+                         if "same_run_as" not in r for launch in r.get("launches", [])[:1])
     flops = {r["member"]: r["flops_per_token"] for r in records}
     frontiers = {d: {row["name"]: [{"label": label, "flops": f, "loss": loss} for f, loss, label in frontier(
         [(flops[row["name"]][c], row["loss"][c], c) for c in columns
