@@ -345,6 +345,12 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
     records = [r for r in records if not (r["member"] == "distill" and r["seed"] == 1)] + [shared]
     assert comparison(spec, records)["variants"]["by_variant"]["distill"]["valid"]["per_seed"] == \
         {"2": pytest.approx(0.1)}
+    # A member whose every run is another's (the same model read against other specialists) is
+    # not that model listed again.
+    spec.members.append(MemberSpec("sandwich_again", "elastic"))
+    records += [{**r, "member": "sandwich_again", "same_run_as": f"sandwich/seed{r['seed']}"}
+                for r in records if r["member"] == "sandwich"]
+    assert set(comparison(spec, records)["variants"]["by_variant"]) == {"sandwich", "distill"}
 
 
 def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
