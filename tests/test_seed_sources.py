@@ -29,6 +29,10 @@ def test_variants_are_the_members_that_leave_one_source_to_the_seed():
     other = SimpleNamespace(name="e_data", overrides={**BASE, "model.init_seed": 1, "matryoshka.seed": 1,
                                                       "optimizer.lr": 1e-3})
     assert "data" not in ss.one_source_variants(_spec(other), "elastic")
+    # The init-only member under a second name (its runs, read against other specialists) is it.
+    again = SimpleNamespace(name="e_init_again", overrides={**BASE, "data.seed": 1, "matryoshka.seed": 1},
+                            same_runs_as="e_init")
+    assert ss.one_source_variants(_spec(again), "elastic") == {"init": "e_init", "draws": "e_draws"}
     with pytest.raises(ValueError, match="no member 'nope'"):
         ss.one_source_variants(_spec(), "nope")
     with pytest.raises(ValueError, match="e_init fixes"):
