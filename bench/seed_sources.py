@@ -35,6 +35,8 @@ SOURCES = {"init": "model.init_seed", "draws": "matryoshka.seed", "data": "data.
 def one_source_variants(spec, member: str) -> dict[str, str]:
     """{source: name of the member of `spec` that varies only that source across seeds}, for
     variants of `member` (its overrides plus the settings that fix the other sources)."""
+    from mmoe_megatron.evaluation.suite import is_second_name
+
     members = {m.name: m for m in spec.members}
     if member not in members:
         raise ValueError(f"no member {member!r} in suite {spec.name}; members: {list(members)}")
@@ -45,7 +47,7 @@ def one_source_variants(spec, member: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for m in spec.members:
         rest = {k: v for k, v in m.overrides.items() if k not in SOURCES.values()}
-        if m.name == member or rest != base or _renames(m, members):
+        if m.name == member or rest != base or is_second_name(m, spec.members):
             continue
         varied = [source for source, key in SOURCES.items() if key not in m.overrides]
         if len(varied) == 1:
@@ -56,14 +58,6 @@ def one_source_variants(spec, member: str) -> dict[str, str]:
         raise ValueError(f"suite {spec.name} has no variant of {member} that fixes all but one of "
                          f"{list(SOURCES.values())}")
     return out
-
-
-def _renames(m, members: dict) -> bool:
-    """Whether `m` is another member under a second name: it shares that member's runs
-    (same_runs_as) and trains what it trains, e.g. to be read against other specialists."""
-    other = members.get(getattr(m, "same_runs_as", None))
-    return other is not None and other.overrides == m.overrides and \
-        getattr(other, "equal_compute_to", None) == getattr(m, "equal_compute_to", None)
 
 
 def final_losses(record: dict) -> dict:

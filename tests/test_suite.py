@@ -347,7 +347,7 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
         {"2": pytest.approx(0.1)}
     # A member whose every run is another's (the same model read against other specialists) is
     # not that model listed again.
-    spec.members.append(MemberSpec("sandwich_again", "elastic"))
+    spec.members.append(MemberSpec("sandwich_again", "elastic", same_runs_as="sandwich"))
     records += [{**r, "member": "sandwich_again", "same_run_as": f"sandwich/seed{r['seed']}"}
                 for r in records if r["member"] == "sandwich"]
     assert set(comparison(spec, records)["variants"]["by_variant"]) == {"sandwich", "distill"}

@@ -216,10 +216,9 @@ def _resolution(name: str, specialists: dict[str, int], trained_ks: list[int], r
 def _variants(members, by_member, domain_names, final, losses) -> dict:
     """Every other elastic model against the first (the reference elastic model), paired by seed:
     the difference of their mean loss over the reference's trained uniform ks at the end of
-    training (negative: the variant is better), per seed and domain. A member all of whose runs
-    are other members' (suite same_runs_as; e.g. one model read against other specialists) is no
-    variant of its own."""
-    from mmoe_megatron.evaluation.suite import Run
+    training (negative: the variant is better), per seed and domain. A member that is another
+    under a second name (`suite.is_second_name`) is no variant of its own."""
+    from mmoe_megatron.evaluation.suite import Run, is_second_name
 
     elastic = [m for m in members if m.role == "elastic"]
     if len(elastic) < 2:
@@ -228,7 +227,7 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
     ks = [str(k) for k in next(iter(reference.values())).get("trained_ks", [])]
     out = {"reference": elastic[0].name, "ks": ks, "by_variant": {}}
     for m in elastic[1:]:
-        if by_member[m.name] and all("same_run_as" in r for r in by_member[m.name]):
+        if is_second_name(m, members):
             continue
         # A run the variant shares with the reference (suite same_runs_as) is no comparison.
         runs = {r["seed"]: r for r in by_member[m.name]

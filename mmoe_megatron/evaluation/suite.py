@@ -349,6 +349,15 @@ def shared_run(spec: SuiteSpec, run: Run) -> Optional[Run]:
     return other if _what_trains(run_config(spec, run)) == _what_trains(run_config(spec, other)) else None
 
 
+def is_second_name(member: MemberSpec, members) -> bool:
+    """Whether `member` is another member under a second name: it shares that member's runs
+    (`same_runs_as`) and sets what it sets, so that member's run is its run at every seed (e.g.
+    one model read against another set of specialists)."""
+    other = next((m for m in members if m.name == getattr(member, "same_runs_as", None)), None)
+    return other is not None and other.overrides == member.overrides and \
+        getattr(other, "equal_compute_to", None) == getattr(member, "equal_compute_to", None)
+
+
 def with_shared_runs(spec: SuiteSpec, records: list[dict]) -> list[dict]:
     """`records` plus, for each run missing from them whose training another member's run shares
     (`shared_run`), that run's record under this member's name, marked `same_run_as` (the run that
