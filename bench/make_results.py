@@ -212,8 +212,8 @@ def ladder_defaults_section(record: dict) -> str:
                      f"seed spread comes from, on other tokens or k draws than the reference, and are no "
                      f"candidates: {', '.join(diagnostic)}.")
     for name, per_domain in variants["by_variant"].items():
-        if name in diagnostic:
-            continue
+        if name in diagnostic or variants.get("against", {}).get(name, variants["reference"]) != variants["reference"]:
+            continue  # no candidate, or measured against another member than the reference
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
         compute_of = members[name].equal_compute_to if name in members else None
         if compute_of not in (None, variants["reference"]):

@@ -111,3 +111,27 @@ def test_a_suite_section_names_where_its_runs_trained_apart_from_where_it_was_as
     # A benchmark that measured on the machine it ran on keeps the one line.
     assert machine_lines({"machine": here, "data": {"rows": []}}) == [
         "- machine: cpu / Intel Xeon (2 cores), Linux, Python 3.11.7, torch 2.13.0+cpu, megatron-core 0.16.1"]
+
+
+def test_a_variant_read_against_another_member_is_no_default_candidate(tmp_path):
+    from bench.make_results import ladder_defaults_section
+
+    ladder(tmp_path, """\
+  - name: both
+    role: elastic
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0]}
+  - name: both_low_k
+    role: elastic
+    overrides: {matryoshka.gate_temperature: learned, matryoshka.widths: [0.25, 0.5, 0.75, 1.0],
+                matryoshka.distribution: explicit, matryoshka.probs: [0.4, 0.3, 0.2, 0.1]}
+    variant_of: both
+""")
+    entry = {"per_seed": {"1": -0.02, "2": -0.01, "3": -0.03}, "mean": -0.02, "std": 0.01,
+             "better_on_every_seed": True, "decides": True}
+    record = {"data": {"suite": str(tmp_path / "ladder.yaml"), "comparison": {"variants": {
+        "reference": "elastic", "ks": ["1", "2", "4", "8"],
+        "by_variant": {"both": {"valid": entry}, "both_low_k": {"valid": entry}},
+        "against": {"both": "elastic", "both_low_k": "both"}}}}}
+    text = ladder_defaults_section(record)
+    # Its differences are to `both`, not to the reference the criterion names.
+    assert "| both | " in text and "both_low_k" not in text

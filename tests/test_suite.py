@@ -353,6 +353,66 @@ def test_elastic_variants_are_compared_with_the_first_elastic_model_seed_by_seed
     assert set(comparison(spec, records)["variants"]["by_variant"]) == {"sandwich", "distill"}
 
 
+def test_a_variant_naming_the_member_it_changes_is_paired_with_that_member_at_every_k():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1, 2], eval=EvalSpec(), members=[
+        MemberSpec("elastic", "elastic"), MemberSpec("fixed_data", "elastic"),
+        MemberSpec("fixed_data_low_k", "elastic", variant_of="fixed_data")])
+
+    def L(a, b, c):
+        return {1.0: {"valid": {"1": a, "2": b, "4": c}}}
+
+    records = [_record("elastic", 1, "elastic", None, L(5.0, 4.0, 3.0)),
+               _record("elastic", 2, "elastic", None, L(5.0, 4.0, 3.0)),
+               _record("fixed_data", 1, "elastic", None, L(5.2, 4.2, 3.2)),
+               _record("fixed_data", 2, "elastic", None, L(5.4, 4.4, 3.4)),
+               _record("fixed_data_low_k", 1, "elastic", None, L(5.1, 4.1, 3.3)),   # -0.1, -0.1, +0.1
+               _record("fixed_data_low_k", 2, "elastic", None, L(5.1, 4.6, 3.2))]   # -0.3, +0.2, -0.2
+    v = comparison(spec, records)["variants"]
+    assert v["against"] == {"fixed_data": "elastic", "fixed_data_low_k": "fixed_data"}
+    low = v["by_variant"]["fixed_data_low_k"]["valid"]
+    # Against fixed_data, not against the first elastic model (which it would beat on seed 1 by 0.1).
+    assert low["per_seed"] == {"1": pytest.approx(-0.1 / 3), "2": pytest.approx(-0.1)}
+    assert low["by_k"]["1"]["per_seed"] == {"1": pytest.approx(-0.1), "2": pytest.approx(-0.3)}
+    assert low["by_k"]["1"]["better_on_every_seed"] is True
+    assert low["by_k"]["2"]["better_on_every_seed"] is False and low["by_k"]["4"]["better_on_every_seed"] is False
+    assert low["by_k"]["2"]["mean"] == pytest.approx(0.05) and low["by_k"]["4"]["mean"] == pytest.approx(-0.05)
+    text = markdown(comparison(spec, records))
+    assert ("| fixed_data_low_k | fixed_data | valid | 2 | -0.2000 ± 0.1414 | +0.0500 ± 0.2121 | -0.0500 ± 0.2121 "
+            "| k=1 |") in text
+    # It is not listed again among the variants read against the first elastic model.
+    first_table = text.split("Elastic variants against elastic")[1].split("against the member they change")[0]
+    assert "| fixed_data | valid |" in first_table and "fixed_data_low_k" not in first_table
+    # Its reference without an evaluated run: no comparison yet, and no error.
+    records = [r for r in records if r["member"] != "fixed_data"]
+    assert "fixed_data_low_k" not in comparison(spec, records)["variants"]["by_variant"]
+
+
+def test_variant_of_must_name_another_elastic_member(tmp_path):
+    from mmoe_megatron.config import ConfigError
+    from mmoe_megatron.evaluation.suite import load_suite
+
+    def suite(role, variant_of):
+        path = tmp_path / "suite.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": "v", "base": os.path.join(ROOT, "configs", "tiny.yaml"),
+            "overrides": {"model.vocab_size": 512, "data.mock": True},
+            "members": [{"name": "elastic", "role": "elastic"},
+                        {"name": "k2", "role": "specialist",
+                         "overrides": {"matryoshka.strategy": "fixed", "matryoshka.ks": [2]}},
+                        {"name": "other", "role": role, "variant_of": variant_of,
+                         **({"overrides": {"matryoshka.strategy": "fixed", "matryoshka.ks": [4]}}
+                            if role == "specialist" else {})}]}))
+        return str(path)
+
+    assert load_suite(suite("elastic", "elastic")).members[2].variant_of == "elastic"
+    for role, target in (("elastic", "k2"), ("elastic", "nope"), ("elastic", "other"), ("specialist", "elastic")):
+        with pytest.raises(ConfigError, match=r"members\[2\]\.variant_of.*elastic members: \['elastic'"):
+            load_suite(suite(role, target))
+
+
 def test_learned_temperatures_are_read_from_weights_and_reported_per_k():
     from mmoe_megatron.evaluation.compare import comparison, markdown
     from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec

@@ -214,24 +214,31 @@ def _resolution(name: str, specialists: dict[str, int], trained_ks: list[int], r
 
 
 def _variants(members, by_member, domain_names, final, losses) -> dict:
-    """Every other elastic model against the first (the reference elastic model), paired by seed:
-    the difference of their mean loss over the reference's trained uniform ks at the end of
-    training (negative: the variant is better), per seed and domain. A member that is another
-    under a second name (`suite.is_second_name`) is no variant of its own."""
+    """Every other elastic model against its reference, paired by seed: the difference of their
+    mean loss over the reference's trained uniform ks at the end of training (negative: the
+    variant is better), and the difference at each of those ks, per seed and domain. The
+    reference is the member a variant names (`variant_of`), else the first elastic model. A
+    member that is another under a second name (`suite.is_second_name`) is no variant of its own."""
     from mmoe_megatron.evaluation.suite import Run, is_second_name
 
     elastic = [m for m in members if m.role == "elastic"]
     if len(elastic) < 2:
         return {}
-    reference = {r["seed"]: r for r in by_member[elastic[0].name]}
-    ks = [str(k) for k in next(iter(reference.values())).get("trained_ks", [])]
-    out = {"reference": elastic[0].name, "ks": ks, "by_variant": {}}
+    by_name = {m.name: m for m in elastic}
+    first = elastic[0].name
+    trained = lambda name: [str(k) for k in next(iter(by_member[name]), {}).get("trained_ks", [])]  # noqa: E731
+    out = {"reference": first, "ks": trained(first), "by_variant": {}, "against": {}}
     for m in elastic[1:]:
         if is_second_name(m, members):
             continue
-        # A run the variant shares with the reference (suite same_runs_as) is no comparison.
+        against = getattr(m, "variant_of", None) or first
+        if against not in by_name:  # its reference has no evaluated run yet
+            continue
+        reference = {r["seed"]: r for r in by_member[against]}
+        ks = trained(against)
+        # A run the variant shares with its reference (suite same_runs_as) is no comparison.
         runs = {r["seed"]: r for r in by_member[m.name]
-                if r.get("same_run_as") != Run(elastic[0], r["seed"]).label}
+                if r.get("same_run_as") != Run(by_name[against], r["seed"]).label}
         seeds = sorted(set(runs) & set(reference), key=lambda s: (s is None, s))
         entry = {}
         for domain in domain_names:
@@ -239,10 +246,59 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
                      - statistics.fmean(losses(reference[s], final, domain)[k] for k in ks) for s in seeds}
             if diffs:
                 better = all(d < 0 for d in diffs.values())
+                by_k = {}
+                for k in ks:
+                    at_k = {str(s): losses(runs[s], final, domain)[k] - losses(reference[s], final, domain)[k]
+                            for s in seeds}
+                    by_k[k] = {"per_seed": at_k, **_stats(list(at_k.values())),
+                               "better_on_every_seed": all(d < 0 for d in at_k.values())}
                 entry[domain] = {"per_seed": diffs, **_stats(list(diffs.values())), "better_on_every_seed": better,
-                                 "decides": better and len(diffs) >= SEEDS_TO_DECIDE}
+                                 "decides": better and len(diffs) >= SEEDS_TO_DECIDE, "by_k": by_k}
         out["by_variant"][m.name] = entry
+        out["against"][m.name] = against
     return out
+
+
+def _signed(entry: dict) -> str:
+    return f"{entry['mean']:+.4f}" + ("" if entry["std"] is None else f" ± {entry['std']:.4f}")
+
+
+def _variant_lines(v: dict, h2: str) -> list[str]:
+    """The variants against the first elastic model (mean over its ks), then those that name
+    their own reference (`variant_of`), at each k."""
+    against = v.get("against", {})
+    lines = []
+    first = [name for name in v["by_variant"] if against.get(name, v["reference"]) == v["reference"]]
+    if first:
+        lines += [f"{h2} Elastic variants against {v['reference']}", "",
+                  f"Mean loss over k = {', '.join(v['ks'])} minus {v['reference']}'s, paired by seed "
+                  "(negative: the variant is better), at the end of training.", "",
+                  "| variant | domain | mean ± std | per seed | better on every seed |", "|---|---|---:|---|---|"]
+        for name in first:
+            for domain, e in v["by_variant"][name].items():
+                std = "" if e["std"] is None else f" ± {e['std']:.4f}"
+                seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
+                verdict = "yes" if e["better_on_every_seed"] else "no"
+                if e["better_on_every_seed"] and not e.get("decides"):
+                    verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
+                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
+        lines.append("")
+    own = [name for name in v["by_variant"] if name not in first]
+    if own:
+        ks = list(dict.fromkeys(k for name in own for e in v["by_variant"][name].values() for k in e["by_k"]))
+        lines += [f"{h2} Elastic variants against the member they change", "",
+                  "Loss minus that member's at each k, paired by seed (negative: the variant is better), "
+                  "at the end of training; in the last column, the ks where it is lower on every seed.", "",
+                  "| variant | against | domain | seeds | " + " | ".join(f"k={k}" for k in ks)
+                  + " | lower on every seed at |", "|---|---|---|---:|" + "---:|" * len(ks) + "---|"]
+        for name in own:
+            for domain, e in v["by_variant"][name].items():
+                cells = [_signed(e["by_k"][k]) if k in e["by_k"] else "" for k in ks]
+                lower = [k for k in ks if k in e["by_k"] and e["by_k"][k]["better_on_every_seed"]]
+                lines.append(f"| {name} | {against[name]} | {domain} | {e['n']} | " + " | ".join(cells)
+                             + f" | {'k=' + ', '.join(lower) if lower else 'none'} |")
+        lines.append("")
+    return lines
 
 
 def _cell(mean: Optional[float], std: Optional[float], bold: bool = False) -> str:
@@ -317,20 +373,7 @@ def markdown(data: dict, level: int = 2) -> str:
                                      + f" | {_monotone_cell(row)} |")
             lines.append("")
     if data.get("variants"):
-        v = data["variants"]
-        lines += [f"{h2} Elastic variants against {v['reference']}", "",
-                  f"Mean loss over k = {', '.join(v['ks'])} minus {v['reference']}'s, paired by seed "
-                  "(negative: the variant is better), at the end of training.", "",
-                  "| variant | domain | mean ± std | per seed | better on every seed |", "|---|---|---:|---|---|"]
-        for name, per_domain in v["by_variant"].items():
-            for domain, e in per_domain.items():
-                std = "" if e["std"] is None else f" ± {e['std']:.4f}"
-                seeds = ", ".join(f"{d:+.4f}" for d in e["per_seed"].values())
-                verdict = "yes" if e["better_on_every_seed"] else "no"
-                if e["better_on_every_seed"] and not e.get("decides"):
-                    verdict += f" ({len(e['per_seed'])} of the {SEEDS_TO_DECIDE} seeds needed to decide)"
-                lines.append(f"| {name} | {domain} | {e['mean']:+.4f}{std} | {seeds} | {verdict} |")
-        lines.append("")
+        lines += _variant_lines(data["variants"], h2)
     for key, title, text in (
             ("temperatures", "Learned gate temperatures",
              "Temperature of the combine weights at each trained k (below 1: sharper than the router's "

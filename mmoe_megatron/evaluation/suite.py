@@ -81,6 +81,11 @@ class MemberSpec:
     """An elastic member's own specialists (member names, one per k): its tax is measured against
     these, e.g. specialists of its own architecture. Without it, against every specialist that no
     member names here."""
+    variant_of: Optional[str] = None
+    """An elastic member's reference in the report's comparison of elastic variants: the elastic
+    member whose setting it changes, compared with it seed by seed at every k (with one seed's
+    data order and k draws fixed in both, the pair differs only in that setting). Without it,
+    the suite's first elastic member."""
 
 
 @dataclass
@@ -182,6 +187,12 @@ def load_suite(path: str) -> SuiteSpec:
             raise ConfigError(f"members[{i}].role", f"got {m.role!r}; allowed: {', '.join(ROLES)}")
         if m.equal_compute_to is not None and m.equal_compute_to not in names:
             raise ConfigError(f"members[{i}].equal_compute_to", f"no member {m.equal_compute_to!r}")
+        if m.variant_of is not None:
+            elastic = [e.name for e in spec.members if e.role == "elastic" and e.name != m.name]
+            if m.role != "elastic" or m.variant_of not in elastic:
+                raise ConfigError(f"members[{i}].variant_of",
+                                  f"{m.name!r} ({m.role}) cannot be a variant of {m.variant_of!r}: both must be "
+                                  f"elastic members, and not the same; elastic members: {elastic}")
         if m.same_runs_as is not None and m.same_runs_as not in names[:i]:
             raise ConfigError(f"members[{i}].same_runs_as",
                               f"no member {m.same_runs_as!r} listed before {m.name!r}; members: {names}")
