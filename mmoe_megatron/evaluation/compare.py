@@ -226,7 +226,10 @@ def _variants(members, by_member, domain_names, final, losses) -> dict:
         return {}
     by_name = {m.name: m for m in elastic}
     first = elastic[0].name
-    trained = lambda name: [str(k) for k in next(iter(by_member[name]), {}).get("trained_ks", [])]  # noqa: E731
+
+    def trained(name: str) -> list[str]:
+        return [str(k) for k in by_member[name][0].get("trained_ks", [])]
+
     out = {"reference": first, "ks": trained(first), "by_variant": {}, "against": {}}
     for m in elastic[1:]:
         if is_second_name(m, members):
