@@ -176,7 +176,7 @@ def against(entry: dict, base: dict) -> dict:
 def ladder_defaults_section(record: dict) -> str:
     """Which training-side method against the tax became a default: a variant is kept when it beats
     the reference elastic model on every seed on the validation split (held-out shown, not used)."""
-    from mmoe_megatron.evaluation.compare import SEEDS_TO_DECIDE
+    from mmoe_megatron.evaluation.compare import SEEDS_TO_DECIDE, against_reference
     from mmoe_megatron.evaluation.suite import load_suite
 
     def _verdict(e):
@@ -212,7 +212,7 @@ def ladder_defaults_section(record: dict) -> str:
                      f"seed spread comes from, on other tokens or k draws than the reference, and are no "
                      f"candidates: {', '.join(diagnostic)}.")
     for name, per_domain in variants["by_variant"].items():
-        if name in diagnostic or variants.get("against", {}).get(name, variants["reference"]) != variants["reference"]:
+        if name in diagnostic or not against_reference(variants, name):
             continue  # no candidate, or measured against another member than the reference
         setting = ", ".join(f"`{k}: {v}`" for k, v in overrides.get(name, {}).items())
         compute_of = members[name].equal_compute_to if name in members else None

@@ -266,12 +266,18 @@ def _signed(entry: dict) -> str:
     return f"{entry['mean']:+.4f}" + ("" if entry["std"] is None else f" ± {entry['std']:.4f}")
 
 
+def against_reference(v: dict, name: str) -> bool:
+    """Whether variant `name` of a comparison's variants is read against the reference (the first
+    elastic member) and not against a member it names (`variant_of`); results kept before
+    `variant_of` existed hold no "against" and read every variant against the reference."""
+    return v.get("against", {}).get(name, v["reference"]) == v["reference"]
+
+
 def _variant_lines(v: dict, h2: str) -> list[str]:
     """The variants against the first elastic model (mean over its ks), then those that name
     their own reference (`variant_of`), at each k."""
-    against = v.get("against", {})
     lines = []
-    first = [name for name in v["by_variant"] if against.get(name, v["reference"]) == v["reference"]]
+    first = [name for name in v["by_variant"] if against_reference(v, name)]
     if first:
         lines += [f"{h2} Elastic variants against {v['reference']}", "",
                   f"Mean loss over k = {', '.join(v['ks'])} minus {v['reference']}'s, paired by seed "
@@ -298,7 +304,7 @@ def _variant_lines(v: dict, h2: str) -> list[str]:
             for domain, e in v["by_variant"][name].items():
                 cells = [_signed(e["by_k"][k]) if k in e["by_k"] else "" for k in ks]
                 lower = [k for k in ks if k in e["by_k"] and e["by_k"][k]["better_on_every_seed"]]
-                lines.append(f"| {name} | {against[name]} | {domain} | {e['n']} | " + " | ".join(cells)
+                lines.append(f"| {name} | {v['against'][name]} | {domain} | {e['n']} | " + " | ".join(cells)
                              + f" | {'k=' + ', '.join(lower) if lower else 'none'} |")
         lines.append("")
     return lines
