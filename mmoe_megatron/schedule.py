@@ -91,6 +91,13 @@ def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
     return [w / total for w in weights]
 
 
+def small_k_probs(ks: Sequence[int], k_max_share: float) -> list[float]:
+    """P(k_max) = k_max_share, the other ks evenly: the wide routing buys the least per FLOP, and
+    progressive shrinking has trained it first."""
+    rest = (1.0 - k_max_share) / (len(ks) - 1)
+    return [rest] * (len(ks) - 1) + [k_max_share]
+
+
 @dataclass(frozen=True)
 class KSchedule:
     strategy: Strategy
@@ -188,6 +195,8 @@ class KSchedule:
             probs = tuple(1.0 / len(ks) for _ in ks)
         elif mat.distribution == "capacity":
             probs = tuple(capacity_probs(ks, mat.tau))
+        elif mat.distribution == "small_k":
+            probs = tuple(small_k_probs(ks, mat.k_max_share))
         else:
             probs = tuple(mat.probs)
         late = tuple(mat.late_probs) if mat.late_fraction > 0 else ()

@@ -46,6 +46,9 @@ def test_tiny_config_loads_with_typed_sections():
         ("matryoshka.ks", [2, 1], "matryoshka.ks", "strictly increasing"),
         ("matryoshka.ks", [1, 16], "matryoshka.ks", "exceeds moe.num_experts"),
         ("matryoshka.distribution", "explicit", "matryoshka.probs", "one probability per k"),
+        ("matryoshka.distribution", "small_k", "matryoshka.k_max_share", "probability of k_max"),
+        ("matryoshka.k_max_share", 0.05, "matryoshka.k_max_share", "only used with distribution: small_k"),
+        ("matryoshka.k_max_share", 1.0, "matryoshka.k_max_share", "< 1"),
         ("moe.dispatcher", "flex", "moe.dispatcher", "'alltoall'"),
         ("parallel.expert", 3, "parallel.expert", "does not divide"),
         ("parallel.pipeline", 2, "parallel.pipeline", "not supported"),
@@ -330,3 +333,11 @@ def test_override_args_are_read_back_as_the_overrides_they_came_from():
     args = override_args(overrides)
     assert args[:4] == ["--name=run-a", "--train.train_iters=12", "--optimizer.lr=0.0003", "--checkpoint.load=null"]
     assert parse_overrides(args) == overrides
+
+
+def test_small_k_draws_need_a_smaller_k_than_k_max():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [("matryoshka.ks", [4]), ("matryoshka.strategy", "global"),
+                           ("matryoshka.distribution", "small_k"), ("matryoshka.k_max_share", 0.05)])
+    assert err.value.path == "matryoshka.distribution"
+    assert "use distribution uniform" in str(err.value)

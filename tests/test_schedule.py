@@ -108,12 +108,13 @@ def test_token_ids_do_not_depend_on_the_microbatch_split():
     assert len(set(whole.reshape(-1).tolist())) == 128
 
 
-@pytest.mark.parametrize("distribution", ["uniform", "capacity", "explicit"])
+@pytest.mark.parametrize("distribution", ["uniform", "capacity", "explicit", "small_k"])
 @pytest.mark.parametrize("strategy", ["global", "layerwise", "token"])
 def test_distribution_matches_target(distribution, strategy):
     mat = MatryoshkaConfig(
         strategy=strategy, ks=[1, 2, 4, 8], distribution=distribution, tau=2.0,
         probs=[0.1, 0.2, 0.3, 0.4] if distribution == "explicit" else None,
+        k_max_share=0.1 if distribution == "small_k" else None,
     )
     mat.check("matryoshka")
     s = KSchedule.from_config(mat, seed=11)
@@ -128,6 +129,7 @@ def test_distribution_matches_target(distribution, strategy):
         "uniform": [0.25] * 4,
         "capacity": [k ** 0.5 / sum(j ** 0.5 for j in (1, 2, 4, 8)) for k in (1, 2, 4, 8)],
         "explicit": [0.1, 0.2, 0.3, 0.4],
+        "small_k": [0.3, 0.3, 0.3, 0.1],
     }[distribution]
     assert list(s.probs) == pytest.approx(target)
     assert chi_square_ok(collections.Counter(draws), (1, 2, 4, 8), target, len(draws))

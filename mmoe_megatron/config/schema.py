@@ -130,11 +130,15 @@ class MatryoshkaConfig:
     ks: list[int] = field([1, 2, 3, 4], ge=1)
     """The allowed ks (training range). Its maximum is k_max, the router's build-time top-k.
     With strategy fixed it must hold exactly one k."""
-    distribution: Literal["uniform", "capacity", "explicit"] = "uniform"
-    """uniform over ks; capacity: P(k) proportional to k**(1/tau); explicit: `probs`."""
+    distribution: Literal["uniform", "capacity", "explicit", "small_k"] = "uniform"
+    """uniform over ks; capacity: P(k) proportional to k**(1/tau); explicit: `probs`; small_k:
+    k_max drawn with probability `k_max_share`, the other ks evenly (for a run whose progressive
+    shrinking trains the wide routing first)."""
     tau: float = field(2.0, gt=0)
     probs: Optional[list[float]] = field(None, ge=0)
     """With distribution explicit: one probability per entry of ks, summing to 1."""
+    k_max_share: Optional[float] = field(None, gt=0, lt=1)
+    """With distribution small_k: the probability of k_max, e.g. 0.05."""
     seed: Optional[int] = field(None, ge=0)
     """Seed of the k draws; null means train.seed."""
     normalization: Literal["topk_softmax", "softmax_topk", "nested"] = "topk_softmax"
@@ -279,6 +283,16 @@ class MatryoshkaConfig:
                 raise ConfigError(f"{path}.probs", f"must sum to 1, got {sum(self.probs)}")
         elif self.probs is not None:
             raise ConfigError(f"{path}.probs", "only used with distribution: explicit; remove it")
+        if self.distribution == "small_k":
+            if self.k_max_share is None:
+                raise ConfigError(f"{path}.k_max_share",
+                                  "distribution small_k needs the probability of k_max, e.g. 0.05")
+            if len(self.ks) < 2:
+                raise ConfigError(f"{path}.distribution",
+                                  f"small_k shares the draws between k_max and the smaller ks; "
+                                  f"ks {self.ks} has one k: use distribution uniform")
+        elif self.k_max_share is not None:
+            raise ConfigError(f"{path}.k_max_share", "only used with distribution: small_k; remove it")
         if self.method != "matryoshka" and self.strategy != "fixed":
             raise ConfigError(
                 f"{path}.strategy",
