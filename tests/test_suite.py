@@ -390,6 +390,29 @@ def test_a_variant_naming_the_member_it_changes_is_paired_with_that_member_at_ev
     assert "fixed_data_low_k" not in comparison(spec, records)["variants"]["by_variant"]
 
 
+
+def test_variants_over_other_ks_share_one_table_in_the_order_of_k():
+    from mmoe_megatron.evaluation.compare import comparison, markdown
+    from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
+
+    spec = SuiteSpec(name="s", base="b", seeds=[1], eval=EvalSpec(), members=[
+        MemberSpec("elastic", "elastic"), MemberSpec("base", "elastic"),
+        MemberSpec("low_k", "elastic", variant_of="base"),
+        MemberSpec("ks3", "elastic"), MemberSpec("ks3_low_k", "elastic", variant_of="ks3")])
+    four = {"1": 5.0, "2": 4.0, "3": 3.5, "4": 3.0}
+    records = [_record("elastic", 1, "elastic", None, {1.0: {"valid": four}}),
+               _record("base", 1, "elastic", None, {1.0: {"valid": four}}),
+               _record("low_k", 1, "elastic", None, {1.0: {"valid": {k: v - 0.1 for k, v in four.items()}}}),
+               _record("ks3", 1, "elastic", None, {1.0: {"valid": four}}, trained_ks=(1, 2, 3, 4)),
+               _record("ks3_low_k", 1, "elastic", None, {1.0: {"valid": {k: v + 0.1 for k, v in four.items()}}},
+                       trained_ks=(1, 2, 3, 4))]
+    text = markdown(comparison(spec, records))
+    table = text.split("against the member they change")[1]
+    # k = 3, trained by the second pair only, takes its place between 2 and 4, not after 4.
+    assert "| variant | against | domain | seeds | k=1 | k=2 | k=3 | k=4 |" in table
+    assert "| low_k | base | valid | 1 | -0.1000 | -0.1000 |  | -0.1000 |" in table
+    assert "| ks3_low_k | ks3 | valid | 1 | +0.1000 | +0.1000 | +0.1000 | +0.1000 |" in table
+
 def test_variant_of_must_name_another_elastic_member(tmp_path):
     from mmoe_megatron.config import ConfigError
     from mmoe_megatron.evaluation.suite import load_suite

@@ -294,7 +294,7 @@ def _variant_lines(v: dict, h2: str) -> list[str]:
         lines.append("")
     own = [name for name in v["by_variant"] if name not in first]
     if own:
-        ks = list(dict.fromkeys(k for name in own for e in v["by_variant"][name].values() for k in e["by_k"]))
+        ks = sorted({k for name in own for e in v["by_variant"][name].values() for k in e["by_k"]}, key=int)
         lines += [f"{h2} Elastic variants against the member they change", "",
                   "Loss minus that member's at each k, paired by seed (negative: the variant is better), "
                   "at the end of training; in the last column, the ks where it is lower on every seed.", "",
