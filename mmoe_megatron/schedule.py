@@ -92,8 +92,8 @@ def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
 
 
 def small_k_probs(ks: Sequence[int], k_max_share: float) -> list[float]:
-    """P(k_max) = k_max_share, the other ks evenly: the wide routing buys the least per FLOP, and
-    progressive shrinking has trained it first."""
+    """P(k_max) = k_max_share and the other ks evenly, e.g. after a progressive shrinking that
+    trained the wide routing first."""
     rest = (1.0 - k_max_share) / (len(ks) - 1)
     return [rest] * (len(ks) - 1) + [k_max_share]
 

@@ -390,7 +390,6 @@ def test_a_variant_naming_the_member_it_changes_is_paired_with_that_member_at_ev
     assert "fixed_data_low_k" not in comparison(spec, records)["variants"]["by_variant"]
 
 
-
 def test_variants_over_other_ks_share_one_table_in_the_order_of_k():
     from mmoe_megatron.evaluation.compare import comparison, markdown
     from mmoe_megatron.evaluation.suite import EvalSpec, MemberSpec, SuiteSpec
