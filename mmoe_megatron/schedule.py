@@ -91,6 +91,13 @@ def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
     return [w / total for w in weights]
 
 
+def equal_compute_probs(ks: Sequence[int]) -> list[float]:
+    """P(k) proportional to 1/k: every k gets the same share of the routed experts' compute."""
+    weights = [1.0 / k for k in ks]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 def small_k_probs(ks: Sequence[int], k_max_share: float) -> list[float]:
     """P(k_max) = k_max_share and the other ks evenly, e.g. after a progressive shrinking that
     trained the wide routing first."""
@@ -197,6 +204,8 @@ class KSchedule:
             probs = tuple(capacity_probs(ks, mat.tau))
         elif mat.distribution == "small_k":
             probs = tuple(small_k_probs(ks, mat.k_max_share))
+        elif mat.distribution == "equal_compute":
+            probs = tuple(equal_compute_probs(ks))
         else:
             probs = tuple(mat.probs)
         late = tuple(mat.late_probs) if mat.late_fraction > 0 else ()

@@ -108,7 +108,7 @@ def test_token_ids_do_not_depend_on_the_microbatch_split():
     assert len(set(whole.reshape(-1).tolist())) == 128
 
 
-@pytest.mark.parametrize("distribution", ["uniform", "capacity", "explicit", "small_k"])
+@pytest.mark.parametrize("distribution", ["uniform", "capacity", "explicit", "small_k", "equal_compute"])
 @pytest.mark.parametrize("strategy", ["global", "layerwise", "token"])
 def test_distribution_matches_target(distribution, strategy):
     mat = MatryoshkaConfig(
@@ -130,6 +130,7 @@ def test_distribution_matches_target(distribution, strategy):
         "capacity": [k ** 0.5 / sum(j ** 0.5 for j in (1, 2, 4, 8)) for k in (1, 2, 4, 8)],
         "explicit": [0.1, 0.2, 0.3, 0.4],
         "small_k": [0.3, 0.3, 0.3, 0.1],
+        "equal_compute": [8 / 15, 4 / 15, 2 / 15, 1 / 15],
     }[distribution]
     assert list(s.probs) == pytest.approx(target)
     assert chi_square_ok(collections.Counter(draws), (1, 2, 4, 8), target, len(draws))

@@ -130,10 +130,11 @@ class MatryoshkaConfig:
     ks: list[int] = field([1, 2, 3, 4], ge=1)
     """The allowed ks (training range). Its maximum is k_max, the router's build-time top-k.
     With strategy fixed it must hold exactly one k."""
-    distribution: Literal["uniform", "capacity", "explicit", "small_k"] = "uniform"
+    distribution: Literal["uniform", "capacity", "explicit", "small_k", "equal_compute"] = "uniform"
     """uniform over ks; capacity: P(k) proportional to k**(1/tau); explicit: `probs`; small_k:
     k_max drawn with probability `k_max_share`, the other ks evenly (for a run whose progressive
-    shrinking trains the wide routing first)."""
+    shrinking trains the wide routing first); equal_compute: P(k) proportional to 1/k, so every
+    k gets the same share of the routed experts' compute."""
     tau: float = field(2.0, gt=0)
     probs: Optional[list[float]] = field(None, ge=0)
     """With distribution explicit: one probability per entry of ks, summing to 1."""
