@@ -62,7 +62,8 @@ def router_builder(cfg: ExperimentConfig):
                              temperature_floor=mat.gate_temperature_floor,
                              gain_ks=mat.ks if mat.gate_gain != "none" else None,
                              gain_channels=mat.gate_gain == "channels",
-                             adapter_ks=mat.ks, adapter_rank=mat.k_adapter_rank)
+                             adapter_ks=mat.ks, adapter_rank=mat.k_adapter_rank,
+                             rank_gates=mat.rank_gate == "learned")
 
 
 def experts_spec(cfg: ExperimentConfig, experts):
@@ -217,8 +218,8 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
 
     Follows megatron-core's scheme: normal(0, std) for weights, std / sqrt(2 * num_layers) for
     the output projections of attention and MLPs (linear_proj, linear_fc2), ones for norm
-    weights, zeros for biases, for the routers' log-temperatures, log-gains and log block gates
-    (temperatures, gains and gates 1) and for the adapters' output maps (the adapters add 0).
+    weights, zeros for biases, for the routers' log-temperatures, log-gains, log block and rank
+    gates (temperatures, gains and gates 1) and for the adapters' output maps (the adapters add 0).
     Grouped-GEMM experts draw from their SequentialMLP names and Transformer Engine's linears share
     the local spec's names, so every layer spec of a config starts from the same weights too.
     """
@@ -232,7 +233,7 @@ def init_weights(model: torch.nn.Module, cfg: ExperimentConfig, seed: int) -> No
             param.fill_(0.0)
             continue
         if param.dim() == 1:
-            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_block_gate")) else 1.0)
+            param.fill_(0.0 if name.endswith(("bias", "log_temperature", "log_block_gate", "log_rank_gate")) else 1.0)
             continue
         if is_expert_param(name):
             num_local = cfg.moe.num_experts // ps.get_expert_model_parallel_world_size()

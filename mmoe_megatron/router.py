@@ -61,6 +61,12 @@ class MatryoshkaRouter(TopKRouter):
     log-temperatures are clamped from below at log(floor) (`floored_log_temperatures`), so no k's
     combine sharpens past it; an entry that reaches the floor gets no gradient and stays there.
 
+    With `rank_gates`, the layer learns a log-gate per doubling block of ranks past the first,
+    `log_rank_gate` [J - 1] (blocks 2 | 3-4 | 5-8 | ..., `rank_blocks`), added to the selected
+    logits of the experts at those ranks (after the temperature) before the softmax over them
+    (topk_softmax only): the experts a wider k adds are weighted apart from those it shares with
+    a narrower k. The ranking is unchanged, and a k = 1 weight is still 1.
+
     With `gain_ks` (the trained ks), the layer learns a log-gain per trained k, `log_gain` [K],
     and multiplies a token's combine weights by its k's gain (interpolated as the temperature),
     so at k they sum to the gain: the layer's output can keep its size at a wide k without the
@@ -99,7 +105,8 @@ class MatryoshkaRouter(TopKRouter):
                  temperature_ks: Optional[Sequence[int]] = None, added_grad_ks: Sequence[int] = (),
                  nested: bool = False, temperature_floor: float = 0.0,
                  gain_ks: Optional[Sequence[int]] = None, gain_channels: bool = False,
-                 adapter_ks: Optional[Sequence[int]] = None, adapter_rank: int = 0, **router_kwargs):
+                 adapter_ks: Optional[Sequence[int]] = None, adapter_rank: int = 0,
+                 rank_gates: bool = False, **router_kwargs):
         # router_kwargs: what megatron-core hands a router builder beyond config and process
         # groups (0.19.2: is_mtp_layer, moe_layer.py:259); passed on unchanged.
         super().__init__(config=config, pg_collection=pg_collection, **router_kwargs)
@@ -175,6 +182,15 @@ class MatryoshkaRouter(TopKRouter):
                 torch.zeros(len(rank_blocks(self.num_experts)), dtype=config.params_dtype)
             )
             setattr(self.log_block_gate, "sequence_parallel", config.sequence_parallel)
+        self.rank_gates = rank_gates
+        if rank_gates:
+            if self.pre_softmax or nested:
+                raise ValueError("gates per block of ranks weight the selected logits' softmax: use topk_softmax")
+            # One per block past the first (rank 1's gate is the reference the softmax leaves free).
+            self.log_rank_gate = torch.nn.Parameter(
+                torch.zeros(len(rank_blocks(self.num_experts)) - 1, dtype=config.params_dtype)
+            )
+            setattr(self.log_rank_gate, "sequence_parallel", config.sequence_parallel)
         self.k_max_trained = config.moe_router_topk
         self.route_log: Optional[list] = None
         self.route_replay: Optional[list] = None
@@ -292,6 +308,9 @@ class MatryoshkaRouter(TopKRouter):
         else:
             if self.temperature_ks is not None:
                 ranked_TW = ranked_TW * self._inverse_temperature(budget, ranked_TW.device)
+            if self.rank_gates:
+                ranked_TW = ranked_TW.float() + rank_log_gates(self.log_rank_gate, ranked_TW.shape[1],
+                                                               ranked_TW.device)
             if self.nested:
                 probs_TW = nested_weights(ranked_TW, active_TW, self.log_block_gate, self.k_max_trained)
                 probs_TW = probs_TW.type_as(logits_TE)
@@ -434,6 +453,13 @@ def rank_blocks(width: int) -> list[tuple[int, int]]:
         blocks.append((start, stop))
         start = stop
     return blocks
+
+
+def rank_log_gates(log_gate_J: torch.Tensor, width: int, device) -> torch.Tensor:
+    """[width] fp32: 0 at rank 1 and log_gate_J[j - 1] at the ranks of block j >= 1 of
+    `rank_blocks` (the rank gates' logits offsets, best rank first)."""
+    gate_J = torch.cat([log_gate_J.new_zeros(1), log_gate_J]).float().to(device)
+    return torch.cat([gate_J[j].expand(b - a) for j, (a, b) in enumerate(rank_blocks(width))])
 
 
 def nested_weights(ranked_TW: torch.Tensor, active_TW: torch.Tensor, log_gate_J: torch.Tensor,

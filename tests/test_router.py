@@ -23,6 +23,7 @@ def make_router(single_process_mcore, **overrides):
         nested=cfg.matryoshka.normalization == "nested",
         temperature_floor=cfg.matryoshka.gate_temperature_floor,
         gain_ks=cfg.matryoshka.ks if cfg.matryoshka.gate_gain == "learned" else None,
+        rank_gates=cfg.matryoshka.rank_gate == "learned",
     )
     return router
 
@@ -456,6 +457,81 @@ def test_a_model_with_adapters_per_k_starts_as_the_model_without_and_adds_each_k
         assert (out - y).abs().max() > 0.05 * y.abs().max()  # the maps move the output
     assert_per_k_rows_serve_and_learn_from_their_tokens(layer, x, [layer.router.k_adapter_in,
                                                                     layer.router.k_adapter_out])
+
+
+# --- gates per block of ranks ---------------------------------------------------------------------
+
+
+def test_rank_gates_weight_the_experts_of_each_block_of_ranks_before_the_softmax(single_process_mcore):
+    """With learned temperatures and gates 0.5 (rank 2), 2 (ranks 3-4), 0.25 (ranks 5-8): at k the
+    weights are softmax(top-k logits / T(k)) with each expert's term multiplied by its rank's gate;
+    the ranking is unchanged and a k = 1 weight stays 1."""
+    ks = {"matryoshka.ks": [1, 2, 4, 8], "matryoshka.gate_temperature": "learned"}
+    plain = make_router(single_process_mcore, **ks)
+    gated = make_router(single_process_mcore, **ks, **{"matryoshka.rank_gate": "learned"})
+    plain.eval(), gated.eval()
+    x = hidden()
+    assert gated.log_rank_gate.shape == (3,)  # blocks 2 | 3-4 | 5-8 of E = 8
+    for k in (1, 2, 3, 4, 8):  # gates 1 at the start: the router without them
+        plain.set_k(k), gated.set_k(k)
+        assert torch.equal(plain(x)[0], gated(x)[0])
+    with torch.no_grad():
+        gated.log_temperature.copy_(torch.log(torch.tensor([1.0, 0.5, 0.4, 0.3])))
+        gated.log_rank_gate.copy_(torch.log(torch.tensor([0.5, 2.0, 0.25])))
+    logits_TE = gated.gating(x).view(-1, E)
+    gate_E = torch.tensor([1.0, 0.5, 2.0, 2.0, 0.25, 0.25, 0.25, 0.25])
+    for k, t in ((1, 1.0), (2, 0.5), (4, 0.4), (8, 0.3)):
+        gated.set_k(k)
+        probs_TE, map_TE = gated(x)
+        top_TK, ids_TK = torch.topk(logits_TE, k, dim=1)
+        terms_TK = torch.exp(top_TK / t) * gate_E[:k]
+        expected_TE = torch.zeros_like(logits_TE).scatter(1, ids_TK, terms_TK / terms_TK.sum(dim=1, keepdim=True))
+        assert torch.equal(map_TE, expected_TE > 0)
+        assert torch.allclose(probs_TE, expected_TE, atol=1e-6)
+    gated.set_k(1)
+    assert torch.equal(gated(x)[0].sum(dim=1), torch.ones(logits_TE.shape[0]))
+    assert_per_token_ks_route_as_each_k(gated, x)
+
+
+def test_a_rank_gate_learns_only_from_the_ks_that_route_its_ranks(single_process_mcore):
+    router = make_router(single_process_mcore, **{"matryoshka.ks": [1, 2, 4, 8], "moe.aux_loss_coeff": 0.0,
+                                                  "matryoshka.rank_gate": "learned"})
+    router.train()
+    x = hidden()
+    for k, moved in ((1, [False, False, False]), (2, [True, False, False]), (4, [True, True, False]),
+                     (5, [True, True, True])):
+        router.zero_grad()
+        router.set_k(k)
+        probs_TE, _ = router(x)
+        (probs_TE * torch.arange(1.0, E + 1)).sum().backward()  # a stand-in for the LM loss
+        assert [bool(g != 0) for g in router.log_rank_gate.grad] == moved, (k, router.log_rank_gate.grad)
+
+
+def test_a_model_with_rank_gates_starts_as_the_model_without_and_refuses_export(single_process_mcore):
+    from mmoe_megatron.export.qwen3_moe import ExportError, check_exportable, rank_gates
+    from mmoe_megatron.model import build_model, set_topk
+
+    plain = build_model(tiny_config(), VOCAB)
+    gated_cfg = tiny_config(**{"matryoshka.rank_gate": "learned"})
+    gated = build_model(gated_cfg, VOCAB)
+    gates = {n: p for n, p in gated.named_parameters() if n.endswith("log_rank_gate")}
+    assert len(gates) == 4 and all(torch.equal(p, torch.zeros(3)) for p in gates.values())
+    tokens, labels = tiny_batch(tiny_config(), 2)
+    plain.eval(), gated.eval()
+    with torch.no_grad():
+        for k in (1, 2, 4, 6):
+            set_topk(plain, k)
+            set_topk(gated, k)
+            assert forward_loss(gated, tokens, labels).item() == forward_loss(plain, tokens, labels).item()
+    with pytest.raises(ExportError, match="rank_gate none"):
+        check_exportable(gated_cfg)
+    # What the suite records: each block's gate per layer, by the ranks it covers.
+    with torch.no_grad():
+        for i, name in enumerate(sorted(gates)):
+            gates[name].copy_(torch.log(torch.tensor([0.5, 2.0, 0.25]) * (i + 1)))
+    recorded = rank_gates(gated_cfg, gated.state_dict())
+    assert list(recorded) == ["2", "3-4", "5-8"]
+    assert recorded["5-8"] == pytest.approx([0.25, 0.5, 0.75, 1.0])
 
 
 # --- the nested combine ---------------------------------------------------------------------------

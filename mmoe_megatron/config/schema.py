@@ -220,6 +220,13 @@ class MatryoshkaConfig:
     after an MoE layer see each k's output corrected by that k's own map, and need not bend the
     weights every k shares towards the small ks. Needs an elastic model; experimental, not
     exportable yet. 0 = off."""
+    rank_gate: Literal["none", "learned"] = "none"
+    """learned: every MoE layer learns a gate per doubling block of ranks past the first (2 | 3-4 |
+    5-8 | ..., 1 at the start) that multiplies the combine weight of the experts at those ranks
+    before the weights are normalised (a log-gate added to their selected logits): the experts a
+    larger k adds can be weighted apart from those a smaller k already had, which one temperature
+    per k cannot do. The block 5-8 is only routed at k >= 5, so its gate is learned from those
+    draws alone. Needs topk_softmax and an elastic model; experimental, not exportable yet."""
     gate_temperature_floor: float = field(0.0, ge=0, lt=1)
     """With learned gate temperatures: the lowest temperature a layer may apply at any k (the
     learned log-temperature is clamped from below, in training, evaluation and export), so the
@@ -356,6 +363,12 @@ class MatryoshkaConfig:
                 f"{path}.gate_gain",
                 "a gain per k needs an elastic model (method matryoshka, more than one k, strategy not "
                 "fixed) with normalization topk_softmax; set it to none",
+            )
+        if self.rank_gate != "none" and (not self.elastic or self.normalization != "topk_softmax"):
+            raise ConfigError(
+                f"{path}.rank_gate",
+                "a gate per block of ranks needs an elastic model (method matryoshka, more than one k, "
+                "strategy not fixed) with normalization topk_softmax (nested learns its own); set it to none",
             )
         if self.k_adapter_rank and not self.elastic:
             raise ConfigError(

@@ -564,7 +564,7 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
     from mmoe_megatron import distributed
     from mmoe_megatron.evaluation.report import write_report
     from mmoe_megatron.evaluation.run import evaluate_checkpoint, run_config as saved_config
-    from mmoe_megatron.export.qwen3_moe import gate_gains, gate_temperatures
+    from mmoe_megatron.export.qwen3_moe import gate_gains, gate_temperatures, rank_gates
     from mmoe_megatron.training.checkpoint import complete_checkpoints, load_global_state_dict, tag_for
 
     ks = spec.eval.specs()
@@ -615,12 +615,15 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                     "losses": results, "eval_settings": settings, "launches": launches(out),
                     "evaluated": provenance(),
                 }
-                if cfg.matryoshka.gate_temperature == "learned" or cfg.matryoshka.gate_gain != "none":
+                mat = cfg.matryoshka
+                if mat.gate_temperature == "learned" or mat.gate_gain != "none" or mat.rank_gate != "none":
                     weights = load_global_state_dict(meta["checkpoint"])
                     if cfg.matryoshka.gate_temperature == "learned":
                         record["learned_temperatures"] = gate_temperatures(cfg, weights)
                     if cfg.matryoshka.gate_gain != "none":
                         record["learned_gains"] = gate_gains(cfg, weights)
+                    if mat.rank_gate != "none":
+                        record["learned_rank_gates"] = rank_gates(cfg, weights)
                 with open(os.path.join(out, "eval", "results.json"), "w") as f:
                     json.dump(record, f, indent=2)
                 print(f"evaluated {run.label}", flush=True)

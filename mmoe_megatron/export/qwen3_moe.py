@@ -156,6 +156,13 @@ def check_exportable(cfg: ExperimentConfig) -> None:
             "(at one k they would fold into the experts' down projections, but the serving engines rescale "
             "for other ks by one gain per k); export a model trained with gate_gain none or learned"
         )
+    if cfg.matryoshka.rank_gate != "none":
+        raise ExportError(
+            f"matryoshka.rank_gate={cfg.matryoshka.rank_gate}: Qwen3-MoE weights its top-k experts by one "
+            "softmax over their router logits, with no offset per rank, so the experimental gates per block "
+            "of ranks cannot be written without changing the model's outputs; export a model trained with "
+            "rank_gate none"
+        )
     if cfg.matryoshka.k_adapter_rank:
         raise ExportError(
             f"matryoshka.k_adapter_rank={cfg.matryoshka.k_adapter_rank}: the experimental adapters per k are "
@@ -445,6 +452,18 @@ def gate_gains(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> 
     """k -> each MoE layer's learned gain at that trained k, in layer order (what the suite
     reports); empty for a model trained without them."""
     return _per_trained_k(cfg, gate_log_gains(cfg, global_sd))
+
+
+def rank_gates(cfg: ExperimentConfig, global_sd: Mapping[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Block of ranks ("2", "3-4", "5-8", ...) -> each MoE layer's learned gate on it, in layer order
+    (what the suite reports); empty for a model trained without them."""
+    if cfg.matryoshka.rank_gate == "none":
+        return {}
+    from mmoe_megatron.router import rank_blocks
+
+    vectors = _router_vectors(cfg, global_sd, "log_rank_gate", "rank_gate")
+    labels = [str(b) if b == a + 1 else f"{a + 1}-{b}" for a, b in rank_blocks(cfg.moe.num_experts)[1:]]
+    return {label: [math.exp(float(v[j])) for v in vectors] for j, label in enumerate(labels)}
 
 
 def _per_trained_k(cfg: ExperimentConfig, log_values: Optional[list[list[float]]]) -> dict[str, list[float]]:
