@@ -618,9 +618,9 @@ def evaluate_runs(spec: SuiteSpec, chosen: list[Run], force: bool = False) -> No
                 mat = cfg.matryoshka
                 if mat.gate_temperature == "learned" or mat.gate_gain != "none" or mat.rank_gate != "none":
                     weights = load_global_state_dict(meta["checkpoint"])
-                    if cfg.matryoshka.gate_temperature == "learned":
+                    if mat.gate_temperature == "learned":
                         record["learned_temperatures"] = gate_temperatures(cfg, weights)
-                    if cfg.matryoshka.gate_gain != "none":
+                    if mat.gate_gain != "none":
                         record["learned_gains"] = gate_gains(cfg, weights)
                     if mat.rank_gate != "none":
                         record["learned_rank_gates"] = rank_gates(cfg, weights)
