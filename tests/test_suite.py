@@ -688,3 +688,40 @@ def test_a_launch_records_the_thread_count_its_processes_inherit(monkeypatch):
     # process every core and each of several processes one thread).
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert (threads_per_process(1), threads_per_process(2), threads_per_process(16)) == (8, 4, 1)
+
+
+def test_a_report_figure_tells_every_model_apart_and_lists_it_below_the_panels(tmp_path):
+    """21 models (a rung's members): no two share a colour and line style, and the legend holds
+    every model and lies below both panels, where it covers no curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmoe_megatron.evaluation.report import plot, series_style
+
+    styles = [series_style(i, 21) for i in range(21)]
+    assert len({(tuple(s["color"]), s["linestyle"]) for s in styles}) == 21
+    assert series_style(3, 4)["color"] == matplotlib.colormaps["tab10"](3)  # few models: the usual colours
+
+    from mmoe_megatron.evaluation.core import EvalPoint
+
+    series = {f"member_{i}": [EvalPoint(k=k, loss=4.0 - 0.01 * i - 0.001 * k, tokens=100, active_params=1000 * k,
+                                        flops_per_token=1e6 * k) for k in (1, 2, 4)] for i in range(21)}
+    captured = {}
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        captured["legend"] = [t.get_text() for t in fig.legends[0].get_texts()]
+        captured["legend_top"] = fig.legends[0].get_window_extent().y1
+        captured["axes_bottom"] = min(ax.get_window_extent().y0 for ax in fig.axes)
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = savefig
+    try:
+        plot(series, str(tmp_path / "fig.png"))
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert captured["legend"] == list(series)
+    assert captured["legend_top"] < captured["axes_bottom"]
+    assert (tmp_path / "fig.png").stat().st_size > 0

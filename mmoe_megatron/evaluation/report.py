@@ -43,12 +43,13 @@ def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> 
     import matplotlib.pyplot as plt
 
     fig, (ax_k, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, points in series.items():
+    for i, (name, points) in enumerate(series.items()):
         uniform = sorted((p for p in points if isinstance(p.k, int) and p.width is None), key=lambda p: p.k)
         vectors = [p for p in points if not isinstance(p.k, int) or p.width is not None]
-        line, = ax_k.plot([p.k for p in uniform], [p.loss for p in uniform], marker="o", label=name)
+        line, = ax_k.plot([p.k for p in uniform], [p.loss for p in uniform], marker="o", label=name,
+                          **series_style(i, len(series)))
         ax_f.plot([p.flops_per_token / 1e6 for p in uniform], [p.loss for p in uniform],
-                  marker="o", color=line.get_color(), label=name)
+                  marker="o", color=line.get_color(), linestyle=line.get_linestyle(), label=name)
         if vectors:
             ax_k.scatter([mean_k(p.k) for p in vectors], [p.loss for p in vectors], marker="x",
                          color=line.get_color(), label=f"{name} (per-layer k or width < 1)")
@@ -60,13 +61,25 @@ def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> 
     ax_f.set_ylabel("validation loss")
     for ax in (ax_k, ax_f):
         ax.grid(alpha=0.3)
-    ax_k.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    # Below both panels, so that no number of models hides a curve.
+    handles, labels = ax_k.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def series_style(i: int, n: int) -> dict:
+    """Colour and line style of the i-th of n models: matplotlib's ten colours while they suffice,
+    then tab20's twenty, each round of them in another line style."""
+    palette = 10 if n <= 10 else 20
+    cmap = "tab10" if palette == 10 else "tab20"
+    import matplotlib
+
+    return {"color": matplotlib.colormaps[cmap](i % palette), "linestyle": ("-", "--", ":", "-.")[(i // palette) % 4]}
 
 
 def plot_frontier(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "",
