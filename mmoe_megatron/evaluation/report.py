@@ -75,11 +75,11 @@ def plot(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "") -> 
 def series_style(i: int, n: int) -> dict:
     """Colour and line style of the i-th of n models: matplotlib's ten colours while they suffice,
     then tab20's twenty, each round of them in another line style."""
-    palette = 10 if n <= 10 else 20
-    cmap = "tab10" if palette == 10 else "tab20"
     import matplotlib
 
-    return {"color": matplotlib.colormaps[cmap](i % palette), "linestyle": ("-", "--", ":", "-.")[(i // palette) % 4]}
+    size = 10 if n <= 10 else 20
+    colours = matplotlib.colormaps[f"tab{size}"]
+    return {"color": colours(i % size), "linestyle": ("-", "--", ":", "-.")[(i // size) % 4]}
 
 
 def plot_frontier(series: dict[str, Sequence[EvalPoint]], path: str, title: str = "",
