@@ -458,8 +458,12 @@ def rank_blocks(width: int) -> list[tuple[int, int]]:
 def rank_log_gates(log_gate_J: torch.Tensor, width: int, device) -> torch.Tensor:
     """[width] fp32: 0 at rank 1 and log_gate_J[j - 1] at the ranks of block j >= 1 of
     `rank_blocks` (the rank gates' logits offsets, best rank first)."""
-    gate_J = torch.cat([log_gate_J.new_zeros(1), log_gate_J]).float().to(device)
-    return torch.cat([gate_J[j].expand(b - a) for j, (a, b) in enumerate(rank_blocks(width))])
+    return per_rank(torch.cat([log_gate_J.new_zeros(1), log_gate_J]).float().to(device), width)
+
+
+def per_rank(value_J: torch.Tensor, width: int) -> torch.Tensor:
+    """[width]: each block j of `rank_blocks(width)` filled with value_J[j]."""
+    return torch.cat([value_J[j].expand(b - a) for j, (a, b) in enumerate(rank_blocks(width))])
 
 
 def nested_weights(ranked_TW: torch.Tensor, active_TW: torch.Tensor, log_gate_J: torch.Tensor,
@@ -470,7 +474,7 @@ def nested_weights(ranked_TW: torch.Tensor, active_TW: torch.Tensor, log_gate_J:
     logits_TW = ranked_TW.float()
     log_norm_T1 = torch.logsumexp(logits_TW[:, :k_max], dim=1, keepdim=True)
     gate_J = log_gate_J.float().to(ranked_TW.device)
-    log_gate_W = torch.cat([gate_J[j].expand(b - a) for j, (a, b) in enumerate(rank_blocks(ranked_TW.shape[1]))])
+    log_gate_W = per_rank(gate_J, ranked_TW.shape[1])
     return torch.exp(logits_TW - log_norm_T1 + log_gate_W) * active_TW
 
 

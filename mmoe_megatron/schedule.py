@@ -92,10 +92,9 @@ def capacity_probs(ks: Sequence[int], tau: float) -> list[float]:
 
 
 def equal_compute_probs(ks: Sequence[int]) -> list[float]:
-    """P(k) proportional to 1/k: every k gets the same share of the routed experts' compute."""
-    weights = [1.0 / k for k in ks]
-    total = sum(weights)
-    return [w / total for w in weights]
+    """P(k) proportional to 1/k (k**(1/tau) at tau = -1): every k gets the same share of the
+    routed experts' compute."""
+    return capacity_probs(ks, tau=-1.0)
 
 
 def small_k_probs(ks: Sequence[int], k_max_share: float) -> list[float]:

@@ -690,7 +690,7 @@ def test_a_launch_records_the_thread_count_its_processes_inherit(monkeypatch):
     assert (threads_per_process(1), threads_per_process(2), threads_per_process(16)) == (8, 4, 1)
 
 
-def test_a_report_figure_tells_every_model_apart_and_lists_it_below_the_panels(tmp_path):
+def test_a_report_figure_tells_every_model_apart_and_lists_it_below_the_panels(tmp_path, monkeypatch):
     """21 models (a rung's members): no two share a colour and line style, and the legend holds
     every model and lies below both panels, where it covers no curve."""
     import matplotlib
@@ -717,11 +717,8 @@ def test_a_report_figure_tells_every_model_apart_and_lists_it_below_the_panels(t
         captured["axes_bottom"] = min(ax.get_window_extent().y0 for ax in fig.axes)
         return real_savefig(fig, *args, **kwargs)
 
-    plt.Figure.savefig = savefig
-    try:
-        plot(series, str(tmp_path / "fig.png"))
-    finally:
-        plt.Figure.savefig = real_savefig
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    plot(series, str(tmp_path / "fig.png"))
     assert captured["legend"] == list(series)
     assert captured["legend_top"] < captured["axes_bottom"]
     assert (tmp_path / "fig.png").stat().st_size > 0
